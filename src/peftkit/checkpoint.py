@@ -1,0 +1,122 @@
+"""Adapter files in the Hugging Face PEFT layout, read and written safely.
+
+A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` whose keys look like
+``base_model.model.<module path>.lora_A.weight`` (adapter name removed). Writes are atomic; reads never
+unpickle (safetensors, or a legacy ``adapter_model.bin`` through ``torch.load(weights_only=True)``), and a
+state dict is fully validated against the model before a single tensor is copied.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import namedtuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .io import atomic_write
+from .tuner import TunerModel
+
+PREFIX = "base_model.model."
+SAFETENSORS_NAME = "adapter_model.safetensors"
+LEGACY_NAME = "adapter_model.bin"
+
+LoadResult = namedtuple("LoadResult", ["missing_keys", "unexpected_keys"])
+
+
+class CheckpointError(ValueError):
+    """An adapter file is unreadable or does not fit the model."""
+
+
+def adapter_tensors(tuner: TunerModel, adapter_name: str) -> dict[str, Tensor]:
+    """Checkpoint key -> live tensor for one adapter (its weights, saved modules and trained biases)."""
+    if adapter_name not in tuner.peft_config:
+        raise KeyError(f"no adapter named {adapter_name!r}; adapters: {sorted(tuner.peft_config)}")
+    out: dict[str, Tensor] = {}
+    for path, adapter in tuner.adapters(adapter_name):
+        for param, suffix in adapter.checkpoint_keys.items():
+            out[f"{PREFIX}{path}.{suffix}"] = getattr(adapter, param)
+    for path, wrapper in tuner.saved_modules():
+        if adapter_name in wrapper.modules_to_save:
+            for key, value in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                out[f"{PREFIX}{path}.{key}"] = value
+    for key, param in tuner.bias_parameters(adapter_name).items():
+        out[PREFIX + key] = param
+    return out
+
+
+def state_dict_for_save(tuner: TunerModel, adapter_name: str) -> dict[str, Tensor]:
+    return {k: v.detach() for k, v in adapter_tensors(tuner, adapter_name).items()}
+
+
+def validate(tuner: TunerModel, adapter_name: str, state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+    """Check every key and shape; return checkpoint key -> destination tensor. Raises before any copy."""
+    targets = adapter_tensors(tuner, adapter_name)
+    base = None
+    for key in sorted(state):
+        if key not in targets:
+            # a full base tensor saved next to the adapter (e.g. a resized embedding) loads into the base
+            base = base or dict(tuner.model.named_parameters())
+            if key.startswith(PREFIX) and key[len(PREFIX):] in base:
+                targets[key] = base[key[len(PREFIX):]]
+            else:
+                raise CheckpointError(f"{source}: key {key!r} matches no parameter of adapter {adapter_name!r}")
+        if tuple(state[key].shape) != tuple(targets[key].shape):
+            raise CheckpointError(
+                f"{source}: shape mismatch for {key!r}: checkpoint {tuple(state[key].shape)}, "
+                f"model {tuple(targets[key].shape)}"
+            )
+    missing = sorted(set(targets) - set(state))
+    if missing:
+        raise CheckpointError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing in all)")
+    return targets
+
+
+@torch.no_grad()
+def load_state(tuner: TunerModel, adapter_name: str, state: dict[str, Tensor], source: str = "state dict") -> None:
+    """Copy a PEFT-layout state dict into an existing adapter, all or nothing."""
+    targets = validate(tuner, adapter_name, state, source)
+    for key, value in state.items():
+        targets[key].copy_(value)
+
+
+def save_adapter(tuner: TunerModel, adapter_name: str, folder: str, safe_serialization: bool = True) -> None:
+    """Write one adapter's config and weights into ``folder``, each file atomically."""
+    os.makedirs(folder, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in state_dict_for_save(tuner, adapter_name).items()}
+    config = tuner.peft_config[adapter_name]
+    base_name = getattr(getattr(tuner.model, "config", None), "_name_or_path", None)
+    if config.base_model_name_or_path is None and base_name:
+        config.base_model_name_or_path = base_name
+    if safe_serialization:
+        atomic_write(os.path.join(folder, SAFETENSORS_NAME), lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+    else:
+        atomic_write(os.path.join(folder, LEGACY_NAME), lambda tmp: torch.save(tensors, tmp))
+    inference_mode = config.inference_mode
+    config.inference_mode = True  # saved adapters load for inference unless asked otherwise
+    try:
+        config.save_pretrained(folder)
+    finally:
+        config.inference_mode = inference_mode
+
+
+def read_weights(folder: str) -> tuple[dict[str, Tensor], str]:
+    """The tensors in ``folder``'s adapter file, and the file's path. Never unpickles arbitrary objects."""
+    path = os.path.join(folder, SAFETENSORS_NAME)
+    if os.path.isfile(path):
+        try:
+            return load_file(path), path
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    legacy = os.path.join(folder, LEGACY_NAME)
+    if os.path.isfile(legacy):
+        try:
+            state = torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for corrupt or unsafe pickles
+            raise CheckpointError(f"{legacy}: not a readable tensor file ({err})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise CheckpointError(f"{legacy}: expected a dict of tensors")
+        return state, legacy
+    raise FileNotFoundError(f"{folder}: no adapter weights ({SAFETENSORS_NAME} or {LEGACY_NAME})")

@@ -1,0 +1,136 @@
+"""Adapter configurations: dataclasses that round-trip through ``adapter_config.json``.
+
+A saved config is read forward- and backward-tolerantly: keys this version does not know (written by a
+newer peftkit or by Hugging Face PEFT) warn and are ignored, missing keys take their defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import warnings
+from typing import Any, ClassVar
+
+from .io import atomic_write_text
+
+CONFIG_NAME = "adapter_config.json"
+
+
+class TaskType(str, enum.Enum):
+    """The task a wrapped model solves; selects the PeftModel subclass and default trainable heads."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+@dataclasses.dataclass
+class PeftConfig:
+    """Fields shared by every method (names as in Hugging Face PEFT).
+
+    Subclasses set the class attribute ``PEFT_TYPE`` (e.g. ``"LORA"``); it is written to the ``peft_type`` key.
+    """
+
+    PEFT_TYPE: ClassVar[str] = ""
+
+    task_type: str | TaskType | None = None
+    peft_type: str | None = None
+    auto_mapping: dict | None = None
+    peft_version: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if self.peft_type is None:
+            self.peft_type = self.PEFT_TYPE
+        elif self.PEFT_TYPE and str(self.peft_type).upper() != self.PEFT_TYPE:
+            raise ConfigError(f"peft_type: {type(self).__name__} expects {self.PEFT_TYPE!r}, got {self.peft_type!r}")
+        if isinstance(self.task_type, str) and not isinstance(self.task_type, TaskType):
+            try:
+                self.task_type = TaskType(self.task_type)
+            except ValueError:
+                raise ConfigError(
+                    f"task_type: expected one of {[t.value for t in TaskType]}, got {self.task_type!r}"
+                ) from None
+
+    # -- serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: enums become strings, sets become sorted lists."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            out[f.name] = _jsonable(getattr(self, f.name))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "PeftConfig":
+        """Build a config from a dict; unknown keys warn (naming ``source``) and are dropped."""
+        if cls is PeftConfig:
+            from .registry import get_method
+
+            peft_type = data.get("peft_type")
+            if not peft_type:
+                raise ConfigError(f"{source}: missing 'peft_type'; cannot tell which method the adapter uses")
+            cls = get_method(str(peft_type)).config_cls
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(f"{source}: ignoring keys unknown to {cls.__name__}: {unknown}", stacklevel=2)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write ``adapter_config.json`` atomically into ``save_directory``."""
+        os.makedirs(save_directory, exist_ok=True)
+        data = self.to_dict()
+        data.update(kwargs)
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(data, indent=2, sort_keys=True))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any) -> "PeftConfig":
+        """Read ``adapter_config.json`` from a folder (or the file itself)."""
+        path = os.fspath(path)
+        if subfolder:
+            path = os.path.join(path, subfolder)
+        file = path if path.endswith(".json") else os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file}: adapter config not found (expected {CONFIG_NAME} in {path})")
+        try:
+            with open(file, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{file}: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file}: expected a JSON object, got {type(data).__name__}")
+        data.update(kwargs)
+        return cls.from_dict(data, source=file)
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
+    def _check(self, ok: bool, field: str, expected: str) -> None:
+        if not ok:
+            raise ConfigError(f"{type(self).__name__}.{field}: expected {expected}, got {getattr(self, field)!r}")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    return value

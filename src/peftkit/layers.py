@@ -1,0 +1,148 @@
+"""The one wrapper around a base layer, shared by every weight-delta method.
+
+``AdapterLayer`` holds named adapters on one base module and owns the mechanics: which adapters are active,
+disabling, merging into and unmerging from the base weight (with the optional NaN check of a safe merge)
+and exact restoration of the base weight on unmerge. An ``Adapter`` supplies only its math.
+
+Exact unmerge: floating-point ``(W + d) - d`` is not always ``W``. At merge time the wrapper records the
+entries where the method's own unmerge would not give back the original weight, and their exact
+corrections (a difference of two neighbouring floats is exact, Sterbenz). The record is sparse: for a
+delta that is small next to ``W`` almost every entry round-trips already. Unmerge then restores the base
+weight bit for bit, provided the adapter's parameters did not change while merged.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+class Adapter(nn.Module):
+    """One named adapter on one base layer.
+
+    Subclasses implement ``forward(base, x, out)`` (return the layer output with the adapter applied,
+    given the running output ``out``) and, when mergeable, ``delta_weight(base)`` in the base weight's
+    layout, or ``merge``/``unmerge`` for methods that are not additive (e.g. DoRA, OFT).
+    ``checkpoint_keys`` maps each parameter name to its key suffix in the Hugging Face PEFT file layout.
+    """
+
+    checkpoint_keys: ClassVar[dict[str, str]] = {}
+    supported_layers: ClassVar[tuple[type, ...]] = ()
+
+    def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def delta_weight(self, base: nn.Module) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weight")
+
+    def merge(self, base: nn.Module, weight: Tensor) -> tuple[Tensor, Any]:
+        """The merged weight, plus whatever ``unmerge`` needs later (here nothing)."""
+        return weight + self.delta_weight(base).to(weight.dtype), None
+
+    def unmerge(self, base: nn.Module, weight: Tensor, state: Any) -> Tensor:
+        return weight - self.delta_weight(base).to(weight.dtype)
+
+
+class AdapterLayer(nn.Module):
+    """A base layer plus named adapters. Attribute reads it does not know fall through to the base layer."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        self._restore: dict[str, tuple[Any, Tensor | None, Tensor | None]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.disable_adapters:
+            if self.merged_adapters:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        out = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                out = self.adapters[name](self.base_layer, x, out)
+        return out
+
+    # -- adapters --------------------------------------------------------------------------------------
+    def add(self, name: str, adapter: Adapter) -> None:
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        self.adapters[name] = adapter
+
+    def remove(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge([name])
+        del self.adapters[name]
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    def set_active(self, names: list[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.adapters]
+
+    # -- merge / unmerge -------------------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters into the base weight (in place, so tied weights stay tied)."""
+        names = self.active_adapters if adapter_names is None else adapter_names
+        weight = self.base_layer.weight
+        for name in names:
+            if name not in self.adapters:
+                continue
+            if name in self.merged_adapters:
+                warnings.warn(f"adapter {name!r} is already merged; skipping", stacklevel=3)
+                continue
+            adapter = self.adapters[name]
+            original = weight.detach().clone()
+            merged, state = adapter.merge(self.base_layer, original)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"merging adapter {name!r} would put NaN/inf into the base weight; nothing merged")
+            weight.copy_(merged)
+            # exact-restore record: where the method's unmerge misses the original, and by how much
+            err = original - adapter.unmerge(self.base_layer, weight.detach(), state)
+            idx = err.reshape(-1).nonzero().squeeze(1)
+            self._restore[name] = (state, idx, err.reshape(-1)[idx]) if idx.numel() else (state, None, None)
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, adapter_names: list[str] | None = None) -> None:
+        """Undo merges, most recent first; restores the base weight bit for bit."""
+        names = list(self.merged_adapters) if adapter_names is None else adapter_names
+        weight = self.base_layer.weight
+        for name in reversed(list(self.merged_adapters)):
+            if name not in names:
+                continue
+            if self.merged_adapters[-1] != name:
+                raise RuntimeError(f"unmerge {self.merged_adapters[-1]!r} before {name!r} (merges undo in reverse)")
+            state, idx, vals = self._restore.pop(name)
+            restored = self.adapters[name].unmerge(self.base_layer, weight.detach(), state)
+            if idx is not None:
+                restored.view(-1).index_add_(0, idx, vals)
+            weight.copy_(restored)
+            self.merged_adapters.pop()
+
+    def extra_repr(self) -> str:
+        return f"active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    """Every wrapper in ``model`` with its path."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]

@@ -1,0 +1,3 @@
+"""Built-in methods. Importing a method module registers it; add new methods to this list."""
+
+from . import lora  # noqa: F401

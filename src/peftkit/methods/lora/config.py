@@ -1,0 +1,125 @@
+"""LoraConfig: field names and defaults as in Hugging Face PEFT, validated when built."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import field
+from typing import Any, ClassVar
+
+from ...config import ConfigError, PeftConfig
+
+_INIT_NAMES = ("gaussian", "pissa", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+# Hugging Face PEFT fields that peftkit reads (so its configs load without warnings) but does not
+# implement. Any value other than the default is rejected with a clear error instead of being ignored.
+_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
+    "megatron_config": None, "megatron_core": "megatron.core", "trainable_token_indices": None,
+    "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None,
+    "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
+    "monteclora_config": None, "layer_replication": None, "target_parameters": None, "use_bdlora": None,
+    "arrow_config": None, "kasa_config": None, "lora_bias": False, "ensure_weight_tying": False,
+}
+
+
+@dataclasses.dataclass
+class LoraConfig(PeftConfig):
+    """LoRA (Hu et al. 2021, arXiv 2106.09685) and its variants.
+
+    Args:
+        r: rank of the update ``B A``.
+        target_modules: module names (exact or dotted suffix), a full-match regex, or ``"all-linear"``.
+            None picks the architecture's default (query and value projections).
+        exclude_modules: names or regex never to target.
+        lora_alpha: scale numerator: ``s = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``).
+        lora_dropout: dropout on the adapter's input, in [0, 1).
+        fan_in_fan_out: the base weight is stored (in, out), as GPT-2's Conv1D (set automatically).
+        bias: which base biases train and are saved with the adapter: "none", "all" or "lora_only".
+        use_rslora: rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023).
+        modules_to_save: modules trained in full and saved with the adapter (e.g. a classifier head).
+        init_lora_weights: True (Kaiming A, zero B), False (both random: not the identity),
+            "gaussian", "pissa", "pissa_niter_N" (randomised SVD, N iterations) or "olora".
+        layers_to_transform / layers_pattern: keep only these layer indices.
+        rank_pattern / alpha_pattern: per-module overrides of r / lora_alpha, keyed by regex.
+        use_dora: weight-decomposed LoRA (Liu et al. 2024, arXiv 2402.09353).
+    """
+
+    PEFT_TYPE: ClassVar[str] = "LORA"
+
+    r: int = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
+    # accepted for file compatibility with Hugging Face PEFT; only the defaults are supported
+    megatron_config: dict | None = None
+    megatron_core: str | None = "megatron.core"
+    trainable_token_indices: Any = None
+    loftq_config: dict = field(default_factory=dict)
+    eva_config: Any = None
+    corda_config: Any = None
+    lora_ga_config: Any = None
+    velora_config: Any = None
+    alora_invocation_tokens: Any = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    monteclora_config: Any = None
+    layer_replication: Any = None
+    target_parameters: Any = None
+    use_bdlora: Any = None
+    arrow_config: Any = None
+    kasa_config: Any = None
+    lora_bias: bool = False
+    ensure_weight_tying: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check = self._check
+        check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, "r", "an integer > 0")
+        check(_positive(self.lora_alpha), "lora_alpha", "a number > 0")
+        check(_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "a number in [0, 1)")
+        check(self.bias in ("none", "all", "lora_only"), "bias", "'none', 'all' or 'lora_only'")
+        init = self.init_lora_weights
+        check(
+            isinstance(init, bool) or init in _INIT_NAMES or bool(_PISSA_NITER.fullmatch(str(init))),
+            "init_lora_weights",
+            "True, False, 'gaussian', 'pissa', 'pissa_niter_N' or 'olora'",
+        )
+        for key, value in self.rank_pattern.items():
+            if not (isinstance(value, int) and value > 0):
+                raise ConfigError(f"LoraConfig.rank_pattern[{key!r}]: expected an integer > 0, got {value!r}")
+        for key, value in self.alpha_pattern.items():
+            if not _positive(value):
+                raise ConfigError(f"LoraConfig.alpha_pattern[{key!r}]: expected a number > 0, got {value!r}")
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError("LoraConfig.layers_pattern: only meaningful together with layers_to_transform")
+        for name, default in _UNSUPPORTED_DEFAULTS.items():
+            value = getattr(self, name)
+            if value != default and not (default == {} and value is None):
+                raise ConfigError(f"LoraConfig.{name}={value!r} is not supported by peftkit (only {default!r})")
+
+    @property
+    def pissa_niter(self) -> int | None:
+        m = _PISSA_NITER.fullmatch(str(self.init_lora_weights))
+        return int(m.group(1)) if m else None
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _positive(v: Any) -> bool:
+    return _number(v) and v > 0

@@ -1,0 +1,289 @@
+"""LoRA adapter (Hu et al. 2021, arXiv 2106.09685): ``h = W0 x + s B A x``, ``s = alpha / r``.
+
+Variants are options, not copies:
+- rsLoRA (Kalajdzievski 2023): ``s = alpha / sqrt(r)``.
+- DoRA (Liu et al. 2024, arXiv 2402.09353): ``W' = m * V / ||V||`` with ``V = W0 + s B A``; ``m`` starts
+  at ``||W0||`` (one value per output feature) and the norm is detached in backward (paper eq. 5).
+- PiSSA / OLoRA: A and B start from the principal singular vectors / QR factors of W0; W0 keeps the rest.
+
+Shapes: Linear A (r, d_in), B (d_out, r); Embedding A (r, num_embeddings), B (dim, r); Conv A
+(r, c_in, *kernel) with the base's stride / padding, B (c_out, r, 1, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...layers import Adapter
+from ...registry import register_method
+from ...targeting import pattern_value
+from . import functional as LF
+from .config import LoraConfig
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = None  # type: ignore[assignment,misc]
+
+_CONV = (nn.Conv1d, nn.Conv2d)
+
+
+def _kind(base: nn.Module) -> str:
+    if isinstance(base, nn.Embedding):
+        return "embedding"
+    if isinstance(base, _CONV):
+        return "conv"
+    return "linear"
+
+
+@register_method(
+    "lora",
+    config=LoraConfig,
+    category="reparameterized",
+    modalities=("text", "vision", "vision-language", "generation"),
+    mergeable=True,
+    param_formula="r (d_in + d_out) per target, + d_out with DoRA",
+    position="weight delta beside each targeted layer",
+    paper="arXiv 2106.09685 (LoRA), 2402.09353 (DoRA), 2312.03732 (rsLoRA), 2404.02948 (PiSSA)",
+    examples={
+        "lora": {"r": 4, "lora_alpha": 8},
+        "rslora": {"r": 4, "lora_alpha": 8, "use_rslora": True},
+        "dora": {"r": 4, "lora_alpha": 8, "use_dora": True},
+        "pissa": {"r": 4, "lora_alpha": 8, "init_lora_weights": "pissa"},
+    },
+)
+class LoraAdapter(Adapter):
+    supported_layers = (nn.Linear, nn.Embedding, *_CONV) + ((Conv1D,) if Conv1D is not None else ())
+    default_roles = ("query", "value")
+
+    def __init__(self, base: nn.Module, config: LoraConfig, key: str = "", init: bool = True) -> None:
+        super().__init__()
+        self.kind = _kind(base)
+        if self.kind == "conv" and base.groups != 1:
+            raise ValueError(f"{key}: LoRA on grouped convolutions (groups={base.groups}) is not supported")
+        self.r = r = pattern_value(config.rank_pattern, key, config.r)
+        alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
+        self.scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        self.fan_in_fan_out = Conv1D is not None and isinstance(base, Conv1D) or (
+            self.kind == "linear" and config.fan_in_fan_out
+        )
+        w = base.weight
+        # low-precision bases keep fp32 adapters (as PEFT's autocast_adapter_dtype)
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        factory = {"device": w.device, "dtype": dtype}
+        d_out, d_in = self._dims(base)
+        if self.kind == "conv":
+            a_shape, b_shape = (r, d_in, *base.kernel_size), (d_out, r) + (1,) * len(base.kernel_size)
+        else:
+            a_shape, b_shape = (r, d_in), (d_out, r)
+        self.lora_A = nn.Parameter(torch.empty(a_shape, **factory))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, **factory))
+        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else None
+        self.register_parameter("magnitude", None)
+        self._cache: dict[str, tuple[tuple, Tensor]] = {}
+        if init:
+            self._init_weights(base, config, key)
+        if config.use_dora:
+            with torch.no_grad():
+                norm = self._full_norm(base)
+            self.magnitude = nn.Parameter(norm.reshape(self._magnitude_shape(d_out)).to(dtype))
+
+    # -- layout ----------------------------------------------------------------------------------------
+    def _dims(self, base: nn.Module) -> tuple[int, int]:
+        """(d_out, d_in); for an embedding (embedding_dim, num_embeddings)."""
+        if self.kind == "embedding":
+            return base.embedding_dim, base.num_embeddings
+        if self.kind == "conv":
+            return base.out_channels, base.in_channels
+        w = base.weight
+        return (w.shape[1], w.shape[0]) if self.fan_in_fan_out else (w.shape[0], w.shape[1])
+
+    @property
+    def _out_axis(self) -> int:
+        """The axis of the base weight that indexes output features."""
+        return 1 if self.fan_in_fan_out or self.kind == "embedding" else 0
+
+    def _magnitude_shape(self, d_out: int) -> tuple[int, ...]:
+        # PEFT's layout: (1, c_out, 1, ...) for conv, (d_out,) otherwise
+        return (1, d_out) + (1,) * (self.lora_A.dim() - 2) if self.kind == "conv" else (d_out,)
+
+    @property
+    def checkpoint_keys(self) -> dict[str, str]:  # type: ignore[override]
+        if self.kind == "embedding":
+            keys = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+        else:
+            keys = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+        if self.magnitude is not None:
+            keys["magnitude"] = "lora_magnitude_vector"
+        return keys
+
+    @classmethod
+    def param_count(cls, base: nn.Module, config: LoraConfig, key: str = "") -> int:
+        """Closed form: r (d_in * prod(kernel) + d_out), + d_out with DoRA."""
+        r = pattern_value(config.rank_pattern, key, config.r)
+        probe = cls.__new__(cls)
+        probe.kind = _kind(base)
+        probe.fan_in_fan_out = Conv1D is not None and isinstance(base, Conv1D)
+        d_out, d_in = probe._dims(base)
+        k = math.prod(base.kernel_size) if probe.kind == "conv" else 1
+        return r * (d_in * k + d_out) + (d_out if config.use_dora else 0)
+
+    # -- init ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _init_weights(self, base: nn.Module, config: LoraConfig, key: str) -> None:
+        init = config.init_lora_weights
+        A, B = self.lora_A, self.lora_B
+        if self.kind == "embedding":  # A zero, B normal (loralib's embedding init)
+            if init is False:
+                nn.init.normal_(A)
+            else:
+                nn.init.zeros_(A)
+            nn.init.normal_(B)
+            if init not in (True, False, "gaussian"):
+                raise ValueError(f"{key}: init_lora_weights={init!r} is only supported on Linear layers")
+            return
+        if init is False:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        elif init is True:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
+        elif init == "gaussian":
+            nn.init.normal_(A, std=1 / self.r)
+            nn.init.zeros_(B)
+        else:
+            if self.kind != "linear":
+                raise ValueError(f"{key}: init_lora_weights={init!r} is only supported on Linear layers")
+            self._init_from_weight(base, config)
+
+    def _init_from_weight(self, base: nn.Module, config: LoraConfig) -> None:
+        weight = base.weight
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"PiSSA / OLoRA initialisation needs a float base weight, got {weight.dtype}")
+        w = weight.float()
+        w = w.t() if self.fan_in_fan_out else w
+        if config.init_lora_weights == "olora":
+            A, B = LF.olora_factors(w, self.r)
+        else:
+            A, B = LF.pissa_factors(w, self.r, self.scaling, config.pissa_niter)
+        self.lora_A.copy_(A)
+        self.lora_B.copy_(B)
+        residual = w - self.scaling * (B @ A)
+        weight.copy_((residual.t() if self.fan_in_fan_out else residual).to(weight.dtype))
+
+    # -- weights ---------------------------------------------------------------------------------------
+    def delta_weight(self, base: nn.Module) -> Tensor:
+        """``s B A`` in the base weight's layout."""
+        delta = LF.lora_delta(self.lora_A, self.lora_B, self.scaling)
+        return delta.t() if self.fan_in_fan_out or self.kind == "embedding" else delta
+
+    def _full_norm(self, base: nn.Module) -> Tensor:
+        """``||W0 + s B A||`` per output feature (detached by the callers)."""
+        w = base.weight
+        if self.kind == "linear":
+            w0 = (w.t() if self.fan_in_fan_out else w).to(self.lora_A.dtype)
+            return LF.dora_norm_lowrank(w0, self.lora_A, self.lora_B, self.scaling, self._w0_sq(w0))
+        return LF.norm_except(w.to(self.lora_A.dtype) + self.delta_weight(base), self._out_axis)
+
+    def _w0_sq(self, w0: Tensor) -> Tensor:
+        return self._cached("w0_sq", (w0,), lambda: LF.row_sq_norm(w0))
+
+    def _cached(self, name: str, tensors: tuple[Tensor, ...], compute: Any) -> Tensor:
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        hit = self._cache.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = compute()
+        self._cache[name] = (key, value)
+        return value
+
+    def _dora_scale(self, base: nn.Module) -> Tensor:
+        """``m / ||W0 + s B A||`` with the norm detached; cached while not training."""
+        with torch.no_grad():
+            if self.training and torch.is_grad_enabled():
+                norm = self._full_norm(base)
+            else:
+                norm = self._cached("norm", (base.weight, self.lora_A, self.lora_B), lambda: self._full_norm(base))
+        return self.magnitude / norm.reshape(self.magnitude.shape)
+
+    def train(self, mode: bool = True) -> "LoraAdapter":
+        self._cache.clear()
+        return super().train(mode)
+
+    def merge(self, base: nn.Module, weight: Tensor) -> tuple[Tensor, Any]:
+        delta = self.delta_weight(base).to(weight.dtype)
+        if self.magnitude is None:
+            return weight + delta, None
+        return LF.dora_merge(weight, delta, self.magnitude.to(weight.dtype), self._out_axis)
+
+    def unmerge(self, base: nn.Module, weight: Tensor, state: Any) -> Tensor:
+        delta = self.delta_weight(base).to(weight.dtype)
+        if self.magnitude is None:
+            return weight - delta
+        return LF.dora_unmerge(weight, delta, self.magnitude.to(weight.dtype), state, self._out_axis)
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
+        A = self.lora_A
+        if self.kind == "embedding":
+            return self._embedding_forward(base, x, out)
+        if x.dtype != A.dtype:
+            x = x.to(A.dtype)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        if self.kind == "conv":
+            return self._conv_forward(base, x, out)
+        h = F.linear(x, A)  # (..., r)
+        if self.magnitude is not None:
+            return self._dora_linear(base, h, out)
+        if out.dtype != A.dtype:
+            return out + (F.linear(h, self.lora_B) * self.scaling).to(out.dtype)
+        # out + s h B^T as one GEMM with accumulation: no separate scale / add passes
+        n = out.shape[-1]
+        if not torch.is_grad_enabled():
+            out.view(-1, n).addmm_(h.reshape(-1, self.r), self.lora_B.t(), alpha=self.scaling)
+            return out
+        return torch.addmm(out.reshape(-1, n), h.reshape(-1, self.r), self.lora_B.t(), alpha=self.scaling).view(
+            out.shape
+        )
+
+    def _dora_linear(self, base: nn.Module, h: Tensor, out: Tensor) -> Tensor:
+        # y = scale * (W0 x + s B A x) + b  =  scale * (out + s B A x) + b (1 - scale),  out = W0 x + b
+        scale = self._dora_scale(base)
+        n = out.shape[-1]
+        t = torch.addmm(out.reshape(-1, n).to(h.dtype), h.reshape(-1, self.r), self.lora_B.t(), alpha=self.scaling)
+        bias = getattr(base, "bias", None)
+        if bias is None:
+            y = t * scale
+        else:
+            y = torch.addcmul(bias.to(h.dtype) * (1 - scale), t, scale)
+        return y.view(out.shape).to(out.dtype)
+
+    def _conv_forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
+        conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d
+        h = conv(x, self.lora_A, None, base.stride, base.padding, base.dilation)
+        lora = conv(h, self.lora_B) * self.scaling
+        if self.magnitude is None:
+            return out + lora.to(out.dtype)
+        scale = self._dora_scale(base)  # (1, c_out, 1, ...)
+        bias = base.bias
+        if bias is not None:
+            b = LF.along(bias, out.dim(), 1)
+            return ((out - b) * scale + lora * scale + b).to(out.dtype)
+        return (out * scale + lora * scale).to(out.dtype)
+
+    def _embedding_forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
+        h = F.embedding(
+            x, self.lora_A.t(), base.padding_idx,
+            base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse,
+        )
+        lora = (h @ self.lora_B.t()) * self.scaling
+        if self.magnitude is None:
+            return out + lora.to(out.dtype)
+        scale = self._dora_scale(base)
+        return (out * scale + lora * scale).to(out.dtype)

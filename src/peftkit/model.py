@@ -1,0 +1,307 @@
+"""PeftModel: the user-facing wrapper, a drop-in for Hugging Face PEFT's.
+
+``from peft import get_peft_model, PeftModel`` -> ``from peftkit import get_peft_model, PeftModel``:
+same names, signatures and defaults. Calls and attributes the wrapper does not define (``generate``,
+``config`` ...) go to the base model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import PeftConfig, TaskType
+from .tuner import TunerModel
+
+
+class PeftModel(nn.Module):
+    """A base model with named adapters. ``base_model`` is the tuner; ``base_model.model`` the user's model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        _init: bool = True,
+    ) -> None:
+        super().__init__()
+        self.base_model = TunerModel(model)
+        self.base_model.inject(peft_config, adapter_name, init=_init)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get_base_model().generate(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # -- adapters --------------------------------------------------------------------------------------
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.base_model.active_adapters)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        active = self.base_model.active_adapters
+        return active[0] if len(active) == 1 else list(active)
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Attach another adapter; it stays inactive until ``set_adapter``."""
+        self.base_model.inject(peft_config, adapter_name)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate one adapter, or several at once (their outputs add up)."""
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the block."""
+        self.base_model.set_disabled(True)
+        try:
+            yield
+        finally:
+            self.base_model.set_disabled(False)
+
+    # -- merging ---------------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self.base_model.merge(adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Fold the active adapters into the base weights and return the plain base model."""
+        return self.base_model.unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the plain base model."""
+        return self.base_model.unload(merge=False)
+
+    # -- reports ---------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = total = 0
+        for p in self.parameters():
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- files -----------------------------------------------------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Save each adapter: "default" into ``save_directory``, others into ``save_directory/<name>``."""
+        if not is_main_process:
+            return
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{save_directory}: is a file; save_pretrained needs a folder")
+        names = list(self.peft_config) if selected_adapters is None else selected_adapters
+        for name in names:
+            folder = save_directory if name == "default" else os.path.join(save_directory, name)
+            ckpt.save_adapter(self.base_model, name, folder, safe_serialization=safe_serialization)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        **kwargs: Any,
+    ) -> "PeftModel":
+        """Wrap ``model`` with the adapter saved in ``model_id``. On any error ``model`` is left as it was."""
+        folder = _resolve_folder(model_id, kwargs.get("subfolder"))
+        config = config or PeftConfig.from_pretrained(folder)
+        config.inference_mode = not is_trainable
+        state, source = ckpt.read_weights(folder)
+        if cls is PeftModel and config.task_type in TASK_MODEL:
+            cls = TASK_MODEL[config.task_type]
+        flags = {p: p.requires_grad for p in model.parameters()}
+        peft_model = None
+        try:
+            peft_model = cls(model, config, adapter_name, _init=False)
+            ckpt.load_state(peft_model.base_model, adapter_name, state, source)
+        except BaseException:
+            if peft_model is not None:
+                peft_model.base_model.unload(merge=False)
+            _restore_flags(flags)
+            raise
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
+    ) -> ckpt.LoadResult:
+        """Load a saved adapter next to the existing ones (inactive until ``set_adapter``)."""
+        folder = _resolve_folder(model_id, kwargs.get("subfolder"))
+        config = kwargs.get("peft_config") or PeftConfig.from_pretrained(folder)
+        config.inference_mode = not is_trainable
+        state, source = ckpt.read_weights(folder)
+        flags = {p: p.requires_grad for p in self.parameters()}
+        self.base_model.inject(config, adapter_name, init=False)
+        try:
+            ckpt.load_state(self.base_model, adapter_name, state, source)
+        except BaseException:
+            self.base_model.delete(adapter_name)
+            _restore_flags(flags)
+            raise
+        return ckpt.LoadResult([], [])
+
+
+def _restore_flags(flags: dict[nn.Parameter, bool]) -> None:
+    for p, flag in flags.items():
+        p.requires_grad_(flag)
+
+
+def _resolve_folder(model_id: str | os.PathLike, subfolder: str | None) -> str:
+    folder = os.fspath(model_id)
+    if subfolder:
+        folder = os.path.join(folder, subfolder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: adapter folder not found (peftkit loads from local folders only)")
+    return folder
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """Sequence classification: the ``classifier`` / ``score`` head trains in full and is saved."""
+
+
+class PeftModelForTokenClassification(PeftModel):
+    """Token classification: the ``classifier`` / ``score`` head trains in full and is saved."""
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """Extractive QA: the ``qa_outputs`` head trains in full and is saved."""
+
+
+class PeftModelForCausalLM(PeftModel):
+    """Causal language modelling (``generate`` goes to the base model)."""
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """Encoder-decoder language modelling."""
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """Embeddings / hidden states."""
+
+
+TASK_MODEL: dict[TaskType, type[PeftModel]] = {
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}
+
+
+def get_peft_model(
+    model: nn.Module,
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
+    """Wrap ``model`` with a new adapter described by ``peft_config`` (the PeftModel subclass follows task_type)."""
+    if mixed:
+        raise NotImplementedError("mixed adapter types are not supported yet")
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if peft_config.base_model_name_or_path is None and name_or_path:
+        peft_config.base_model_name_or_path = name_or_path
+    if revision is not None:
+        peft_config.revision = revision
+    cls = TASK_MODEL.get(peft_config.task_type, PeftModel)
+    return cls(model, peft_config, adapter_name)
+
+
+def inject_adapter_in_model(
+    peft_config: PeftConfig,
+    model: nn.Module,
+    adapter_name: str = "default",
+    low_cpu_mem_usage: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Attach adapter layers to ``model`` in place, without a PeftModel wrapper; returns ``model``."""
+    tuner = TunerModel(model)
+    tuner.inject(peft_config, adapter_name, init=state_dict is None)
+    if state_dict is not None:
+        ckpt.load_state(tuner, adapter_name, {ckpt.PREFIX + k: v for k, v in state_dict.items()}, "state_dict")
+    return model
+
+
+def _tuner_of(model: nn.Module) -> TunerModel:
+    if isinstance(model, PeftModel):
+        return model.base_model
+    if isinstance(model, TunerModel):
+        return model
+    raise TypeError(f"expected a PeftModel, got {type(model).__name__}")
+
+
+def get_peft_model_state_dict(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    adapter_name: str = "default",
+    unwrap_compiled: bool = False,
+    save_embedding_layers: bool | str = "auto",
+) -> dict[str, torch.Tensor]:
+    """One adapter's tensors under Hugging Face PEFT's key names (adapter name removed)."""
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
+    return ckpt.state_dict_for_save(_tuner_of(model), adapter_name)
+
+
+def set_peft_model_state_dict(
+    model: nn.Module,
+    peft_model_state_dict: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+) -> ckpt.LoadResult:
+    """Load PEFT-layout tensors into an existing adapter: validated in full first, then copied."""
+    ckpt.load_state(_tuner_of(model), adapter_name, peft_model_state_dict)
+    return ckpt.LoadResult([], [])

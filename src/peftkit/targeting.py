@@ -1,0 +1,206 @@
+"""Which modules a config touches.
+
+Matching follows Hugging Face PEFT so that existing configs select the same modules:
+
+- a list entry matches a module path exactly or as a dotted suffix (``"q_proj"`` matches
+  ``model.layers.0.self_attn.q_proj``);
+- a plain string is a full-match regular expression over the module path;
+- ``"all-linear"`` selects every Linear / GPT-2 Conv1D except the output head;
+- ``exclude_modules`` (same rules) wins over targets, and ``modules_to_save`` are never targeted;
+- ``layers_to_transform`` / ``layers_pattern`` keep only the given layer indices.
+
+Default targets come from one role table per architecture family.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from torch import nn
+
+from .config import ConfigError, TaskType
+
+try:  # GPT-2 style linear layer with a transposed weight
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a runtime dependency
+    Conv1D = ()  # type: ignore[assignment]
+
+ALL_LINEAR = "all-linear"
+LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
+
+# role -> module name, per architecture family (``model.config.model_type``, or the class name for
+# models without a transformers config). One table for every method.
+ROLE_TABLE: dict[str, dict[str, str]] = {
+    "llama": {"query": "q_proj", "key": "k_proj", "value": "v_proj", "attn_out": "o_proj",
+              "ffn_gate": "gate_proj", "ffn_in": "up_proj", "ffn_out": "down_proj"},
+    "gpt2": {"qkv": "c_attn", "attn_out": "attn.c_proj", "ffn_in": "c_fc", "ffn_out": "mlp.c_proj"},
+    "bert": {"query": "query", "key": "key", "value": "value", "attn_out": "attention.output.dense",
+             "ffn_in": "intermediate.dense", "ffn_out": "output.dense"},
+    "t5": {"query": "q", "key": "k", "value": "v", "attn_out": "o", "ffn_in": "wi", "ffn_out": "wo"},
+    "vit": {"query": "query", "key": "key", "value": "value", "attn_out": "attention.output.dense",
+            "ffn_in": "intermediate.dense", "ffn_out": "output.dense"},
+    "clip": {"query": "q_proj", "key": "k_proj", "value": "v_proj", "attn_out": "out_proj",
+             "ffn_in": "fc1", "ffn_out": "fc2"},
+    "unet": {"query": "to_q", "key": "to_k", "value": "to_v", "attn_out": "to_out.0",
+             "ffn_in": "ff.net.0.proj", "ffn_out": "ff.net.2"},
+}
+# families that share a table with another
+FAMILY_ALIASES = {
+    "mistral": "llama", "qwen2": "llama", "gemma": "llama", "phi3": "llama",
+    "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert", "electra": "bert",
+    "mt5": "t5", "clip_text_model": "clip", "clip_vision_model": "clip", "siglip": "clip",
+    "unet2dconditionmodel": "unet", "transformer2dmodel": "unet",
+}
+
+
+class TargetError(ValueError):
+    """A config's targets match nothing, or match something the method cannot wrap."""
+
+
+def model_family(model: nn.Module) -> str | None:
+    """The ROLE_TABLE key for ``model``, or None when its architecture is unknown."""
+    cfg = getattr(model, "config", None)
+    model_type = cfg.get("model_type") if isinstance(cfg, dict) else getattr(cfg, "model_type", None)
+    for key in (model_type, type(model).__name__.lower()):
+        if key:
+            key = FAMILY_ALIASES.get(key, key)
+            if key in ROLE_TABLE:
+                return key
+    return None
+
+
+def default_targets(model: nn.Module, roles: Sequence[str]) -> list[str]:
+    """Module names for ``roles`` (e.g. ``("query", "value")``) on this architecture."""
+    family = model_family(model)
+    if family is None:
+        raise TargetError(
+            f"target_modules is not set and {type(model).__name__} has no entry in peftkit's role table; "
+            f"pass target_modules explicitly (candidates: {_candidates(list(model.named_modules()))})"
+        )
+    table = ROLE_TABLE[family]
+    names = [table[r] for r in roles if r in table]
+    return names or [table["qkv"]]
+
+
+def all_linear_targets(model: nn.Module, named: list[tuple[str, nn.Module]], task_type: Any = None) -> set[str]:
+    """Full paths of every Linear / Conv1D except the output embedding (or the classifier head for SEQ_CLS)."""
+    names = {name for name, m in named if isinstance(m, LINEAR_TYPES)}
+    head = None
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            head = get_out()
+        except (AttributeError, NotImplementedError):
+            head = None
+    if head is None and task_type == TaskType.SEQ_CLS:
+        head = next((getattr(model, n) for n in ("classifier", "score") if hasattr(model, n)), None)
+    if head is not None:
+        names -= {name for name, m in named if m is head}
+    return names
+
+
+def _matches_list(key: str, names: Iterable[str]) -> bool:
+    return any(key == n or key.endswith("." + n) for n in names)
+
+
+def _layer_index(key: str, layers_pattern: str | Sequence[str] | None) -> int | None:
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+        m = None
+        for p in patterns:
+            m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
+            if m:
+                break
+    return int(m.group("idx")) if m else None
+
+
+def is_target(config: Any, key: str, targets: str | Iterable[str]) -> bool:
+    """Whether module path ``key`` is selected by ``targets`` under ``config``'s exclusions and layer filter."""
+    excl = getattr(config, "exclude_modules", None)
+    if excl:
+        if isinstance(excl, str):
+            if re.fullmatch(excl, key):
+                return False
+        elif _matches_list(key, excl):
+            return False
+    for m in getattr(config, "modules_to_save", None) or ():
+        if re.match(rf"(^|.*\.){m}($|\..*)", key):
+            return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    targets = set(targets)
+    if key in targets:
+        return True
+    if not _matches_list(key, targets):
+        return False
+    layers = getattr(config, "layers_to_transform", None)
+    if layers is None or (isinstance(layers, list) and not layers):
+        return True
+    idx = _layer_index(key, getattr(config, "layers_pattern", None))
+    if idx is None:
+        return False
+    return idx == layers if isinstance(layers, int) else idx in layers
+
+
+def resolve_targets(
+    model: nn.Module, named: list[tuple[str, nn.Module]], config: Any, default_roles: Sequence[str]
+) -> str | set[str]:
+    """The concrete target spec: explicit names / regex, ``all-linear`` expanded, or the role-table default."""
+    targets = getattr(config, "target_modules", None)
+    if targets is None:
+        return set(default_targets(model, default_roles))
+    if isinstance(targets, str):
+        if targets.lower() == ALL_LINEAR:
+            return all_linear_targets(model, named, getattr(config, "task_type", None))
+        return targets
+    return set(targets)
+
+
+def find_targets(
+    model: nn.Module,
+    named: list[tuple[str, nn.Module]],
+    config: Any,
+    default_roles: Sequence[str],
+    supported: tuple[type, ...],
+) -> list[str]:
+    """Paths of the modules ``config`` selects among ``named`` (path, module) pairs of ``model``.
+
+    Errors name the candidate module names when nothing matches.
+    """
+    targets = resolve_targets(model, named, config, default_roles)
+    found = [name for name, _ in named if name and is_target(config, name, targets)]
+    if not found:
+        raise TargetError(
+            f"target_modules {_show(targets)} matched no module of {type(model).__name__}; "
+            f"candidate module names: {_candidates(named, supported)}"
+        )
+    modules = dict(named)
+    # a selected container (e.g. "attention") is an error unless one of its children is also selected
+    bad = [n for n in found if not isinstance(modules[n], supported)]
+    if bad:
+        kinds = ", ".join(t.__name__ for t in supported)
+        raise TargetError(
+            f"target module {bad[0]!r} is a {type(modules[bad[0]]).__name__}; this method wraps {kinds}"
+        )
+    return found
+
+
+def pattern_value(patterns: dict[str, Any] | None, key: str, default: Any) -> Any:
+    """``rank_pattern`` / ``alpha_pattern`` lookup: the first regex that matches the end of ``key``."""
+    for pat, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pat})$", key):
+            return value
+    return default
+
+
+def _show(targets: str | set[str]) -> str:
+    return repr(targets) if isinstance(targets, str) else repr(sorted(targets))
+
+
+def _candidates(named: list[tuple[str, nn.Module]], types: tuple[type, ...] = LINEAR_TYPES) -> list[str]:
+    names = sorted({n.split(".")[-1] for n, m in named if n and isinstance(m, types)})
+    return names[:40]

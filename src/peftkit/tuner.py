@@ -1,0 +1,253 @@
+"""Attaching adapters to a model: the generic tuner every weight-delta method shares.
+
+``TunerModel`` holds the user's model at ``.model`` (so parameter paths read
+``base_model.model.<module path>`` from the PeftModel, as in Hugging Face PEFT), injects one
+``AdapterLayer`` per targeted module, wraps ``modules_to_save`` in trainable copies, and undoes all of it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import PeftConfig, TaskType
+from .layers import Adapter, AdapterLayer, adapter_layers
+from .registry import get_method
+from .targeting import Conv1D, find_targets
+
+# heads that a task trains in full by default (Hugging Face PEFT's choice)
+TASK_HEADS = {
+    TaskType.SEQ_CLS: ["classifier", "score"],
+    TaskType.TOKEN_CLS: ["classifier", "score"],
+    TaskType.QUESTION_ANS: ["qa_outputs"],
+}
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained in full: the original stays frozen, each adapter gets its own trainable copy."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disable_adapters = False
+
+    def add(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    @property
+    def current(self) -> nn.Module:
+        if self.disable_adapters or self.active_adapter not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.current(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save"):
+                raise
+            return getattr(self.current, name)
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _is_dotted_suffix(key: str, names: list[str]) -> bool:
+    return any(key == n or key.endswith("." + n) for n in names)
+
+
+class TunerModel(nn.Module):
+    """The user's model plus the machinery that attaches, activates and removes adapters."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapters: list[str] = []
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # -- discovery -------------------------------------------------------------------------------------
+    def candidates(self) -> list[tuple[str, nn.Module]]:
+        """(path, base module) pairs a config may target: wrappers' internals are hidden, wrappers unwrapped."""
+        out: list[tuple[str, nn.Module]] = []
+        skip: tuple[str, ...] = ()
+        for name, module in self.model.named_modules():
+            if skip and name.startswith(skip):
+                continue
+            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+                skip = skip + (name + ".",)
+                if isinstance(module, AdapterLayer):
+                    out.append((name, module.base_layer))
+                continue
+            out.append((name, module))
+        return out
+
+    def layers(self) -> list[tuple[str, AdapterLayer]]:
+        return adapter_layers(self.model)
+
+    def saved_modules(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                yield name, module
+
+    def adapters(self, adapter_name: str | None = None) -> Iterator[tuple[str, Adapter]]:
+        """(layer path, adapter) for every adapter, or only those named ``adapter_name``."""
+        for path, layer in self.layers():
+            for name, adapter in layer.adapters.items():
+                if adapter_name is None or name == adapter_name:
+                    yield path, adapter
+
+    # -- injection -------------------------------------------------------------------------------------
+    def inject(self, config: PeftConfig, adapter_name: str, init: bool = True) -> None:
+        """Attach adapter ``adapter_name`` to every module ``config`` targets."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; pick another name or delete it first")
+        spec = get_method(config)
+        cls = spec.adapter_cls
+        named = self.candidates()
+        paths = find_targets(self.model, named, config, cls.default_roles, cls.supported_layers)
+        if getattr(config, "task_type", None) in TASK_HEADS:
+            extra = [m for m in TASK_HEADS[config.task_type] if m not in (config.modules_to_save or [])]
+            config.modules_to_save = list(config.modules_to_save or []) + extra
+        modules = dict(named)
+        wrappers = dict(self.model.named_modules())
+        built = []
+        for path in paths:  # build everything before touching the model
+            base = modules[path]
+            if isinstance(base, Conv1D) and not getattr(config, "fan_in_fan_out", True):
+                config.fan_in_fan_out = True  # GPT-2's Conv1D stores its weight transposed
+            built.append((path, base, cls(base, config, path, init=init)))
+        for path, base, adapter in built:
+            layer = wrappers[path] if isinstance(wrappers[path], AdapterLayer) else AdapterLayer(base)
+            if layer is not wrappers[path]:
+                _set_submodule(self.model, path, layer)
+            layer.add(adapter_name, adapter)
+        for path, module in named:
+            if path and _is_dotted_suffix(path, list(getattr(config, "modules_to_save", None) or [])):
+                wrapper = wrappers[path] if isinstance(wrappers[path], ModulesToSaveWrapper) else None
+                if wrapper is None:
+                    wrapper = ModulesToSaveWrapper(module)
+                    _set_submodule(self.model, path, wrapper)
+                wrapper.add(adapter_name)
+        self.peft_config[adapter_name] = config
+        if not self.active_adapters:
+            self.set_adapter(adapter_name)
+        else:
+            self.mark_trainable()
+
+    def delete(self, adapter_name: str) -> None:
+        """Remove an adapter; layers left with none go back to their plain base module."""
+        if adapter_name not in self.peft_config:
+            raise KeyError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        for path, layer in self.layers():
+            if adapter_name in layer.adapters:
+                layer.remove(adapter_name)
+            if not len(layer.adapters):
+                _set_submodule(self.model, path, layer.base_layer)
+        for path, wrapper in list(self.saved_modules()):
+            if adapter_name in wrapper.modules_to_save:
+                del wrapper.modules_to_save[adapter_name]
+            if not len(wrapper.modules_to_save):
+                _set_submodule(self.model, path, wrapper.original_module)
+        del self.peft_config[adapter_name]
+        remaining = [a for a in self.active_adapters if a != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self.set_adapter(remaining)
+
+    # -- activation ------------------------------------------------------------------------------------
+    def set_adapter(self, names: str | list[str]) -> None:
+        names = [names] if isinstance(names, str) else list(names)
+        missing = [n for n in names if n not in self.peft_config]
+        if missing:
+            raise ValueError(f"unknown adapter(s) {missing}; adapters: {sorted(self.peft_config)}")
+        self.active_adapters = names
+        for _, layer in self.layers():
+            layer.set_active(names)
+        for _, wrapper in self.saved_modules():
+            wrapper.active_adapter = next((n for n in names if n in wrapper.modules_to_save), None)
+        self.mark_trainable()
+
+    def set_disabled(self, disabled: bool) -> None:
+        for _, layer in self.layers():
+            layer.disable_adapters = disabled
+        for _, wrapper in self.saved_modules():
+            wrapper.disable_adapters = disabled
+
+    def mark_trainable(self) -> None:
+        """Only the active adapters (and their saved modules / biases) train, unless in inference mode."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        train = {n for n in self.active_adapters if not self.peft_config[n].inference_mode}
+        for _, layer in self.layers():
+            for name, adapter in layer.adapters.items():
+                adapter.requires_grad_(name in train)
+        for _, wrapper in self.saved_modules():
+            for name, module in wrapper.modules_to_save.items():
+                module.requires_grad_(name in train)
+        for name in train:
+            for p in self.bias_parameters(name).values():
+                p.requires_grad_(True)
+
+    def bias_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """Base biases that train with this adapter (``bias="all"`` / ``"lora_only"``), by path."""
+        mode = getattr(self.peft_config[adapter_name], "bias", "none")
+        if mode == "all":
+            # every bias of the model, except inside adapters and modules_to_save (saved in full anyway)
+            excluded = tuple(f"{p}." for p, _ in self.saved_modules())
+            return {
+                n: p for n, p in self.model.named_parameters()
+                if (n == "bias" or n.endswith(".bias")) and not n.startswith(excluded) and ".adapters." not in n
+            }
+        if mode == "lora_only":
+            return {
+                f"{path}.base_layer.bias": layer.base_layer.bias
+                for path, layer in self.layers()
+                if adapter_name in layer.adapters and getattr(layer.base_layer, "bias", None) is not None
+            }
+        return {}
+
+    # -- merge / unload --------------------------------------------------------------------------------
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        for _, layer in self.layers():
+            layer.merge(adapter_names, safe_merge=safe_merge)
+
+    def unmerge(self) -> None:
+        for _, layer in self.layers():
+            layer.unmerge()
+
+    @torch.no_grad()
+    def unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Put every base module back (merged first if asked) and return the plain model."""
+        for path, layer in self.layers():
+            if merge:
+                layer.merge(adapter_names, safe_merge=safe_merge)
+            _set_submodule(self.model, path, layer.base_layer)
+        for path, wrapper in list(self.saved_modules()):
+            # the active trained copy replaces the original, as in Hugging Face PEFT
+            active = wrapper.active_adapter
+            _set_submodule(self.model, path, wrapper.modules_to_save[active] if active else wrapper.original_module)
+        self.peft_config.clear()
+        self.active_adapters = []
+        return self.model
