@@ -32,15 +32,17 @@ LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D,
 
 # role -> module name, per architecture family (``model.config.model_type``, or the class name for
 # models without a transformers config). One table for every method.
-ROLE_TABLE: dict[str, dict[str, str]] = {
+ROLE_TABLE: dict[str, dict[str, str | tuple[str, ...]]] = {
     "llama": {"query": "q_proj", "key": "k_proj", "value": "v_proj", "attn_out": "o_proj",
               "ffn_gate": "gate_proj", "ffn_in": "up_proj", "ffn_out": "down_proj"},
     "gpt2": {"qkv": "c_attn", "attn_out": "attn.c_proj", "ffn_in": "c_fc", "ffn_out": "mlp.c_proj"},
     "bert": {"query": "query", "key": "key", "value": "value", "attn_out": "attention.output.dense",
              "ffn_in": "intermediate.dense", "ffn_out": "output.dense"},
     "t5": {"query": "q", "key": "k", "value": "v", "attn_out": "o", "ffn_in": "wi", "ffn_out": "wo"},
-    "vit": {"query": "query", "key": "key", "value": "value", "attn_out": "attention.output.dense",
-            "ffn_in": "intermediate.dense", "ffn_out": "output.dense"},
+    # transformers 5 renamed ViT's projections; both spellings are listed, the present one is used
+    "vit": {"query": ("query", "q_proj"), "key": ("key", "k_proj"), "value": ("value", "v_proj"),
+            "attn_out": ("attention.output.dense", "o_proj"), "ffn_in": ("intermediate.dense", "fc1"),
+            "ffn_out": ("output.dense", "fc2")},
     "clip": {"query": "q_proj", "key": "k_proj", "value": "v_proj", "attn_out": "out_proj",
              "ffn_in": "fc1", "ffn_out": "fc2"},
     "unet": {"query": "to_q", "key": "to_k", "value": "to_v", "attn_out": "to_out.0",
@@ -71,17 +73,23 @@ def model_family(model: nn.Module) -> str | None:
     return None
 
 
-def default_targets(model: nn.Module, roles: Sequence[str]) -> list[str]:
+def default_targets(model: nn.Module, named: list[tuple[str, nn.Module]], roles: Sequence[str]) -> list[str]:
     """Module names for ``roles`` (e.g. ``("query", "value")``) on this architecture."""
     family = model_family(model)
     if family is None:
         raise TargetError(
             f"target_modules is not set and {type(model).__name__} has no entry in peftkit's role table; "
-            f"pass target_modules explicitly (candidates: {_candidates(list(model.named_modules()))})"
+            f"pass target_modules explicitly (candidates: {_candidates(named)})"
         )
     table = ROLE_TABLE[family]
-    names = [table[r] for r in roles if r in table]
-    return names or [table["qkv"]]
+    wanted = [table[r] for r in roles if r in table] or [table["qkv"]]
+    paths = [n for n, _ in named]
+    names = []
+    for entry in wanted:
+        options = (entry,) if isinstance(entry, str) else entry
+        present = [o for o in options if any(p == o or p.endswith("." + o) for p in paths)]
+        names.extend(present[:1] or options[:1])
+    return names
 
 
 def all_linear_targets(model: nn.Module, named: list[tuple[str, nn.Module]], task_type: Any = None) -> set[str]:
@@ -152,7 +160,7 @@ def resolve_targets(
     """The concrete target spec: explicit names / regex, ``all-linear`` expanded, or the role-table default."""
     targets = getattr(config, "target_modules", None)
     if targets is None:
-        return set(default_targets(model, default_roles))
+        return set(default_targets(model, named, default_roles))
     if isinstance(targets, str):
         if targets.lower() == ALL_LINEAR:
             return all_linear_targets(model, named, getattr(config, "task_type", None))

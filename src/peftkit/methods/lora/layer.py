@@ -138,14 +138,10 @@ class LoraAdapter(Adapter):
     def _init_weights(self, base: nn.Module, config: LoraConfig, key: str) -> None:
         init = config.init_lora_weights
         A, B = self.lora_A, self.lora_B
-        if self.kind == "embedding":  # A zero, B normal (loralib's embedding init)
-            if init is False:
-                nn.init.normal_(A)
-            else:
-                nn.init.zeros_(A)
+        if self.kind == "embedding" and init in (True, False, "gaussian"):
+            # loralib's embedding init: A zero, B normal (False: both random, not the identity)
+            nn.init.normal_(A) if init is False else nn.init.zeros_(A)
             nn.init.normal_(B)
-            if init not in (True, False, "gaussian"):
-                raise ValueError(f"{key}: init_lora_weights={init!r} is only supported on Linear layers")
             return
         if init is False:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
@@ -157,24 +153,24 @@ class LoraAdapter(Adapter):
             nn.init.normal_(A, std=1 / self.r)
             nn.init.zeros_(B)
         else:
-            if self.kind != "linear":
-                raise ValueError(f"{key}: init_lora_weights={init!r} is only supported on Linear layers")
             self._init_from_weight(base, config)
 
     def _init_from_weight(self, base: nn.Module, config: LoraConfig) -> None:
+        """PiSSA / OLoRA on the (d_out, d_in) matrix view of the base weight (a conv kernel is flattened)."""
         weight = base.weight
         if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"PiSSA / OLoRA initialisation needs a float base weight, got {weight.dtype}")
+        transposed = self._out_axis == 1
         w = weight.float()
-        w = w.t() if self.fan_in_fan_out else w
+        w = w.t() if transposed else w.reshape(w.shape[0], -1)
         if config.init_lora_weights == "olora":
             A, B = LF.olora_factors(w, self.r)
         else:
             A, B = LF.pissa_factors(w, self.r, self.scaling, config.pissa_niter)
-        self.lora_A.copy_(A)
-        self.lora_B.copy_(B)
+        self.lora_A.copy_(A.reshape(self.lora_A.shape))
+        self.lora_B.copy_(B.reshape(self.lora_B.shape))
         residual = w - self.scaling * (B @ A)
-        weight.copy_((residual.t() if self.fan_in_fan_out else residual).to(weight.dtype))
+        weight.copy_((residual.t() if transposed else residual.reshape(weight.shape)).to(weight.dtype))
 
     # -- weights ---------------------------------------------------------------------------------------
     def delta_weight(self, base: nn.Module) -> Tensor:

@@ -1,0 +1,146 @@
+"""The contract every registered method keeps, on every model family (DESIGN.md section 3 item 9).
+
+Parametrized over the registry's examples x the families: a new method is covered by registering it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import peftkit
+from peftkit import Adapter, AdapterLayer, PeftModel, get_peft_model
+
+from .families import FAMILIES
+
+CASES = [(spec, name, kwargs) for spec in peftkit.list_methods() for name, kwargs in spec.examples]
+
+
+def make_config(spec, kwargs, family):
+    fields = {f.name for f in dataclasses.fields(spec.config_cls)}
+    extra = {}
+    if "target_modules" in fields and family.targets is not None:
+        extra["target_modules"] = family.targets
+    if family.task_type:
+        extra["task_type"] = family.task_type
+    return spec.config_cls(**kwargs, **extra)
+
+
+@torch.no_grad()
+def perturb(model):
+    """Give every adapter parameter non-trivial values (identity-at-init would hide bugs)."""
+    g = torch.Generator().manual_seed(3)
+    for module in model.modules():
+        if isinstance(module, Adapter):
+            for p in module.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def base_weights(model):
+    return {n: p.detach().clone() for n, p in model.get_base_model().named_parameters() if ".adapters." not in n}
+
+
+@pytest.fixture(params=CASES, ids=[f"{s.name}-{n}" for s, n, _ in CASES])
+def case(request):
+    return request.param
+
+
+@pytest.fixture(params=FAMILIES, ids=[f.name for f in FAMILIES])
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def wrapped(case, family):
+    spec, _, kwargs = case
+    torch.set_num_threads(1)
+    base_out = family.run(family.model())
+    model = get_peft_model(family.model(), make_config(spec, kwargs, family)).eval()
+    return model, base_out
+
+
+def test_starts_at_base(wrapped, family):
+    model, base_out = wrapped
+    torch.testing.assert_close(family.run(model), base_out, atol=1e-4, rtol=1e-4)
+
+
+def test_merged_equals_unmerged_and_unmerge_restores_bits(wrapped, family, case):
+    if not case[0].mergeable:
+        pytest.skip("method is not mergeable")  # pragma: no cover - every registered method is, so far
+    model, _ = wrapped
+    perturb(model)
+    before = base_weights(model)
+    unmerged = family.run(model)
+    model.merge_adapter()
+    torch.testing.assert_close(family.run(model), unmerged, atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter()
+    after = base_weights(model)
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    torch.testing.assert_close(family.run(model), unmerged, atol=0, rtol=0)
+
+
+def test_merge_and_unload_equals_unmerged(wrapped, family):
+    model, _ = wrapped
+    perturb(model)
+    unmerged = family.run(model)
+    plain = model.merge_and_unload()
+    assert not any(isinstance(m, AdapterLayer) for m in plain.modules())
+    torch.testing.assert_close(family.run(plain), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_disable_gives_base(wrapped, family, case):
+    model, base_out = wrapped
+    perturb(model)
+    if case[2].get("init_lora_weights") in ("pissa", "olora"):
+        base_out = family.run(copy.deepcopy(model).unload())  # the frozen base holds the residual by design
+    with model.disable_adapter():
+        torch.testing.assert_close(family.run(model), base_out, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(family.run(model), base_out)
+
+
+def test_save_load_round_trip(wrapped, family, case, tmp_path):
+    model, _ = wrapped
+    perturb(model)
+    expected = family.run(model)
+    model.save_pretrained(tmp_path)
+    fresh = family.model()
+    if case[2].get("init_lora_weights") in ("pissa", "olora"):  # load onto the residual base it was trained on
+        fresh = copy.deepcopy(model).unload()
+    loaded = PeftModel.from_pretrained(fresh, tmp_path)
+    torch.testing.assert_close(family.run(loaded), expected, atol=0, rtol=0)
+
+
+def test_only_adapter_parameters_get_gradients(wrapped, family):
+    model, _ = wrapped
+    perturb(model)
+    model.train()
+    family.run(model).float().pow(2).mean().backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable, "nothing trainable"
+    for name, p in model.named_parameters():
+        if name in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+        else:
+            assert p.grad is None, f"frozen {name} got a gradient"
+    adapter_params = {id(p) for m in model.modules() if isinstance(m, Adapter) for p in m.parameters()}
+    extra = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter_params]
+    assert all(".modules_to_save." in n for n in extra), extra
+
+
+def test_parameter_count_matches_closed_form(wrapped, case):
+    model, _ = wrapped
+    spec = case[0]
+    config = model.peft_config["default"]
+    expected = 0
+    for path, layer in model.base_model.layers():
+        expected += spec.adapter_cls.param_count(layer.base_layer, config, path)
+    for _, wrapper in model.base_model.saved_modules():
+        expected += sum(p.numel() for p in wrapper.modules_to_save["default"].parameters())
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == expected
+    assert total == sum(p.numel() for p in model.parameters())
