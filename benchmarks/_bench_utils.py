@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = os.path.join(REPO, "src")
@@ -119,30 +120,38 @@ def time_calls(fn, n: int) -> float:
 
 
 def saved_tensor_bytes(model, batch) -> dict:
-    """Bytes of tensors autograd saves for backward in one training forward.
+    """Bytes of tensors autograd holds for backward after one training forward.
 
-    Deduplicated by storage pointer; storages that belong to parameters/buffers are
-    reported separately (they exist anyway) from activation storages.
+    Only tensors still referenced when the forward returns are counted (sub-graphs that
+    were built and dropped mid-forward, e.g. a detached weight norm, do not hold memory
+    during backward), deduplicated by storage; storages owned by parameters/buffers are
+    reported separately from activations.
     """
     import torch
 
     owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    seen: dict[int, int] = {}
+    refs = []
 
     def pack(t):
-        try:
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-        except Exception:  # sparse / opaque tensors have no plain storage
-            pass
+        refs.append(weakref.ref(t))
         return t
 
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(**batch).loss
+    storages = {}
+    for r in refs:
+        t = r()
+        if t is None:
+            continue
+        try:
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+        except Exception:  # sparse / opaque tensors have no plain storage
+            pass
     del loss
-    act = sum(n for p, n in seen.items() if p not in owned)
-    par = sum(n for p, n in seen.items() if p in owned)
+    act = sum(n for p, n in storages.items() if p not in owned)
+    par = sum(n for p, n in storages.items() if p in owned)
     return {"activation_bytes": act, "param_bytes": par, "total_bytes": act + par}
 
 

@@ -1,0 +1,54 @@
+"""LoRA weight math as pure functions, checked against the direct formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftkit.methods.lora import functional as LF
+
+
+def test_lowrank_dora_norm_equals_the_direct_norm():
+    g = torch.Generator().manual_seed(0)
+    w0, A, B = (torch.randn(s, generator=g, dtype=torch.float64) for s in [(40, 30), (5, 30), (40, 5)])
+    direct = torch.linalg.vector_norm(w0 + 0.7 * B @ A, dim=1)
+    torch.testing.assert_close(LF.dora_norm_lowrank(w0, A, B, 0.7), direct, atol=1e-12, rtol=1e-12)
+
+
+def test_dora_merge_then_unmerge_inverts():
+    g = torch.Generator().manual_seed(1)
+    w0, delta = torch.randn(6, 4, generator=g), 0.1 * torch.randn(6, 4, generator=g)
+    m = torch.rand(6, generator=g) + 0.5
+    merged, norm = LF.dora_merge(w0, delta, m, out_axis=0)
+    torch.testing.assert_close(torch.linalg.vector_norm(merged, dim=1), m)  # the magnitude is the row norm
+    torch.testing.assert_close(LF.dora_unmerge(merged, delta, m, norm, out_axis=0), w0, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("niter", [None, 4])
+def test_pissa_factors_hold_the_principal_subspace(niter):
+    torch.manual_seed(0)
+    q1, _ = torch.linalg.qr(torch.randn(20, 12, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))
+    spectrum = torch.tensor([10.0, 5.0, 3.0] + [1e-3] * 9, dtype=torch.float64)  # a clear top-3 subspace
+    w = (q1 * spectrum) @ q2.t()
+    A, B = LF.pissa_factors(w, 3, scaling=2.0, niter=niter)
+    U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+    best = (U[:, :3] * S[:3]) @ Vh[:3]  # the best rank-3 approximation
+    torch.testing.assert_close(2.0 * B @ A, best, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(A @ A.t(), B.t() @ B, atol=1e-8, rtol=1e-8)  # balanced: both sqrt(S/s)
+
+
+def test_olora_factors_are_the_qr_head():
+    torch.manual_seed(0)
+    w = torch.randn(10, 6, dtype=torch.float64)
+    A, B = LF.olora_factors(w, 2)
+    Q, R = torch.linalg.qr(w)
+    assert torch.equal(A, R[:2]) and torch.equal(B, Q[:, :2])
+    torch.testing.assert_close(B.t() @ B, torch.eye(2, dtype=torch.float64))
+
+
+def test_conv_delta_is_b_times_a_per_kernel_position():
+    A, B = torch.randn(3, 4, 2, 2), torch.randn(5, 3, 1, 1)
+    delta = LF.lora_delta(A, B, 0.5)
+    assert delta.shape == (5, 4, 2, 2)
+    torch.testing.assert_close(delta[:, :, 1, 0], 0.5 * B[:, :, 0, 0] @ A[:, :, 1, 0])
