@@ -71,13 +71,26 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
         """Attach another adapter; it stays inactive until ``set_adapter``."""
         self.base_model.inject(peft_config, adapter_name)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Activate one adapter, or several at once (their outputs add up)."""
-        self.base_model.set_adapter(adapter_name)
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter, or several at once (their outputs add up); they train unless ``inference_mode``."""
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Freeze or unfreeze the given adapters (whether or not they are active)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self.peft_config[name].inference_mode = not requires_grad
+        self.base_model.mark_trainable(extra=names if requires_grad else ())
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete(adapter_name)
@@ -172,7 +185,16 @@ class PeftModel(nn.Module):
         return peft_model
 
     def load_adapter(
-        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        **kwargs: Any,
     ) -> ckpt.LoadResult:
         """Load a saved adapter next to the existing ones (inactive until ``set_adapter``)."""
         folder = _resolve_folder(model_id, kwargs.get("subfolder"))

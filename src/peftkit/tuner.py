@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -177,11 +177,15 @@ class TunerModel(nn.Module):
         self.set_adapter(remaining)
 
     # -- activation ------------------------------------------------------------------------------------
-    def set_adapter(self, names: str | list[str]) -> None:
+    def set_adapter(self, names: str | list[str], inference_mode: bool | None = None) -> None:
+        """Activate adapters; ``inference_mode`` (when given) freezes (True) or unfreezes (False) them."""
         names = [names] if isinstance(names, str) else list(names)
         missing = [n for n in names if n not in self.peft_config]
         if missing:
             raise ValueError(f"unknown adapter(s) {missing}; adapters: {sorted(self.peft_config)}")
+        if inference_mode is not None:
+            for name in names:
+                self.peft_config[name].inference_mode = inference_mode
         self.active_adapters = names
         for _, layer in self.layers():
             layer.set_active(names)
@@ -195,11 +199,11 @@ class TunerModel(nn.Module):
         for _, wrapper in self.saved_modules():
             wrapper.disable_adapters = disabled
 
-    def mark_trainable(self) -> None:
-        """Only the active adapters (and their saved modules / biases) train, unless in inference mode."""
+    def mark_trainable(self, extra: Iterable[str] = ()) -> None:
+        """Only the active adapters and ``extra`` (and their saved modules / biases) train, unless in inference mode."""
         for p in self.model.parameters():
             p.requires_grad_(False)
-        train = {n for n in self.active_adapters if not self.peft_config[n].inference_mode}
+        train = {n for n in [*self.active_adapters, *extra] if not self.peft_config[n].inference_mode}
         for _, layer in self.layers():
             for name, adapter in layer.adapters.items():
                 adapter.requires_grad_(name in train)
