@@ -13,6 +13,10 @@ $(VENV)/.installed: $(PY) pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt -e .
 	touch $@
 
+$(VENV)/.installed-demo: $(VENV)/.installed
+	$(PIP) install -c constraints.txt -e ".[demo]"
+	touch $@
+
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -c constraints.txt -e ".[test]"
 	touch $@
@@ -21,7 +25,7 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-run: $(VENV)/.installed-test
+run: $(VENV)/.installed-demo
 	HF_HUB_OFFLINE=1 $(PY) examples/sst2_lora.py
 
 test: $(VENV)/.installed-test

@@ -80,7 +80,10 @@ class PeftConfig:
             peft_type = data.get("peft_type")
             if not peft_type:
                 raise ConfigError(f"{source}: missing 'peft_type'; cannot tell which method the adapter uses")
-            cls = get_method(str(peft_type)).config_cls
+            try:
+                cls = get_method(str(peft_type)).config_cls
+            except KeyError as err:
+                raise ConfigError(f"{source}: peft_type {peft_type!r} is not a peftkit method ({err})") from None
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -73,13 +73,15 @@ def model_family(model: nn.Module) -> str | None:
     return None
 
 
-def default_targets(model: nn.Module, named: list[tuple[str, nn.Module]], roles: Sequence[str]) -> list[str]:
+def default_targets(
+    model: nn.Module, named: list[tuple[str, nn.Module]], roles: Sequence[str], supported: tuple[type, ...] = LINEAR_TYPES
+) -> list[str]:
     """Module names for ``roles`` (e.g. ``("query", "value")``) on this architecture."""
     family = model_family(model)
     if family is None:
         raise TargetError(
             f"target_modules is not set and {type(model).__name__} has no entry in peftkit's role table; "
-            f"pass target_modules explicitly (candidates: {_candidates(named)})"
+            f"pass target_modules explicitly (candidates: {_candidates(named, supported)})"
         )
     table = ROLE_TABLE[family]
     wanted = [table[r] for r in roles if r in table] or [table["qkv"]]
@@ -155,12 +157,16 @@ def is_target(config: Any, key: str, targets: str | Iterable[str]) -> bool:
 
 
 def resolve_targets(
-    model: nn.Module, named: list[tuple[str, nn.Module]], config: Any, default_roles: Sequence[str]
+    model: nn.Module,
+    named: list[tuple[str, nn.Module]],
+    config: Any,
+    default_roles: Sequence[str],
+    supported: tuple[type, ...] = LINEAR_TYPES,
 ) -> str | set[str]:
     """The concrete target spec: explicit names / regex, ``all-linear`` expanded, or the role-table default."""
     targets = getattr(config, "target_modules", None)
     if targets is None:
-        return set(default_targets(model, named, default_roles))
+        return set(default_targets(model, named, default_roles, supported))
     if isinstance(targets, str):
         if targets.lower() == ALL_LINEAR:
             return all_linear_targets(model, named, getattr(config, "task_type", None))
@@ -179,15 +185,17 @@ def find_targets(
 
     Errors name the candidate module names when nothing matches.
     """
-    targets = resolve_targets(model, named, config, default_roles)
+    targets = resolve_targets(model, named, config, default_roles, supported)
     found = [name for name, _ in named if name and is_target(config, name, targets)]
     if not found:
+        filters = [f for f in ("exclude_modules", "layers_to_transform", "modules_to_save") if getattr(config, f, None)]
+        hint = f" after applying {', '.join(filters)}" if filters else ""
         raise TargetError(
-            f"target_modules {_show(targets)} matched no module of {type(model).__name__}; "
+            f"target_modules {_show(targets)} matched no module of {type(model).__name__}{hint}; "
             f"candidate module names: {_candidates(named, supported)}"
         )
     modules = dict(named)
-    # a selected container (e.g. "attention") is an error unless one of its children is also selected
+    # a selected container (e.g. "attention") is an error, as in Hugging Face PEFT
     bad = [n for n in found if not isinstance(modules[n], supported)]
     if bad:
         kinds = ", ".join(t.__name__ for t in supported)

@@ -97,13 +97,18 @@ class LoraConfig(PeftConfig):
             "True, False, 'gaussian', 'pissa', 'pissa_niter_N' or 'olora'",
         )
         for key, value in self.rank_pattern.items():
-            if not (isinstance(value, int) and value > 0):
+            if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 raise ConfigError(f"LoraConfig.rank_pattern[{key!r}]: expected an integer > 0, got {value!r}")
         for key, value in self.alpha_pattern.items():
             if not _positive(value):
                 raise ConfigError(f"LoraConfig.alpha_pattern[{key!r}]: expected a number > 0, got {value!r}")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            raise ConfigError(
+                "LoraConfig.layers_to_transform / layers_pattern: cannot be used when target_modules is a regex "
+                "string; put the layer filter into the regex"
+            )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("LoraConfig.layers_pattern: only meaningful together with layers_to_transform")
         for name, default in _UNSUPPORTED_DEFAULTS.items():
