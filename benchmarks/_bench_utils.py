@@ -156,16 +156,20 @@ def saved_tensor_bytes(model, batch) -> dict:
 
 
 # ----------------------------------------------------------------------------- memory
-def rss_kb() -> int:
+def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def rss_kb() -> int:
+    return _status_kb("VmRSS")
 
 
 def reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (ru_maxrss) so it covers only what follows."""
+    """Reset the kernel's RSS high-water mark (VmHWM) so it covers only what follows."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -175,6 +179,16 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_kb() -> int:
+    """Peak RSS of this process (KiB): VmHWM, i.e. getrusage's ru_maxrss without its inherited part.
+
+    ru_maxrss is max(this mm's high-water mark, signal->maxrss), and the latter is set at
+    exec() from the forked copy of the *parent*, so a child of a big parent reports the
+    parent's RSS. VmHWM is the mm's own mark (the one clear_refs resets).
+    """
+    return _status_kb("VmHWM")
+
+
+def ru_maxrss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 

@@ -31,6 +31,7 @@ import _bench_utils as U  # noqa: E402
 SCRIPT = os.path.abspath(__file__)
 SECTIONS = ("train", "mem", "infer", "getpeft")
 GPM_TARGETS = {"qv": ["q_proj", "v_proj"], "all": "all-linear"}
+NAMES = {"lora": "LoRA", "dora": "DoRA"}
 
 
 def parse_args(argv=None):
@@ -104,10 +105,11 @@ def child_mem(a) -> dict:
     reset_ok = U.reset_peak_rss()
     for _ in range(2 + a.steps):
         U.train_step(model, opt, batch)
-    peak_kb = U.peak_rss_kb()
+    peak_kb, ru_kb = U.peak_rss_kb(), U.ru_maxrss_kb()
     saved = U.saved_tensor_bytes(model, batch)
-    return {"setup_rss_kb": setup_kb, "peak_rss_kb": peak_kb, "train_peak_over_setup_kb": peak_kb - setup_kb,
-            "peak_reset": reset_ok, "saved": saved, "trainable_params": U.trainable(model)}
+    return {"setup_rss_kb": setup_kb, "peak_rss_kb": peak_kb, "ru_maxrss_kb": ru_kb,
+            "train_peak_over_setup_kb": peak_kb - setup_kb, "peak_reset": reset_ok, "saved": saved,
+            "trainable_params": U.trainable(model)}
 
 
 def bench_mem(a, libs) -> dict:
@@ -217,6 +219,8 @@ def fmt(x, nd=4):
     if x is None:
         return "-"
     if isinstance(x, float):
+        if x != 0 and abs(x) < 1e-3:
+            return f"{x:.2e}"
         return f"{x:.{nd}f}" if abs(x) < 1000 else f"{x:.0f}"
     return str(x)
 
@@ -228,63 +232,77 @@ def table(title, header, rows) -> str:
 
 
 def check(checks, name, value, op, limit):
-    ok = value <= limit if op == "<=" else abs(value - limit) <= 0.03
+    ok = value <= limit if op == "<=" else abs(value - limit) <= 0.03  # "~": within 3 %
     checks.append({"check": name, "value": value, "target": f"{op} {limit}", "ok": bool(ok)})
 
 
+def report_train(a, t, checks, r=U.ratio):
+    m = {k: v["median"] for k, v in t.items()}
+    rows = [["full FT", m["full"], m["full"], None, t["full"]["trainable_params"], None]]
+    for n in ("lora", "dora"):
+        p, o = f"peft_{n}", f"ours_{n}"
+        rows.append([NAMES[n], m[p], m[o], r(m[o], m[p]), t[p]["trainable_params"], t[o]["trainable_params"]])
+    rows.append(["LoRA / full FT", r(m["peft_lora"], m["full"]), r(m["ours_lora"], m["full"]), None, None, None])
+    rows.append(["DoRA / LoRA", r(m["peft_dora"], m["peft_lora"]), r(m["ours_dora"], m["ours_lora"]), None, None, None])
+    check(checks, "train LoRA step ours/peft", r(m["ours_lora"], m["peft_lora"]), "<=", 0.95)
+    check(checks, "train DoRA/LoRA step (ours)", r(m["ours_dora"], m["ours_lora"]), "<=", 1.09)
+    return table(f"Training step, s/step (median of {a.reps} reps x {a.steps} steps)",
+                 ["config", "peft", "ours", "ours/peft", "trainable peft", "trainable ours"], rows)
+
+
+def report_mem(a, mm, checks, r=U.ratio):
+    rows = []
+    for n in ("lora", "dora"):
+        p, o = mm[f"peft_{n}"], mm[f"ours_{n}"]
+        pk, ok = p["train_peak_over_setup_mb"]["median"], o["train_peak_over_setup_mb"]["median"]
+        rows.append([f"{NAMES[n]} train peak RSS over setup (MiB)", pk, ok, r(ok, pk)])
+        for label, f in (("saved-for-backward activations", "saved_activation_mb"),
+                         ("saved-for-backward params", "saved_param_mb"), ("RSS after setup", "setup_rss_mb")):
+            rows.append([f"{NAMES[n]} {label} (MiB)", p[f], o[f], r(o[f], p[f])])
+        if n == "lora":
+            check(checks, "train LoRA peak memory ours/peft", r(ok, pk), "<=", 1.0)
+    return table(f"Training memory (fresh process per run, median of {a.reps})",
+                 ["metric", "peft", "ours", "ours/peft"], rows)
+
+
+def report_infer(a, inf, checks, r=U.ratio):
+    i = {k: v["median"] for k, v in inf.items()}
+    rows = [["base model", i["base"], i["base"], 1.0, 1.0, None]]
+    for label, k in (("LoRA unmerged", "lora"), ("LoRA merged", "lora_merged"), ("DoRA unmerged", "dora")):
+        p, o = i[f"peft_{k}"], i[f"ours_{k}"]
+        rows.append([label, p, o, r(p, i["base"]), r(o, i["base"]), r(o, p)])
+    diff = "merge_max_abs_diff"
+    rows.append(["merge: max abs logits change", inf["peft_lora_merged"][diff], inf["ours_lora_merged"][diff],
+                 None, None, None])
+    check(checks, "infer unmerged LoRA / base (ours)", r(i["ours_lora"], i["base"]), "<=", 1.05)
+    check(checks, "infer merged LoRA / base (ours)", r(i["ours_lora_merged"], i["base"]), "~", 1.0)
+    check(checks, "infer unmerged DoRA / base (ours)", r(i["ours_dora"], i["base"]), "<=", 1.2)
+    return table(f"Inference, s/forward (median of {a.reps} reps x {a.infer_iters})",
+                 ["config", "peft", "ours", "peft/base", "ours/base", "ours/peft"], rows)
+
+
+def report_getpeft(a, gp, checks, r=U.ratio):
+    rows = []
+    for t in GPM_TARGETS:
+        p, o = gp["results"][f"peft_{t}"], gp["results"][f"ours_{t}"]
+        rows.append([f"{t}: seconds", p["median_s"], o["median_s"], r(o["median_s"], p["median_s"])])
+        rows.append([f"{t}: RSS growth (MiB)", p["median_rss_growth_mb"], o["median_rss_growth_mb"], None])
+        rows.append([f"{t}: peak RSS growth (MiB)", p["median_peak_growth_mb"], o["median_peak_growth_mb"], None])
+        rows.append([f"{t}: trainable params", p["trainable_params"], o["trainable_params"], None])
+        check(checks, f"get_peft_model ({t}) ours/peft", r(o["median_s"], p["median_s"]), "<=", 0.5)
+        check(checks, f"get_peft_model ({t}) ours peak growth / model size",
+              r(o["median_peak_growth_mb"], gp["model_mb"]), "<=", 0.1)
+    return table(f"get_peft_model on Llama {gp['n_params'] / 1e9:.2f}B params, {gp['dtype']}, "
+                 f"{gp['model_mb']:.0f} MiB (median of {a.gpm_reps}); qv = q_proj,v_proj, all = all-linear",
+                 ["metric", "peft", "ours", "ours/peft"], rows)
+
+
 def report(a, res) -> str:
-    out, checks, r = [], [], U.ratio
-    if "train" in res:
-        t = res["train"]
-        m = {k: v["median"] for k, v in t.items()}
-        out.append(table(f"Training step, s/step (median of {a.reps} reps x {a.steps} steps)",
-                         ["config", "peft", "ours", "ours/peft", "trainable peft", "trainable ours"],
-                         [["full FT", m["full"], m["full"], None, t["full"]["trainable_params"], None]] +
-                         [[n.upper(), m[f"peft_{n}"], m[f"ours_{n}"], r(m[f"ours_{n}"], m[f"peft_{n}"]),
-                           t[f"peft_{n}"]["trainable_params"], t[f"ours_{n}"]["trainable_params"]]
-                          for n in ("lora", "dora")] +
-                         [["LoRA / full FT", r(m["peft_lora"], m["full"]), r(m["ours_lora"], m["full"]), None, None, None],
-                          ["DoRA / LoRA", r(m["peft_dora"], m["peft_lora"]), r(m["ours_dora"], m["ours_lora"]), None, None, None]]))
-        check(checks, "train LoRA step ours/peft", r(m["ours_lora"], m["peft_lora"]), "<=", 0.95)
-        check(checks, "train DoRA/LoRA step (ours)", r(m["ours_dora"], m["ours_lora"]), "<=", 1.09)
-    if "mem" in res:
-        mm = res["mem"]
-        g = {k: v["train_peak_over_setup_mb"]["median"] for k, v in mm.items()}
-        rows = [[label, mm[f"peft_{n}"][f], mm[f"ours_{n}"][f], r(mm[f"ours_{n}"][f], mm[f"peft_{n}"][f])]
-                for n in ("lora", "dora") for label, f in
-                ((f"{n.upper()} saved-for-backward activations (MiB)", "saved_activation_mb"),
-                 (f"{n.upper()} saved-for-backward params (MiB)", "saved_param_mb"),
-                 (f"{n.upper()} RSS after setup (MiB)", "setup_rss_mb"))]
-        rows = [[f"{n.upper()} train peak over setup (MiB)", g[f"peft_{n}"], g[f"ours_{n}"],
-                 r(g[f"ours_{n}"], g[f"peft_{n}"])] for n in ("lora", "dora")] + rows
-        out.append(table(f"Training memory (fresh process per run, median of {a.reps})",
-                         ["metric", "peft", "ours", "ours/peft"], rows))
-        check(checks, "train LoRA peak memory ours/peft", r(g["ours_lora"], g["peft_lora"]), "<=", 1.0)
-    if "infer" in res:
-        i = {k: v["median"] for k, v in res["infer"].items()}
-        rows = [["base model", i["base"], i["base"], 1.0, 1.0, None]]
-        for label, k in (("LoRA unmerged", "lora"), ("LoRA merged", "lora_merged"), ("DoRA unmerged", "dora")):
-            rows.append([label, i[f"peft_{k}"], i[f"ours_{k}"], r(i[f"peft_{k}"], i["base"]),
-                         r(i[f"ours_{k}"], i["base"]), r(i[f"ours_{k}"], i[f"peft_{k}"])])
-        out.append(table(f"Inference, s/forward (median of {a.reps} reps x {a.infer_iters})",
-                         ["config", "peft", "ours", "peft/base", "ours/base", "ours/peft"], rows))
-        check(checks, "infer unmerged LoRA / base (ours)", r(i["ours_lora"], i["base"]), "<=", 1.05)
-        check(checks, "infer merged LoRA / base (ours)", r(i["ours_lora_merged"], i["base"]), "==", 1.0)
-        check(checks, "infer unmerged DoRA / base (ours)", r(i["ours_dora"], i["base"]), "<=", 1.2)
-    if "getpeft" in res:
-        gp, rr = res["getpeft"], res["getpeft"]["results"]
-        rows = []
-        for t in GPM_TARGETS:
-            p, o = rr[f"peft_{t}"], rr[f"ours_{t}"]
-            rows.append([f"{t}: seconds", p["median_s"], o["median_s"], r(o["median_s"], p["median_s"])])
-            rows.append([f"{t}: RSS growth (MiB)", p["median_rss_growth_mb"], o["median_rss_growth_mb"], None])
-            rows.append([f"{t}: peak RSS growth (MiB)", p["median_peak_growth_mb"], o["median_peak_growth_mb"], None])
-            rows.append([f"{t}: trainable params", p["trainable_params"], o["trainable_params"], None])
-            check(checks, f"get_peft_model ({t}) ours/peft", r(o["median_s"], p["median_s"]), "<=", 0.5)
-            check(checks, f"get_peft_model ({t}) ours peak growth / model size",
-                  r(o["median_peak_growth_mb"], gp["model_mb"]), "<=", 0.1)
-        out.append(table(f"get_peft_model on Llama {gp['n_params'] / 1e9:.2f}B params, {a.llama_dtype}, "
-                         f"{gp['model_mb']:.0f} MiB (median of {a.gpm_reps})", ["metric", "peft", "ours", "ours/peft"], rows))
+    checks, out = [], []
+    for sec, fn in (("train", report_train), ("mem", report_mem), ("infer", report_infer),
+                    ("getpeft", report_getpeft)):
+        if sec in res:
+            out.append(fn(a, res[sec], checks))
     out.append(table("Targets (peftkit)", ["check", "value", "target", "ok"],
                      [[c["check"], c["value"], c["target"], "yes" if c["ok"] else "NO"] for c in checks]))
     res["checks"] = checks

@@ -25,7 +25,6 @@ import importlib.util
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,7 +35,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from transformers import get_linear_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model  # swap to peftkit when ready
+from peftkit import LoraConfig, PeftModel, TaskType, get_peft_model
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "sst2"
 MAX_LENGTH = 64
@@ -116,7 +115,6 @@ def main() -> None:
     torch.manual_seed(args.seed)
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" load report is expected
     hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft vs transformers 5
 
     folder = model_dir()
     tok = AutoTokenizer.from_pretrained(folder)
