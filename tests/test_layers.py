@@ -117,3 +117,25 @@ def test_low_precision_base_keeps_fp32_adapters():
     assert adapter.lora_A.dtype == torch.float32
     out = layer(torch.randn(2, 8, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_inference_fast_path_equals_the_low_rank_path(dora, monkeypatch):
+    base = nn.Linear(16, 24)
+    layer = wrap(base, use_dora=dora).eval()
+    adapter = layer.adapters["default"]
+    calls = []
+    original = LoraAdapter.fused_forward
+    monkeypatch.setattr(LoraAdapter, "fused_forward", lambda self, b, x: calls.append(x.shape) or original(self, b, x))
+    many, few = torch.randn(3, 20, 16), torch.randn(1, 2, 16)  # 60 tokens > break-even 16*24/40, 2 < it
+    with torch.enable_grad():
+        reference = layer(many).detach()  # autograd on: the low-rank path
+    with torch.no_grad():
+        fast = layer(many)
+        small = layer(few)
+    assert len(calls) == 2
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert adapter.fused_forward(base, few) is None and adapter.fused_forward(base, many) is not None
+    with torch.enable_grad():
+        torch.testing.assert_close(small, layer(few).detach(), atol=0, rtol=0)

@@ -13,6 +13,8 @@ weight bit for bit, provided the adapter's parameters did not change while merge
 
 from __future__ import annotations
 
+import math
+import threading
 import warnings
 from typing import Any, ClassVar
 
@@ -34,6 +36,13 @@ class Adapter(nn.Module):
 
     def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
+        """Optional inference fast path: base and adapter output in one pass, or None to decline.
+
+        Called only without autograd, when this is the single unmerged active adapter.
+        """
+        return None
 
     def delta_weight(self, base: nn.Module) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weight")
@@ -72,10 +81,14 @@ class AdapterLayer(nn.Module):
             if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        pending = [n for n in self.active_adapters if n not in self.merged_adapters]
+        if len(pending) == 1 and not args and not kwargs and not torch.is_grad_enabled():
+            fused = self.adapters[pending[0]].fused_forward(self.base_layer, x)
+            if fused is not None:
+                return fused
         out = self.base_layer(x, *args, **kwargs)
-        for name in self.active_adapters:
-            if name not in self.merged_adapters:
-                out = self.adapters[name](self.base_layer, x, out)
+        for name in pending:
+            out = self.adapters[name](self.base_layer, x, out)
         return out
 
     # -- adapters --------------------------------------------------------------------------------------
@@ -146,3 +159,23 @@ class AdapterLayer(nn.Module):
 def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
     """Every wrapper in ``model`` with its path."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+
+
+_scratch = threading.local()
+
+
+def scratch(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A reusable per-thread buffer with ``like``'s dtype and device (no fresh allocation per call).
+
+    Layers run one after another, so one buffer serves every layer of a model; its content is valid
+    only until the next call.
+    """
+    numel = math.prod(shape)
+    key = (like.dtype, like.device)
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel].view(shape)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...layers import Adapter
+from ...layers import Adapter, scratch
 from ...registry import register_method
 from ...targeting import pattern_value
 from . import functional as LF
@@ -224,6 +224,28 @@ class LoraAdapter(Adapter):
         return LF.dora_unmerge(weight, delta, self.magnitude.to(weight.dtype), state, self._out_axis)
 
     # -- forward ---------------------------------------------------------------------------------------
+    def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
+        """Inference on many tokens: ``x (W0 + s B A)^T + b`` with the sum formed in a scratch buffer.
+
+        Forming the sum costs d_out d_in r multiply-adds once per call; the low-rank path costs
+        n r (d_in + d_out) for n tokens and runs skinny, slow GEMMs. Past the break-even token count the
+        weight path is cheaper. The base weight itself is never modified.
+        """
+        if self.kind != "linear" or type(base) is not nn.Linear:
+            return None
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        w, A = base.weight, self.lora_A
+        d_out, d_in = w.shape
+        if x.dtype != w.dtype or A.dtype != w.dtype or (self.dropout is not None and self.training):
+            return None
+        if x.numel() // d_in * (d_in + d_out) < d_in * d_out:  # fewer tokens than the break-even count
+            return None
+        merged = torch.addmm(w, self.lora_B, A, alpha=self.scaling, out=scratch((d_out, d_in), w))
+        if self.magnitude is not None:
+            merged.mul_(self._dora_scale(base)[:, None])
+        return F.linear(x, merged, base.bias)
+
     def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
         A = self.lora_A
         if self.kind == "embedding":
