@@ -176,3 +176,34 @@ def test_olora_on_transposed_conv1d_starts_at_base():
     a = ours.base_model.layers()[0][1].adapters["default"]
     assert tuple(a.lora_A.shape) == (4, 32) and tuple(a.lora_B.shape) == (96, 4)
     torch.testing.assert_close(family.run(ours), base, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "convnet"])
+def test_gradients_match_peft(name, variant, tmp_path):
+    """Same adapter weights, same batch: the same gradients on A, B and the DoRA magnitude."""
+    family = FAMILY[name]
+    ref_cfg, _ = configs(family, VARIANTS[variant])
+    theirs = peft.get_peft_model(family.model(), ref_cfg)
+    train_a_little(theirs, family, steps=1)
+    theirs.save_pretrained(tmp_path)
+    ours = peftkit.PeftModel.from_pretrained(family.model(), tmp_path, is_trainable=True)
+    grads = []
+    for model in (theirs, ours):
+        model.train()
+        model.zero_grad()
+        family.run(model).float().pow(2).mean().backward()
+        state = peft.get_peft_model_state_dict(model) if model is theirs else peftkit.get_peft_model_state_dict(model)
+        grads.append({k: v.grad for k, v in _live(model, state).items()})
+    assert grads[0].keys() == grads[1].keys()
+    for key in grads[0]:
+        if grads[0][key] is None:
+            assert grads[1][key] is None, key
+            continue
+        torch.testing.assert_close(grads[1][key], grads[0][key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def _live(model, state):
+    """Checkpoint key -> the live parameter (the state-dict helpers return detached tensors)."""
+    params = {p.data_ptr(): p for p in model.parameters()}
+    return {k: params[v.data_ptr()] for k, v in state.items()}

@@ -52,3 +52,14 @@ def test_conv_delta_is_b_times_a_per_kernel_position():
     delta = LF.lora_delta(A, B, 0.5)
     assert delta.shape == (5, 4, 2, 2)
     torch.testing.assert_close(delta[:, :, 1, 0], 0.5 * B[:, :, 0, 0] @ A[:, :, 1, 0])
+
+
+def test_dora_scale_shift_backward_is_exact():
+    from peftkit.methods.lora.layer import _ScaleShift
+
+    torch.manual_seed(0)
+    t = torch.randn(600, 5, dtype=torch.float64, requires_grad=True)  # > one row block
+    scale = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    shift = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_ScaleShift.apply, (t, scale, shift))
+    assert torch.autograd.gradcheck(_ScaleShift.apply, (t, scale, None))

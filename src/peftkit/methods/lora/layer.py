@@ -31,6 +31,8 @@ except ImportError:  # pragma: no cover
     Conv1D = None  # type: ignore[assignment,misc]
 
 _CONV = (nn.Conv1d, nn.Conv2d)
+# base layers whose forward returns a fresh tensor that their own backward does not keep
+_OWNED_OUTPUT = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
 
 
 def _kind(base: nn.Module) -> str:
@@ -261,26 +263,27 @@ class LoraAdapter(Adapter):
             return self._dora_linear(base, h, out)
         if out.dtype != A.dtype:
             return out + (F.linear(h, self.lora_B) * self.scaling).to(out.dtype)
-        # out + s h B^T as one GEMM with accumulation: no separate scale / add passes
+        return self._accumulate(base, h, out)
+
+    def _accumulate(self, base: nn.Module, h: Tensor, out: Tensor) -> Tensor:
+        """``out + s h B^T`` as one GEMM with accumulation: no separate scale / add passes.
+
+        When the base layer is a plain Linear / Conv1D without hooks, its output is a fresh tensor that
+        nothing else holds (and its backward does not need it), so the update accumulates in place.
+        """
         n = out.shape[-1]
-        if not torch.is_grad_enabled():
-            out.view(-1, n).addmm_(h.reshape(-1, self.r), self.lora_B.t(), alpha=self.scaling)
-            return out
-        return torch.addmm(out.reshape(-1, n), h.reshape(-1, self.r), self.lora_B.t(), alpha=self.scaling).view(
-            out.shape
-        )
+        out2d, h2d = out.view(-1, n) if out.is_contiguous() else out.reshape(-1, n), h.reshape(-1, self.r)
+        if type(base) in _OWNED_OUTPUT and not base._forward_hooks and out2d._base is None or not torch.is_grad_enabled():
+            return out2d.addmm_(h2d, self.lora_B.t(), alpha=self.scaling).view(out.shape)
+        return torch.addmm(out2d, h2d, self.lora_B.t(), alpha=self.scaling).view(out.shape)
 
     def _dora_linear(self, base: nn.Module, h: Tensor, out: Tensor) -> Tensor:
         # y = scale * (W0 x + s B A x) + b  =  scale * (out + s B A x) + b (1 - scale),  out = W0 x + b
         scale = self._dora_scale(base)
-        n = out.shape[-1]
-        t = torch.addmm(out.reshape(-1, n).to(h.dtype), h.reshape(-1, self.r), self.lora_B.t(), alpha=self.scaling)
+        t = self._accumulate(base, h, out.to(h.dtype)).view(-1, out.shape[-1])
         bias = getattr(base, "bias", None)
-        if bias is None:
-            y = t * scale
-        else:
-            y = torch.addcmul(bias.to(h.dtype) * (1 - scale), t, scale)
-        return y.view(out.shape).to(out.dtype)
+        shift = None if bias is None else bias.to(h.dtype) * (1 - scale)
+        return _ScaleShift.apply(t, scale, shift).view(out.shape).to(out.dtype)
 
     def _conv_forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
         conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d
@@ -305,3 +308,34 @@ class LoraAdapter(Adapter):
             return out + lora.to(out.dtype)
         scale = self._dora_scale(base)
         return (out * scale + lora * scale).to(out.dtype)
+
+
+
+class _ScaleShift(torch.autograd.Function):
+    """``y = t * scale + shift`` over the rows of ``t`` (n, d).
+
+    Backward allocates only the gradient of ``t``; the scale gradient ``sum_n g * t`` is reduced in
+    row blocks that stay in cache instead of through a second (n, d) temporary.
+    """
+
+    BLOCK = 256
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, scale: Tensor, shift: Tensor | None) -> Tensor:
+        ctx.save_for_backward(t, scale)
+        ctx.has_shift = shift is not None
+        return torch.addcmul(shift, t, scale) if shift is not None else t * scale
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        t, scale = ctx.saved_tensors
+        grad_t = g * scale if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if ctx.needs_input_grad[1] and torch.compiler.is_compiling():
+            grad_scale = (g * t).sum(0)  # the compiler fuses this into one pass
+        elif ctx.needs_input_grad[1]:
+            grad_scale = torch.zeros_like(scale)
+            for i in range(0, g.shape[0], _ScaleShift.BLOCK):
+                grad_scale += torch.linalg.vecdot(g[i : i + _ScaleShift.BLOCK], t[i : i + _ScaleShift.BLOCK], dim=0)
+        grad_shift = g.sum(0) if ctx.has_shift and ctx.needs_input_grad[2] else None
+        return grad_t, grad_scale, grad_shift
