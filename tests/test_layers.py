@@ -120,22 +120,35 @@ def test_low_precision_base_keeps_fp32_adapters():
 
 
 @pytest.mark.parametrize("dora", [False, True])
-def test_inference_fast_path_equals_the_low_rank_path(dora, monkeypatch):
-    base = nn.Linear(16, 24)
+@pytest.mark.parametrize("kind", ["linear", "conv1d_gpt2"])
+def test_fused_paths_equal_the_merged_formula(kind, dora, monkeypatch):
+    make_base, _ = BASES[kind]
+    base = make_base()
     layer = wrap(base, use_dora=dora).eval()
     adapter = layer.adapters["default"]
-    calls = []
-    original = LoraAdapter.fused_forward
-    monkeypatch.setattr(LoraAdapter, "fused_forward", lambda self, b, x: calls.append(x.shape) or original(self, b, x))
-    many, few = torch.randn(3, 20, 16), torch.randn(1, 2, 16)  # 60 tokens > break-even 16*24/40, 2 < it
-    with torch.enable_grad():
-        reference = layer(many).detach()  # autograd on: the low-rank path
+    merged_calls = []
+    original = LoraAdapter._merged_weight_forward
+    monkeypatch.setattr(LoraAdapter, "_merged_weight_forward",
+                        lambda self, *a: merged_calls.append(1) or original(self, *a))
     with torch.no_grad():
-        fast = layer(many)
-        small = layer(few)
-    assert len(calls) == 2
-    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
-    with torch.no_grad():
-        assert adapter.fused_forward(base, few) is None and adapter.fused_forward(base, many) is not None
-    with torch.enable_grad():
-        torch.testing.assert_close(small, layer(few).detach(), atol=0, rtol=0)
+        w, _ = adapter.merge(base, base.weight.detach().clone())
+        w = w.t() if kind == "conv1d_gpt2" else w
+    many, few = torch.randn(3, 20, 12), torch.randn(1, 2, 12)  # 60 tokens > break-even 12*10/22, 2 < it
+    for x, weight_path in ((many, True), (few, False)):
+        expected = x @ w.t() + base.bias
+        merged_calls.clear()
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+        assert bool(merged_calls) == weight_path
+        merged_calls.clear()
+        torch.testing.assert_close(layer(x).detach(), expected, atol=1e-5, rtol=1e-5)  # training path
+        assert not merged_calls
+
+
+def test_fused_path_steps_aside_for_hooks():
+    base = nn.Linear(12, 10)
+    layer = wrap(base)
+    seen = []
+    base.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    layer(torch.randn(2, 3, 12))
+    assert seen == [(2, 3, 10)]

@@ -31,8 +31,18 @@ except ImportError:  # pragma: no cover
     Conv1D = None  # type: ignore[assignment,misc]
 
 _CONV = (nn.Conv1d, nn.Conv2d)
-# base layers whose forward returns a fresh tensor that their own backward does not keep
+# base layers whose forward LoRA may compute itself (see LoraAdapter.fused_forward)
 _OWNED_OUTPUT = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether computing ``module``'s output without calling it would skip a hook."""
+    from torch.nn.modules import module as M
+
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks
+        or M._global_forward_hooks or M._global_forward_pre_hooks
+    )
 
 
 def _kind(base: nn.Module) -> str:
@@ -227,26 +237,48 @@ class LoraAdapter(Adapter):
 
     # -- forward ---------------------------------------------------------------------------------------
     def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
-        """Inference on many tokens: ``x (W0 + s B A)^T + b`` with the sum formed in a scratch buffer.
+        """Base and adapter in one pass, for a plain Linear / GPT-2 Conv1D base without hooks.
 
-        Forming the sum costs d_out d_in r multiply-adds once per call; the low-rank path costs
-        n r (d_in + d_out) for n tokens and runs skinny, slow GEMMs. Past the break-even token count the
-        weight path is cheaper. The base weight itself is never modified.
+        Training: the base output is computed here as a fresh 2-D tensor (its backward does not keep it),
+        so ``s h B^T`` accumulates into it in place: one GEMM with accumulation, no extra allocation.
+        Inference on many tokens: ``x (W0 + s B A)^T + b`` with the sum formed in a scratch buffer.
+        Forming it costs d_out d_in r multiply-adds per call, the low-rank path n r (d_in + d_out) in
+        skinny, slow GEMMs; past the break-even token count the weight path is cheaper. The base weight
+        itself is never modified.
         """
-        if self.kind != "linear" or type(base) is not nn.Linear:
-            return None
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        transposed = type(base) is not nn.Linear
+        if self.kind != "linear" or type(base) not in _OWNED_OUTPUT or transposed != self.fan_in_fan_out:
             return None
         w, A = base.weight, self.lora_A
-        d_out, d_in = w.shape
-        if x.dtype != w.dtype or A.dtype != w.dtype or (self.dropout is not None and self.training):
+        if x.dtype != w.dtype or A.dtype != w.dtype or _has_hooks(base):
             return None
-        if x.numel() // d_in * (d_in + d_out) < d_in * d_out:  # fewer tokens than the break-even count
-            return None
-        merged = torch.addmm(w, self.lora_B, A, alpha=self.scaling, out=scratch((d_out, d_in), w))
+        d_out, d_in = self._dims(base)
+        x2d = x.reshape(-1, d_in)
+        if not torch.is_grad_enabled() and x2d.shape[0] * (d_in + d_out) >= d_in * d_out:
+            if not torch.compiler.is_compiling():
+                return self._merged_weight_forward(base, x2d, transposed).view(*x.shape[:-1], d_out)
+        out = torch.addmm(base.bias, x2d, w) if transposed else F.linear(x2d, w, base.bias)
+        if transposed and base.bias is None:
+            out = x2d @ w
+        h = F.linear(self.dropout(x2d) if self.dropout is not None else x2d, A)
+        out.addmm_(h, self.lora_B.t(), alpha=self.scaling)
         if self.magnitude is not None:
-            merged.mul_(self._dora_scale(base)[:, None])
-        return F.linear(x, merged, base.bias)
+            out = self._dora_rescale(base, out)
+        return out.view(*x.shape[:-1], d_out)
+
+    def _merged_weight_forward(self, base: nn.Module, x2d: Tensor, transposed: bool) -> Tensor:
+        w = base.weight
+        buf = scratch(tuple(w.shape), w)
+        if transposed:  # Conv1D keeps (d_in, d_out)
+            merged = torch.addmm(w, self.lora_A.t(), self.lora_B.t(), alpha=self.scaling, out=buf)
+        else:
+            merged = torch.addmm(w, self.lora_B, self.lora_A, alpha=self.scaling, out=buf)
+        if self.magnitude is not None:
+            scale = self._dora_scale(base)
+            merged.mul_(scale[None, :] if transposed else scale[:, None])
+        if transposed:
+            return torch.addmm(base.bias, x2d, merged) if base.bias is not None else x2d @ merged
+        return F.linear(x2d, merged, base.bias)
 
     def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
         A = self.lora_A
@@ -266,24 +298,24 @@ class LoraAdapter(Adapter):
         return self._accumulate(base, h, out)
 
     def _accumulate(self, base: nn.Module, h: Tensor, out: Tensor) -> Tensor:
-        """``out + s h B^T`` as one GEMM with accumulation: no separate scale / add passes.
-
-        When the base layer is a plain Linear / Conv1D without hooks, its output is a fresh tensor that
-        nothing else holds (and its backward does not need it), so the update accumulates in place.
-        """
+        """``out + s h B^T`` as one GEMM with accumulation (in place when autograd is off)."""
         n = out.shape[-1]
-        out2d, h2d = out.view(-1, n) if out.is_contiguous() else out.reshape(-1, n), h.reshape(-1, self.r)
-        if type(base) in _OWNED_OUTPUT and not base._forward_hooks and out2d._base is None or not torch.is_grad_enabled():
+        out2d, h2d = out.reshape(-1, n), h.reshape(-1, self.r)
+        if not torch.is_grad_enabled():
             return out2d.addmm_(h2d, self.lora_B.t(), alpha=self.scaling).view(out.shape)
         return torch.addmm(out2d, h2d, self.lora_B.t(), alpha=self.scaling).view(out.shape)
 
     def _dora_linear(self, base: nn.Module, h: Tensor, out: Tensor) -> Tensor:
-        # y = scale * (W0 x + s B A x) + b  =  scale * (out + s B A x) + b (1 - scale),  out = W0 x + b
-        scale = self._dora_scale(base)
         t = self._accumulate(base, h, out.to(h.dtype)).view(-1, out.shape[-1])
+        return self._dora_rescale(base, t).view(out.shape).to(out.dtype)
+
+    def _dora_rescale(self, base: nn.Module, t: Tensor) -> Tensor:
+        """DoRA on ``t = W0 x + b + s B A x`` (n, d_out): ``scale t + b (1 - scale)``, i.e.
+        ``scale (W0 x + s B A x) + b`` with ``scale = m / ||W0 + s B A||``."""
+        scale = self._dora_scale(base)
         bias = getattr(base, "bias", None)
-        shift = None if bias is None else bias.to(h.dtype) * (1 - scale)
-        return _ScaleShift.apply(t, scale, shift).view(out.shape).to(out.dtype)
+        shift = None if bias is None else bias.to(t.dtype) * (1 - scale)
+        return _ScaleShift.apply(t, scale, shift)
 
     def _conv_forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
         conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d
