@@ -55,7 +55,7 @@ def test_conv_delta_is_b_times_a_per_kernel_position():
 
 
 def test_dora_scale_shift_backward_is_exact():
-    from peftkit.methods.lora.layer import _ScaleShift
+    from peftkit.methods.lora.kernels import ScaleShift as _ScaleShift
 
     torch.manual_seed(0)
     t = torch.randn(600, 5, dtype=torch.float64, requires_grad=True)  # > one row block

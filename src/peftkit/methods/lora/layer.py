@@ -24,6 +24,7 @@ from ...registry import register_method
 from ...targeting import pattern_value
 from . import functional as LF
 from .config import LoraConfig
+from .kernels import ScaleShift
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -237,34 +238,26 @@ class LoraAdapter(Adapter):
 
     # -- forward ---------------------------------------------------------------------------------------
     def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
-        """Base and adapter in one pass, for a plain Linear / GPT-2 Conv1D base without hooks.
+        """Inference on many tokens: ``x (W0 + s B A)^T + b`` with the sum formed in a scratch buffer.
 
-        Training: the base output is computed here as a fresh 2-D tensor (its backward does not keep it),
-        so ``s h B^T`` accumulates into it in place: one GEMM with accumulation, no extra allocation.
-        Inference on many tokens: ``x (W0 + s B A)^T + b`` with the sum formed in a scratch buffer.
-        Forming it costs d_out d_in r multiply-adds per call, the low-rank path n r (d_in + d_out) in
-        skinny, slow GEMMs; past the break-even token count the weight path is cheaper. The base weight
-        itself is never modified.
+        Forming the sum costs d_out d_in r multiply-adds per call; the low-rank path costs
+        n r (d_in + d_out) for n tokens in skinny, memory-bound GEMMs. Past the break-even token count
+        the weight path is cheaper. The base weight itself is never modified. Only for a plain Linear /
+        GPT-2 Conv1D base without hooks (the base's forward is not called).
         """
         transposed = type(base) is not nn.Linear
         if self.kind != "linear" or type(base) not in _OWNED_OUTPUT or transposed != self.fan_in_fan_out:
             return None
-        w, A = base.weight, self.lora_A
-        if x.dtype != w.dtype or A.dtype != w.dtype or _has_hooks(base):
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
+        w = base.weight
         d_out, d_in = self._dims(base)
+        if x.dtype != w.dtype or self.lora_A.dtype != w.dtype or _has_hooks(base):
+            return None
         x2d = x.reshape(-1, d_in)
-        if not torch.is_grad_enabled() and x2d.shape[0] * (d_in + d_out) >= d_in * d_out:
-            if not torch.compiler.is_compiling():
-                return self._merged_weight_forward(base, x2d, transposed).view(*x.shape[:-1], d_out)
-        out = torch.addmm(base.bias, x2d, w) if transposed else F.linear(x2d, w, base.bias)
-        if transposed and base.bias is None:
-            out = x2d @ w
-        h = F.linear(self.dropout(x2d) if self.dropout is not None else x2d, A)
-        out.addmm_(h, self.lora_B.t(), alpha=self.scaling)
-        if self.magnitude is not None:
-            out = self._dora_rescale(base, out)
-        return out.view(*x.shape[:-1], d_out)
+        if x2d.shape[0] * (d_in + d_out) < d_in * d_out:  # fewer tokens than the break-even count
+            return None
+        return self._merged_weight_forward(base, x2d, transposed).view(*x.shape[:-1], d_out)
 
     def _merged_weight_forward(self, base: nn.Module, x2d: Tensor, transposed: bool) -> Tensor:
         w = base.weight
@@ -315,7 +308,7 @@ class LoraAdapter(Adapter):
         scale = self._dora_scale(base)
         bias = getattr(base, "bias", None)
         shift = None if bias is None else bias.to(t.dtype) * (1 - scale)
-        return _ScaleShift.apply(t, scale, shift)
+        return ScaleShift.apply(t, scale, shift)
 
     def _conv_forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
         conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d
@@ -342,32 +335,3 @@ class LoraAdapter(Adapter):
         return (out * scale + lora * scale).to(out.dtype)
 
 
-
-class _ScaleShift(torch.autograd.Function):
-    """``y = t * scale + shift`` over the rows of ``t`` (n, d).
-
-    Backward allocates only the gradient of ``t``; the scale gradient ``sum_n g * t`` is reduced in
-    row blocks that stay in cache instead of through a second (n, d) temporary.
-    """
-
-    BLOCK = 256
-
-    @staticmethod
-    def forward(ctx: Any, t: Tensor, scale: Tensor, shift: Tensor | None) -> Tensor:
-        ctx.save_for_backward(t, scale)
-        ctx.has_shift = shift is not None
-        return torch.addcmul(shift, t, scale) if shift is not None else t * scale
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        t, scale = ctx.saved_tensors
-        grad_t = g * scale if ctx.needs_input_grad[0] else None
-        grad_scale = None
-        if ctx.needs_input_grad[1] and torch.compiler.is_compiling():
-            grad_scale = (g * t).sum(0)  # the compiler fuses this into one pass
-        elif ctx.needs_input_grad[1]:
-            grad_scale = torch.zeros_like(scale)
-            for i in range(0, g.shape[0], _ScaleShift.BLOCK):
-                grad_scale += torch.linalg.vecdot(g[i : i + _ScaleShift.BLOCK], t[i : i + _ScaleShift.BLOCK], dim=0)
-        grad_shift = g.sum(0) if ctx.has_shift and ctx.needs_input_grad[2] else None
-        return grad_t, grad_scale, grad_shift
