@@ -38,9 +38,9 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
-        """Optional inference fast path: base and adapter output in one pass, or None to decline.
+        """Optional fast path: base and adapter output in one pass, or None to decline.
 
-        Called only without autograd, when this is the single unmerged active adapter.
+        Called when this is the single unmerged active adapter and the layer got only ``x``.
         """
         return None
 
@@ -82,7 +82,7 @@ class AdapterLayer(nn.Module):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         pending = [n for n in self.active_adapters if n not in self.merged_adapters]
-        if len(pending) == 1 and not args and not kwargs and not torch.is_grad_enabled():
+        if len(pending) == 1 and not args and not kwargs:
             fused = self.adapters[pending[0]].fused_forward(self.base_layer, x)
             if fused is not None:
                 return fused

@@ -11,6 +11,49 @@ import torch
 from torch import Tensor
 
 
+class LoraLinear(torch.autograd.Function):
+    """``y = base(x) + s (xd A^T) B^T`` for a Linear (weight (d_out, d_in)) or Conv1D (weight (d_in, d_out)).
+
+    ``xd`` is the adapter's input (``x`` after dropout; the same tensor when there is no dropout). The
+    update accumulates in place into the fresh base output, and in backward the low-rank input gradient
+    accumulates in place into the base input gradient (when ``xd is x``) instead of autograd adding two
+    (n, d_in) tensors.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, xd: Tensor, w: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
+                scaling: float, transposed: bool) -> Tensor:
+        if transposed:
+            out = torch.addmm(bias, x, w) if bias is not None else x @ w
+        else:
+            out = torch.nn.functional.linear(x, w, bias)
+        h = xd @ A.t()  # (n, r)
+        out.addmm_(h, B.t(), alpha=scaling)
+        ctx.same_input = xd is x
+        ctx.scaling, ctx.transposed, ctx.has_bias = scaling, transposed, bias is not None
+        ctx.save_for_backward(x, w, A, B, h, *(() if ctx.same_input else (xd,)))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        x, w, A, B, h, *rest = ctx.saved_tensors
+        xd = x if ctx.same_input else rest[0]
+        need_x, need_xd, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:6]
+        grad_h = torch.mm(g, B).mul_(ctx.scaling)  # (n, r)
+        grad_A = grad_h.t() @ xd if need_A else None
+        grad_B = torch.mm(g.t(), h).mul_(ctx.scaling) if need_B else None
+        grad_x = grad_xd = None
+        if need_x:
+            grad_x = g @ (w.t() if ctx.transposed else w)
+            if ctx.same_input:
+                grad_x.addmm_(grad_h, A)
+        if need_xd and not ctx.same_input:
+            grad_xd = grad_h @ A
+        grad_w = (x.t() @ g if ctx.transposed else g.t() @ x) if need_w else None
+        grad_b = g.sum(0) if ctx.has_bias and need_b else None
+        return grad_x, grad_xd, grad_w, grad_b, grad_A, grad_B, None, None
+
+
 class ScaleShift(torch.autograd.Function):
     """``y = t * scale + shift`` over the rows of ``t`` (n, d).
 

@@ -18,13 +18,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as M
 
 from ...layers import Adapter, scratch
 from ...registry import register_method
 from ...targeting import pattern_value
 from . import functional as LF
 from .config import LoraConfig
-from .kernels import ScaleShift
+from .kernels import LoraLinear, ScaleShift
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -38,8 +39,6 @@ _OWNED_OUTPUT = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
 
 def _has_hooks(module: nn.Module) -> bool:
     """Whether computing ``module``'s output without calling it would skip a hook."""
-    from torch.nn.modules import module as M
-
     return bool(
         module._forward_hooks or module._forward_pre_hooks
         or M._global_forward_hooks or M._global_forward_pre_hooks
@@ -238,26 +237,31 @@ class LoraAdapter(Adapter):
 
     # -- forward ---------------------------------------------------------------------------------------
     def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
-        """Inference on many tokens: ``x (W0 + s B A)^T + b`` with the sum formed in a scratch buffer.
+        """Base and adapter in one pass, for a plain Linear / GPT-2 Conv1D base without hooks.
 
-        Forming the sum costs d_out d_in r multiply-adds per call; the low-rank path costs
-        n r (d_in + d_out) for n tokens in skinny, memory-bound GEMMs. Past the break-even token count
-        the weight path is cheaper. The base weight itself is never modified. Only for a plain Linear /
-        GPT-2 Conv1D base without hooks (the base's forward is not called).
+        The base output is computed here on the 2-D view of ``x``, so it is a fresh tensor that its own
+        backward does not keep, and ``s h B^T`` accumulates into it in place: no copy of the output
+        (an out-of-place ``addmm`` first copies its input) and no extra (tokens x d_out) allocation.
+        Inference on many tokens instead forms ``W0 + s B A`` in a scratch buffer and runs one GEMM:
+        that costs d_out d_in r multiply-adds per call against n r (d_in + d_out) in skinny,
+        memory-bound GEMMs for n tokens. The base weight itself is never modified.
         """
         transposed = type(base) is not nn.Linear
         if self.kind != "linear" or type(base) not in _OWNED_OUTPUT or transposed != self.fan_in_fan_out:
             return None
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        w, A = base.weight, self.lora_A
+        if x.dtype != w.dtype or A.dtype != w.dtype or _has_hooks(base):
             return None
-        w = base.weight
         d_out, d_in = self._dims(base)
-        if x.dtype != w.dtype or self.lora_A.dtype != w.dtype or _has_hooks(base):
-            return None
         x2d = x.reshape(-1, d_in)
-        if x2d.shape[0] * (d_in + d_out) < d_in * d_out:  # fewer tokens than the break-even count
-            return None
-        return self._merged_weight_forward(base, x2d, transposed).view(*x.shape[:-1], d_out)
+        compiling = torch.compiler.is_compiling()
+        if not torch.is_grad_enabled() and not compiling and x2d.shape[0] * (d_in + d_out) >= d_in * d_out:
+            return self._merged_weight_forward(base, x2d, transposed).view(*x.shape[:-1], d_out)
+        xd = self.dropout(x2d) if self.dropout is not None else x2d
+        out = LoraLinear.apply(x2d, xd, w, base.bias, A, self.lora_B, self.scaling, transposed)
+        if self.magnitude is not None:
+            out = self._dora_rescale(base, out)
+        return out.view(*x.shape[:-1], d_out)
 
     def _merged_weight_forward(self, base: nn.Module, x2d: Tensor, transposed: bool) -> Tensor:
         w = base.weight

@@ -1,0 +1,143 @@
+"""LoHa / LoKr weight math as pure functions on tensors (no modules, no state): testable alone.
+
+Layouts follow Hugging Face PEFT (and LyCORIS), so checkpoints are interchangeable:
+
+- LoHa, matrix form: ``w1_a`` (d_out, r), ``w1_b`` (r, d_in); the same for ``w2``. A conv kernel is
+  handled as the (c_out, c_in * prod(kernel)) matrix.
+- LoHa, CP form (effective conv): ``t`` (r, r, k1, k2), ``w_a`` (r, c_out), ``w_b`` (r, c_in).
+- LoKr: ``W1`` (a, c) and ``W2`` (b, d [, *kernel]) with d_out = a b, d_in = c d.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """Split ``dimension`` into ``(m, n)``, ``m <= n``, ``m n = dimension`` (LyCORIS' rule, as PEFT).
+
+    With ``factor > 0`` dividing ``dimension`` the split is ``(factor, dimension // factor)``; otherwise the
+    divisor pair with the smallest sum whose smaller member does not exceed ``factor`` (-1: no bound),
+    i.e. the pair nearest the square root.
+    """
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    if factor == -1:
+        factor = dimension
+    m, n = 1, dimension
+    length = m + n
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > length or new_m > factor:
+            break
+        m, n = new_m, new_n
+    if m > n:
+        m, n = n, m
+    return m, n
+
+
+def hadamard_delta(w1_a: Tensor, w1_b: Tensor, w2_a: Tensor, w2_b: Tensor, scale: float) -> Tensor:
+    """LoHa: ``((w1_a @ w1_b) * (w2_a @ w2_b)) * scale``, a (d_out, d_in) matrix."""
+    return (w1_a @ w1_b) * (w2_a @ w2_b) * scale
+
+
+def cp_rebuild(t: Tensor, w_a: Tensor, w_b: Tensor) -> Tensor:
+    """A kernel from its CP / Tucker factors: ``t`` (r, r, *k), ``w_a`` (r, c_out), ``w_b`` (r, c_in) ->
+    (c_out, c_in, *k)."""
+    return torch.einsum("i j k l, i p, j r -> p r k l", t, w_a, w_b)
+
+
+def hadamard_delta_cp(
+    t1: Tensor, w1_a: Tensor, w1_b: Tensor, t2: Tensor, w2_a: Tensor, w2_b: Tensor, scale: float
+) -> Tensor:
+    """LoHa with CP-factored kernels (``use_effective_conv2d``): (c_out, c_in, k1, k2)."""
+    return cp_rebuild(t1, w1_a, w1_b) * cp_rebuild(t2, w2_a, w2_b) * scale
+
+
+def kron_delta(w1: Tensor, w2: Tensor, scale: float) -> Tensor:
+    """LoKr: ``kron(W1, W2) * scale``; a 4-D ``W2`` (conv kernel) gets ``W1`` broadcast over the kernel."""
+    if w2.dim() == 4:
+        w1 = w1[:, :, None, None]
+    return torch.kron(w1, w2.contiguous()) * scale
+
+
+def kron_matvec(x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
+    """``x @ kron(W1, W2)^T`` without forming the Kronecker product: ``W1 X W2^T`` per row of ``x``.
+
+    ``x`` is (..., c d) with ``W1`` (a, c) and ``W2`` (b, d); the result is (..., a b). Costs
+    n (a c d + a b d) instead of n (a b c d) multiply-adds.
+    """
+    a, c = w1.shape
+    b, d = w2.shape
+    lead = x.shape[:-1]
+    # plain 2-D GEMMs only: batched matmul picks its kernel by requires_grad, which would make the
+    # result depend (in the last bit) on whether the adapter is trainable
+    z = F.linear(x.reshape(-1, d), w2)  # (n c, b)
+    z = z.view(-1, c, b).transpose(1, 2).reshape(-1, c)  # (n b, c)
+    y = F.linear(z, w1).view(-1, b, a).transpose(1, 2)  # (n, a, b)
+    return y.reshape(*lead, a * b)
+
+
+def lokr_uses_full(r: int, dims: tuple[int, int]) -> bool:
+    """Whether a Kronecker factor of shape ``dims`` is kept whole (PEFT: unless r < max(dims) / 2)."""
+    return not (r < max(dims) / 2)
+
+
+def lokr_shapes(
+    d_out: int,
+    d_in: int,
+    kernel: tuple[int, ...],
+    r: int,
+    decompose_both: bool = False,
+    decompose_factor: int = -1,
+    use_effective_conv2d: bool = False,
+) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape for one LoKr adapter (PEFT's rules). ``kernel`` is () for a linear layer.
+
+    ``d_out = a b`` and ``d_in = c d`` are split by :func:`factorization`; ``W1`` is (a, c) or, with
+    ``decompose_both`` and a small r, ``W1_a W1_b``; ``W2`` is (b, d, *kernel) or, for a small r,
+    ``W2_a W2_b`` (CP-factored with ``t2`` for an effective conv).
+    """
+    c, d = factorization(d_in, decompose_factor)
+    a, b = factorization(d_out, decompose_factor)
+    shapes: dict[str, tuple[int, ...]] = {}
+    if not (decompose_both and r < max(a, c) / 2):
+        shapes["lokr_w1"] = (a, c)
+    else:
+        shapes["lokr_w1_a"], shapes["lokr_w1_b"] = (a, r), (r, c)
+    effective = use_effective_conv2d and bool(kernel) and math.prod(kernel) != 1
+    if lokr_uses_full(r, (b, d)):
+        shapes["lokr_w2"] = (b, d, *kernel)
+    elif effective:
+        k = tuple(kernel) if len(kernel) == 2 else (kernel[0], 1)
+        shapes["lokr_t2"], shapes["lokr_w2_a"], shapes["lokr_w2_b"] = (r, r, *k), (r, b), (r, d)
+    else:
+        shapes["lokr_w2_a"], shapes["lokr_w2_b"] = (b, r), (r, d * math.prod(kernel))
+    return shapes
+
+
+def loha_shapes(
+    d_out: int, d_in: int, kernel: tuple[int, ...], r: int, use_effective_conv2d: bool = False
+) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape for one LoHa adapter (PEFT's rules). ``kernel`` is () for a linear layer."""
+    if use_effective_conv2d and kernel and math.prod(kernel) != 1:
+        k = tuple(kernel) if len(kernel) == 2 else (kernel[0], 1)
+        return {
+            "hada_w1_a": (r, d_out), "hada_w1_b": (r, d_in), "hada_t1": (r, r, *k),
+            "hada_w2_a": (r, d_out), "hada_w2_b": (r, d_in), "hada_t2": (r, r, *k),
+        }
+    cols = d_in * math.prod(kernel)
+    return {"hada_w1_a": (d_out, r), "hada_w1_b": (r, cols), "hada_w2_a": (d_out, r), "hada_w2_b": (r, cols)}
+
+
+def row_dropout_mask(rows: int, p: float, rescale: bool, like: Tensor) -> Tensor:
+    """A keep-mask over output rows (each dropped with probability ``p``), optionally scaled to mean 1."""
+    keep = (torch.rand(rows, device=like.device) > p).to(like.dtype)
+    return keep / keep.mean() if rescale else keep

@@ -1,0 +1,254 @@
+"""LoHa: the Hadamard-product math, config validation, and compatibility with Hugging Face PEFT."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import peftkit
+from peftkit.config import ConfigError
+from peftkit.methods.lycoris import LoHaAdapter, LoHaConfig
+from peftkit.methods.lycoris import functional as YF
+
+from ..families import FAMILY
+from ..test_peft_compat import train_a_little
+
+FAMILIES = ["llama", "gpt2", "bert", "convnet"]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+def linearized(model: nn.Module) -> nn.Module:
+    """GPT-2 with every Conv1D replaced by the equivalent nn.Linear (PEFT's LoHa/LoKr cannot wrap Conv1D)."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Conv1D):
+            lin = nn.Linear(module.weight.shape[0], module.weight.shape[1])
+            with torch.no_grad():
+                lin.weight.copy_(module.weight.t())
+                lin.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, lin)
+    return model
+
+
+@torch.no_grad()
+def perturb(model: nn.Module) -> None:
+    """After a few training steps, push every trainable tensor further (LoHa's product moves slowly at first):
+    the files compared below then hold clearly non-trivial adapters."""
+    g = torch.Generator().manual_seed(3)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def reference_model(name: str) -> nn.Module:
+    model = FAMILY[name].model()
+    return linearized(model) if name == "gpt2" else model
+
+
+def configs(name: str, **kwargs):
+    family = FAMILY[name]
+    extra = {}
+    if family.targets:
+        extra["target_modules"] = family.targets
+    if family.task_type:
+        extra["task_type"] = family.task_type
+    return peft.LoHaConfig(**kwargs, **extra), LoHaConfig(**kwargs, **extra)
+
+
+CASES = [(n, {"r": 4, "alpha": 4}) for n in FAMILIES] + [
+    ("convnet", {"r": 2, "alpha": 3, "use_effective_conv2d": True}),
+    ("llama", {"r": 3, "alpha": 6, "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"q_proj": 1.5}}),
+]
+IDS = [f"{n}-{'-'.join(map(str, kw.values()))}" for n, kw in CASES]
+
+
+# -- config ---------------------------------------------------------------------------------------------
+def test_config_fields_and_defaults_match_peft():
+    ours = {f.name: f for f in dataclasses.fields(LoHaConfig)}
+    theirs = {f.name: f for f in dataclasses.fields(peft.LoHaConfig)}
+    assert set(ours) == set(theirs)
+    a, b = LoHaConfig(), peft.LoHaConfig()
+    for name in ("r", "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "init_weights",
+                 "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules", "modules_to_save"):
+        assert getattr(a, name) == getattr(b, name), name
+    assert a.peft_type == "LOHA" and str(b.peft_type.value) == "LOHA"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"r": 0}, "r"), ({"r": 2.5}, "r"), ({"alpha": 0}, "alpha"), ({"alpha": -1}, "alpha"),
+     ({"rank_dropout": 1.0}, "rank_dropout"), ({"rank_dropout": -0.1}, "rank_dropout"),
+     ({"module_dropout": 1.5}, "module_dropout"), ({"init_weights": "gaussian"}, "init_weights"),
+     ({"rank_pattern": {"q": 0}}, "rank_pattern"), ({"alpha_pattern": {"q": 0}}, "alpha_pattern"),
+     ({"layers_pattern": "layers"}, "layers_pattern")],
+)
+def test_config_validation_names_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=rf"LoHaConfig\.{field}"):
+        LoHaConfig(**kwargs)
+
+
+def test_config_json_round_trip_and_peft_reads_it(tmp_path):
+    cfg = LoHaConfig(r=6, alpha=3, rank_dropout=0.1, target_modules=["q_proj"], use_effective_conv2d=True)
+    cfg.save_pretrained(tmp_path)
+    back = peftkit.PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(back, LoHaConfig) and back.to_dict() == cfg.to_dict()
+    ref = peft.PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(ref, peft.LoHaConfig)
+    assert (ref.r, ref.alpha, ref.rank_dropout, ref.use_effective_conv2d) == (6, 3, 0.1, True)
+
+
+# -- pure functions -------------------------------------------------------------------------------------
+def test_hadamard_delta_is_the_elementwise_product():
+    g = torch.Generator().manual_seed(0)
+    w1a, w1b, w2a, w2b = (torch.randn(s, generator=g, dtype=torch.float64) for s in [(7, 3), (3, 5), (7, 3), (3, 5)])
+    d = YF.hadamard_delta(w1a, w1b, w2a, w2b, 0.5)
+    expected = torch.tensor([[0.5 * (w1a[i] @ w1b[:, j]) * (w2a[i] @ w2b[:, j]) for j in range(5)] for i in range(7)],
+                            dtype=torch.float64)
+    torch.testing.assert_close(d, expected, atol=1e-12, rtol=1e-12)
+    # the point of LoHa: rank up to r^2 from 2 r (d_in + d_out) parameters
+    big = [torch.randn(s, generator=g, dtype=torch.float64) for s in [(20, 3), (3, 20), (20, 3), (3, 20)]]
+    assert torch.linalg.matrix_rank(YF.hadamard_delta(*big, 1.0)) == 9
+
+
+def test_cp_rebuild_and_cp_delta_match_peft():
+    from peft.tuners.loha.layer import make_weight_cp
+
+    g = torch.Generator().manual_seed(1)
+    t1, t2 = torch.randn(3, 3, 2, 2, generator=g), torch.randn(3, 3, 2, 2, generator=g)
+    w1a, w2a = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    w1b, w2b = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    k = YF.cp_rebuild(t1, w1a, w1b)
+    assert k.shape == (5, 4, 2, 2)
+    # entry by entry: sum_ij t[i, j, k, l] w_a[i, p] w_b[j, q]
+    torch.testing.assert_close(k[2, 1, 0, 1], (t1[:, :, 0, 1] * torch.outer(w1a[:, 2], w1b[:, 1])).sum())
+    ours = YF.hadamard_delta_cp(t1, w1a, w1b, t2, w2a, w2b, 0.25)
+    torch.testing.assert_close(ours, make_weight_cp(t1, w1a, w1b, t2, w2a, w2b, torch.tensor(0.25)))
+
+
+@pytest.mark.parametrize(
+    ("d_out", "d_in", "kernel", "effective", "count"),
+    [(32, 16, (), False, 2 * 4 * 48), (8, 3, (3, 3), False, 2 * 4 * (8 + 27)),
+     (8, 3, (3, 3), True, 2 * (4 * 4 * 9 + 4 * 8 + 4 * 3)), (8, 3, (1, 1), True, 2 * 4 * (8 + 3))],
+)
+def test_shapes_closed_form(d_out, d_in, kernel, effective, count):
+    shapes = YF.loha_shapes(d_out, d_in, kernel, 4, effective)
+    assert sum(torch.Size(s).numel() for s in shapes.values()) == count
+    assert ("hada_t1" in shapes) == (effective and kernel != (1, 1))
+
+
+# -- adapter ----------------------------------------------------------------------------------------------
+def test_starts_at_zero_with_one_zero_factor_and_random_with_init_false():
+    base = nn.Linear(6, 5)
+    a = LoHaAdapter(base, LoHaConfig(r=2, alpha=2))
+    assert torch.count_nonzero(a.hada_w2_b) == 0 and torch.count_nonzero(a.hada_w1_a) > 0
+    assert torch.count_nonzero(a.delta_weight(base)) == 0
+    b = LoHaAdapter(base, LoHaConfig(r=2, alpha=2, init_weights=False))
+    assert torch.count_nonzero(b.delta_weight(base)) == 30
+
+
+def test_conv1d_gpt2_delta_is_transposed_and_forward_matches_merge():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = Conv1D(7, 5)  # weight (d_in=5, d_out=7)
+    a = LoHaAdapter(base, LoHaConfig(r=2, alpha=3, init_weights=False))
+    assert a.hada_w1_a.shape == (7, 2) and a.hada_w1_b.shape == (2, 5)
+    d = a.delta_weight(base)
+    assert d.shape == base.weight.shape
+    x = torch.randn(3, 5)
+    out = a(base, x, base(x))
+    torch.testing.assert_close(out, x @ (base.weight + d) + base.bias, atol=1e-6, rtol=1e-6)
+
+
+def test_dropouts_only_in_training():
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6, bias=False)
+    a = LoHaAdapter(base, LoHaConfig(r=2, alpha=2, init_weights=False, rank_dropout=0.5, module_dropout=0.5))
+    x = torch.eye(8)
+    full = a.delta_weight(base).t()
+    a.eval()
+    for _ in range(5):
+        torch.testing.assert_close(a(base, x, torch.zeros(8, 6)), full)
+    a.train()
+    skipped, rows_kept = 0, []
+    for _ in range(200):
+        got = a(base, x, torch.zeros(8, 6))
+        if torch.count_nonzero(got) == 0:
+            skipped += 1
+            continue
+        kept = got.abs().sum(0) > 0
+        c = kept.float().mean()
+        # kept output rows are the full delta's, rescaled by 1 / (fraction kept), as in PEFT's LoHa
+        torch.testing.assert_close(got[:, kept], full[:, kept] / c, atol=1e-6, rtol=1e-5)
+        rows_kept.append(c.item())
+    assert 60 < skipped < 140  # module_dropout 0.5: about half the calls skip the adapter
+    assert 0.35 < sum(rows_kept) / len(rows_kept) < 0.65
+
+
+# -- compatibility with Hugging Face PEFT ------------------------------------------------------------------
+def test_peft_cannot_wrap_gpt2_conv1d_but_peftkit_can():
+    with pytest.raises(TypeError, match="Conv1D"):
+        peft.get_peft_model(FAMILY["gpt2"].model(), peft.LoHaConfig(r=4))
+    model = peftkit.get_peft_model(FAMILY["gpt2"].model(), LoHaConfig(r=4))
+    assert [p for p, _ in model.base_model.layers()] == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=IDS)
+def test_same_trainable_parameter_count_and_shapes_as_peft(name, kwargs):
+    ref_cfg, our_cfg = configs(name, **kwargs)
+    ref = peft.get_peft_model(reference_model(name), ref_cfg)
+    ours = peftkit.get_peft_model(FAMILY[name].model(), our_cfg)
+    assert ours.get_nb_trainable_parameters()[0] == ref.get_nb_trainable_parameters()[0]
+    ref_state = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(ref).items()}
+    our_state = {k: tuple(v.shape) for k, v in peftkit.get_peft_model_state_dict(ours).items()}
+    assert our_state == ref_state
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=IDS)
+def test_adapter_files_load_both_ways(name, kwargs, tmp_path):
+    family = FAMILY[name]
+    ref_cfg, our_cfg = configs(name, **kwargs)
+
+    theirs = peft.get_peft_model(reference_model(name), ref_cfg)
+    train_a_little(theirs, family)
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    expected = family.run(theirs)
+    ours = peftkit.PeftModel.from_pretrained(family.model(), tmp_path / "peft")
+    torch.testing.assert_close(family.run(ours), expected, atol=1e-5, rtol=0)
+
+    mine = peftkit.get_peft_model(family.model(), our_cfg)
+    train_a_little(mine, family)
+    perturb(mine)
+    mine.save_pretrained(tmp_path / "peftkit")
+    expected = family.run(mine)
+    loaded = peft.PeftModel.from_pretrained(reference_model(name), tmp_path / "peftkit")
+    torch.testing.assert_close(family.run(loaded), expected, atol=1e-5, rtol=0)
+    assert (expected - family.run(family.model())).abs().max() > 1e-3, "the adapter changed nothing"
+    # merged in both libraries: the same weights
+    plain_ref = loaded.merge_and_unload()
+    plain_ours = mine.merge_and_unload()
+    torch.testing.assert_close(family.run(plain_ours), family.run(plain_ref), atol=1e-5, rtol=0)
+
+
+def test_default_init_identical_to_peft_under_the_same_seed():
+    family = FAMILY["llama"]
+    ref_cfg, our_cfg = configs("llama", r=4, alpha=4)
+    ref = peft.get_peft_model(family.model(), ref_cfg)
+    ours = peftkit.get_peft_model(family.model(), our_cfg)
+    ref_state, our_state = peft.get_peft_model_state_dict(ref), peftkit.get_peft_model_state_dict(ours)
+    assert ref_state.keys() == our_state.keys() and len(ref_state) == 16
+    for key in ref_state:
+        assert torch.equal(ref_state[key], our_state[key]), key
