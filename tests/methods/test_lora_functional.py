@@ -63,3 +63,26 @@ def test_dora_scale_shift_backward_is_exact():
     shift = torch.randn(5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_ScaleShift.apply, (t, scale, shift))
     assert torch.autograd.gradcheck(_ScaleShift.apply, (t, scale, None))
+
+
+@pytest.mark.parametrize("separate_input", [False, True])  # True: dropout gave the adapter its own input
+@pytest.mark.parametrize("transposed", [False, True])  # True: GPT-2 Conv1D weight layout (d_in, d_out)
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_linear_function_gradients_are_exact(separate_input, transposed, bias):
+    from peftkit.methods.lora.kernels import LoraLinear
+
+    torch.manual_seed(0)
+    d = dict(dtype=torch.float64, requires_grad=True)
+    x = torch.randn(7, 5, **d)
+    xd = torch.randn(7, 5, **d) if separate_input else None
+    w = torch.randn(5, 4, **d) if transposed else torch.randn(4, 5, **d)
+    b = torch.randn(4, **d) if bias else None
+    A, B = torch.randn(3, 5, **d), torch.randn(4, 3, **d)
+
+    def fn(x, xd, w, b, A, B):
+        return LoraLinear.apply(x, xd, w, b, A, B, 0.7, transposed)
+
+    assert torch.autograd.gradcheck(fn, (x, xd, w, b, A, B))
+    base = x @ w if transposed else x @ w.t()
+    expected = base + (0 if b is None else b) + 0.7 * ((x if xd is None else xd) @ A.t()) @ B.t()
+    torch.testing.assert_close(fn(x, xd, w, b, A, B), expected)

@@ -14,22 +14,23 @@ from torch import Tensor
 class LoraLinear(torch.autograd.Function):
     """``y = base(x) + s (xd A^T) B^T`` for a Linear (weight (d_out, d_in)) or Conv1D (weight (d_in, d_out)).
 
-    ``xd`` is the adapter's input (``x`` after dropout; the same tensor when there is no dropout). The
+    ``xd`` is the adapter's input (``x`` after dropout), or None when it is ``x`` itself. The
     update accumulates in place into the fresh base output, and in backward the low-rank input gradient
-    accumulates in place into the base input gradient (when ``xd is x``) instead of autograd adding two
+    accumulates in place into the base input gradient (when ``xd`` is None) instead of autograd adding two
     (n, d_in) tensors.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, xd: Tensor, w: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
+    def forward(ctx: Any, x: Tensor, xd: Tensor | None, w: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
                 scaling: float, transposed: bool) -> Tensor:
         if transposed:
             out = torch.addmm(bias, x, w) if bias is not None else x @ w
         else:
             out = torch.nn.functional.linear(x, w, bias)
+        ctx.same_input = xd is None
+        xd = x if xd is None else xd
         h = xd @ A.t()  # (n, r)
         out.addmm_(h, B.t(), alpha=scaling)
-        ctx.same_input = xd is x
         ctx.scaling, ctx.transposed, ctx.has_bias = scaling, transposed, bias is not None
         ctx.save_for_backward(x, w, A, B, h, *(() if ctx.same_input else (xd,)))
         return out

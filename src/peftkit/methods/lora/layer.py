@@ -257,7 +257,7 @@ class LoraAdapter(Adapter):
         compiling = torch.compiler.is_compiling()
         if not torch.is_grad_enabled() and not compiling and x2d.shape[0] * (d_in + d_out) >= d_in * d_out:
             return self._merged_weight_forward(base, x2d, transposed).view(*x.shape[:-1], d_out)
-        xd = self.dropout(x2d) if self.dropout is not None else x2d
+        xd = self.dropout(x2d) if self.dropout is not None else None
         out = LoraLinear.apply(x2d, xd, w, base.bias, A, self.lora_B, self.scaling, transposed)
         if self.magnitude is not None:
             out = self._dora_rescale(base, out)
