@@ -174,3 +174,35 @@ def test_from_pretrained_picks_task_class(tmp_path):
     loaded = PeftModel.from_pretrained(family.model(), tmp_path)
     assert isinstance(loaded, peftkit.PeftModelForSequenceClassification)
     assert loaded.training is False
+
+
+def test_mixed_batch_routes_each_row_to_its_adapter(llama):
+    model = get_peft_model(llama.model(), LoraConfig(r=2, init_lora_weights=False))
+    model.add_adapter("b", LoraConfig(r=3, init_lora_weights=False, target_modules=["q_proj", "k_proj"]))
+    ids = torch.randint(0, 99, (3, 6))
+    expected = []
+    for name in ("default", "b"):
+        model.set_adapter(name)
+        expected.append(model(input_ids=ids).logits)
+    with model.disable_adapter():
+        expected.append(model(input_ids=ids).logits)
+    model.set_adapter("default")
+    mixed = model(input_ids=ids, adapter_names=["b", "__base__", "default"]).logits
+    torch.testing.assert_close(mixed[0], expected[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1], expected[2][1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[2], expected[0][2], atol=1e-5, rtol=1e-5)
+    assert all(layer.routing is None for _, layer in model.base_model.layers())
+    with pytest.raises(ValueError, match="unknown adapter"):
+        model(input_ids=ids, adapter_names=["nope", "b", "b"])
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="merged"):
+        model(input_ids=ids, adapter_names=["b", "b", "b"])
+
+
+def test_generate_with_adapter_names(llama):
+    base = llama.model()
+    ids = torch.randint(0, 99, (2, 5))
+    plain = base.generate(ids, max_new_tokens=3, do_sample=False)
+    model = get_peft_model(base, LoraConfig(init_lora_weights=False))
+    routed = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, adapter_names=["__base__", "__base__"])
+    assert torch.equal(routed, plain)

@@ -66,6 +66,7 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self._restore: dict[str, tuple[Any, Tensor | None, Tensor | None]] = {}
+        self.routing: list[str] | None = None  # per-row adapter names for a mixed batch, set by the tuner
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -81,6 +82,8 @@ class AdapterLayer(nn.Module):
             if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self.routing is not None:
+            return self._routed_forward(x, *args, **kwargs)
         pending = [n for n in self.active_adapters if n not in self.merged_adapters]
         if len(pending) == 1 and not args and not kwargs:
             fused = self.adapters[pending[0]].fused_forward(self.base_layer, x)
@@ -89,6 +92,21 @@ class AdapterLayer(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         for name in pending:
             out = self.adapters[name](self.base_layer, x, out)
+        return out
+
+    def _routed_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """A mixed batch: row i goes through adapter ``routing[i]`` ("__base__" or an adapter this layer
+        does not hold: the base alone)."""
+        names = self.routing
+        if x.shape[0] != len(names):
+            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} rows")
+        out = self.base_layer(x, *args, **kwargs)
+        for name in dict.fromkeys(names):
+            if name not in self.adapters:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            sub = self.adapters[name](self.base_layer, x.index_select(0, rows), out.index_select(0, rows))
+            out = out.index_copy(0, rows, sub)
         return out
 
     # -- adapters --------------------------------------------------------------------------------------

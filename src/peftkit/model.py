@@ -36,11 +36,18 @@ class PeftModel(nn.Module):
         self.base_model = TunerModel(model)
         self.base_model.inject(peft_config, adapter_name, init=_init)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """Run the model; ``adapter_names`` (one per batch row, "__base__" for none) mixes adapters in a batch."""
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        with self.base_model.route(adapter_names):
+            return self.base_model(*args, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.get_base_model().generate(*args, **kwargs)
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is None:
+            return self.get_base_model().generate(*args, **kwargs)
+        with self.base_model.route(adapter_names):
+            return self.get_base_model().generate(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:

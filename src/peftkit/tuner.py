@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -18,6 +19,8 @@ from .config import PeftConfig, TaskType
 from .layers import Adapter, AdapterLayer, adapter_layers
 from .registry import get_method
 from .targeting import Conv1D, find_targets
+
+BASE = "__base__"  # the adapter name that means "no adapter" in a mixed batch
 
 # heads that a task trains in full by default (Hugging Face PEFT's choice)
 TASK_HEADS = {
@@ -192,6 +195,23 @@ class TunerModel(nn.Module):
         for _, wrapper in self.saved_modules():
             wrapper.active_adapter = next((n for n in names if n in wrapper.modules_to_save), None)
         self.mark_trainable()
+
+    @contextlib.contextmanager
+    def route(self, adapter_names: list[str]) -> Iterator[None]:
+        """Within the block, batch row i uses adapter ``adapter_names[i]`` ("__base__": no adapter)."""
+        unknown = sorted({n for n in adapter_names if n != BASE and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"adapter_names: unknown adapter(s) {unknown}; adapters: {sorted(self.peft_config)}")
+        layers = [layer for _, layer in self.layers()]
+        if any(layer.merged_adapters for layer in layers):
+            raise ValueError("adapter_names: cannot route a mixed batch while adapters are merged; unmerge first")
+        for layer in layers:
+            layer.routing = list(adapter_names)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.routing = None
 
     def set_disabled(self, disabled: bool) -> None:
         for _, layer in self.layers():
