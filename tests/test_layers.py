@@ -152,3 +152,13 @@ def test_fused_path_steps_aside_for_hooks():
     base.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     layer(torch.randn(2, 3, 12))
     assert seen == [(2, 3, 10)]
+
+
+def test_hooked_base_output_is_not_modified_in_place():
+    base = nn.Linear(12, 10)
+    layer = wrap(base)
+    seen = []
+    base.register_forward_hook(lambda m, i, o: seen.append(o.clone()) or seen.append(o))
+    with torch.no_grad():
+        layer(torch.randn(2, 3, 12))
+    assert torch.equal(seen[0], seen[1])  # the tensor the hook holds still is the base output

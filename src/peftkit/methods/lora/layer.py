@@ -295,10 +295,11 @@ class LoraAdapter(Adapter):
         return self._accumulate(base, h, out)
 
     def _accumulate(self, base: nn.Module, h: Tensor, out: Tensor) -> Tensor:
-        """``out + s h B^T`` as one GEMM with accumulation (in place when autograd is off)."""
+        """``out + s h B^T`` as one GEMM with accumulation (in place when autograd is off and no hook
+        can hold the base output)."""
         n = out.shape[-1]
         out2d, h2d = out.reshape(-1, n), h.reshape(-1, self.r)
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and not _has_hooks(base):
             return out2d.addmm_(h2d, self.lora_B.t(), alpha=self.scaling).view(out.shape)
         return torch.addmm(out2d, h2d, self.lora_B.t(), alpha=self.scaling).view(out.shape)
 
