@@ -285,3 +285,17 @@ def test_pattern_value_agrees_with_peft_get_pattern_key(patterns):
     for key in keys:
         expected = patterns.get(get_pattern_key(patterns.keys(), key), -1)
         assert pattern_value(patterns, key, -1) == expected, key
+
+
+def test_filters_that_do_nothing_warn():
+    import warnings as _w
+
+    family = FAMILY["llama"]
+    with pytest.warns(UserWarning, match="exclude_modules"):
+        peftkit.get_peft_model(family.model(), peftkit.LoraConfig(exclude_modules=["nothing_here"]))
+    with pytest.warns(UserWarning, match="rank_pattern keys \\['o_proj'\\]"):
+        peftkit.get_peft_model(family.model(), peftkit.LoraConfig(rank_pattern={"o_proj": 4, "q_proj": 2}))
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        peftkit.get_peft_model(family.model(), peftkit.LoraConfig(rank_pattern={"v_proj": 2}, exclude_modules=["q_proj"],
+                                                                   target_modules=["q_proj", "v_proj"]))

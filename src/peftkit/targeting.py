@@ -15,6 +15,7 @@ Default targets come from one role table per architecture family.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -202,7 +203,23 @@ def find_targets(
         raise TargetError(
             f"target module {bad[0]!r} is a {type(modules[bad[0]]).__name__}; this method wraps {kinds}"
         )
+    _warn_unused_filters(config, [n for n, _ in named if n], found)
     return found
+
+
+def _warn_unused_filters(config: Any, names: list[str], found: list[str]) -> None:
+    """Warn about ``exclude_modules`` that exclude nothing and pattern keys that match no target."""
+    excl = getattr(config, "exclude_modules", None)
+    if excl:
+        hit = any(re.fullmatch(excl, n) for n in names) if isinstance(excl, str) else any(
+            _matches_list(n, excl) for n in names
+        )
+        if not hit:
+            warnings.warn(f"exclude_modules={excl!r} matched no module; nothing was excluded", stacklevel=4)
+    for field in ("rank_pattern", "alpha_pattern"):
+        unused = [k for k in getattr(config, field, None) or {} if not any(re.match(rf"(.*\.)?({k})$", n) for n in found)]
+        if unused:
+            warnings.warn(f"{field} keys {unused} match no targeted module and are ignored", stacklevel=4)
 
 
 def pattern_value(patterns: dict[str, Any] | None, key: str, default: Any) -> Any:
