@@ -33,6 +33,11 @@ class Adapter(nn.Module):
 
     checkpoint_keys: ClassVar[dict[str, str]] = {}
     supported_layers: ClassVar[tuple[type, ...]] = ()
+    default_roles: ClassVar[tuple[str, ...]] = ("query", "value")
+
+    @classmethod
+    def prepare_config(cls, model: nn.Module, named: list[tuple[str, nn.Module]], config: Any) -> None:
+        """Fill architecture-dependent config defaults before targeting (``named``: candidate modules)."""
 
     def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -54,6 +59,16 @@ class Adapter(nn.Module):
     def unmerge(self, base: nn.Module, weight: Tensor, state: Any) -> Tensor:
         return weight - self.delta_weight(base).to(weight.dtype)
 
+    # base parameters a merge rewrites; methods that also fold into others (e.g. a bias) list them
+    merged_params: ClassVar[tuple[str, ...]] = ("weight",)
+
+    def merge_param(self, base: nn.Module, name: str, value: Tensor) -> Tensor:
+        """Merged value of a base parameter other than the weight (see ``merged_params``)."""
+        raise NotImplementedError
+
+    def unmerge_param(self, base: nn.Module, name: str, value: Tensor) -> Tensor:
+        raise NotImplementedError
+
 
 class AdapterLayer(nn.Module):
     """A base layer plus named adapters. Attribute reads it does not know fall through to the base layer."""
@@ -65,7 +80,7 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
-        self._restore: dict[str, tuple[Any, Tensor | None, Tensor | None]] = {}
+        self._restore: dict[str, dict[str, tuple[Any, Tensor | None, Tensor | None]]] = {}
         self.routing: list[str] | None = None  # per-row adapter names for a mixed batch, set by the tuner
 
     def __getattr__(self, name: str) -> Any:
@@ -132,9 +147,9 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold adapters into the base weight (in place, so tied weights stay tied)."""
+        """Fold adapters into the base parameters (in place, so tied weights stay tied)."""
         names = self.active_adapters if adapter_names is None else adapter_names
-        weight = self.base_layer.weight
+        base = self.base_layer
         for name in names:
             if name not in self.adapters:
                 continue
@@ -142,32 +157,48 @@ class AdapterLayer(nn.Module):
                 warnings.warn(f"adapter {name!r} is already merged; skipping", stacklevel=3)
                 continue
             adapter = self.adapters[name]
-            original = weight.detach().clone()
-            merged, state = adapter.merge(self.base_layer, original)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"merging adapter {name!r} would put NaN/inf into the base weight; nothing merged")
-            weight.copy_(merged)
-            # exact-restore record: where the method's unmerge misses the original, and by how much
-            err = original - adapter.unmerge(self.base_layer, weight.detach(), state)
-            idx = err.reshape(-1).nonzero().squeeze(1)
-            self._restore[name] = (state, idx, err.reshape(-1)[idx]) if idx.numel() else (state, None, None)
+            staged = []  # everything is computed (and checked) before any parameter changes
+            for pname in adapter.merged_params:
+                param = getattr(base, pname, None)
+                if param is None:
+                    continue
+                original = param.detach().clone()
+                merged, state = adapter.merge(base, original) if pname == "weight" else (
+                    adapter.merge_param(base, pname, original), None)
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(f"merging adapter {name!r} would put NaN/inf into {pname}; nothing merged")
+                staged.append((pname, param, original, merged, state))
+            records = {}
+            for pname, param, original, merged, state in staged:
+                param.copy_(merged)
+            for pname, param, original, _, state in staged:
+                # exact-restore record: where the method's unmerge misses the original, and by how much
+                err = (original - self._unmerge_param(adapter, pname, param.detach(), state)).reshape(-1)
+                idx = err.nonzero().squeeze(1)
+                records[pname] = (state, idx, err[idx]) if idx.numel() else (state, None, None)
+            self._restore[name] = records
             self.merged_adapters.append(name)
+
+    def _unmerge_param(self, adapter: Adapter, pname: str, value: Tensor, state: Any) -> Tensor:
+        if pname == "weight":
+            return adapter.unmerge(self.base_layer, value, state)
+        return adapter.unmerge_param(self.base_layer, pname, value)
 
     @torch.no_grad()
     def unmerge(self, adapter_names: list[str] | None = None) -> None:
-        """Undo merges, most recent first; restores the base weight bit for bit."""
+        """Undo merges, most recent first; restores the base parameters bit for bit."""
         names = list(self.merged_adapters) if adapter_names is None else adapter_names
-        weight = self.base_layer.weight
         for name in reversed(list(self.merged_adapters)):
             if name not in names:
                 continue
             if self.merged_adapters[-1] != name:
                 raise RuntimeError(f"unmerge {self.merged_adapters[-1]!r} before {name!r} (merges undo in reverse)")
-            state, idx, vals = self._restore.pop(name)
-            restored = self.adapters[name].unmerge(self.base_layer, weight.detach(), state)
-            if idx is not None:
-                restored.view(-1).index_add_(0, idx, vals)
-            weight.copy_(restored)
+            for pname, (state, idx, vals) in self._restore.pop(name).items():
+                param = getattr(self.base_layer, pname)
+                restored = self._unmerge_param(self.adapters[name], pname, param.detach(), state)
+                if idx is not None:
+                    restored.view(-1).index_add_(0, idx, vals)
+                param.copy_(restored)
             self.merged_adapters.pop()
 
     def extra_repr(self) -> str:
