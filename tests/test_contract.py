@@ -29,6 +29,18 @@ def make_config(spec, kwargs, family):
     return spec.config_cls(**kwargs, **extra)
 
 
+def unsupported_targets(spec, family):
+    """Layer types a family's explicit targets need that the method declares it cannot wrap (sorted names)."""
+    if family.targets is None:
+        return []
+    supported = spec.adapter_cls.supported_layers
+    named = family.model().named_modules()
+    return sorted({
+        type(m).__name__ for n, m in named
+        if any(n == t or n.endswith("." + t) for t in family.targets) and not isinstance(m, supported)
+    })
+
+
 @torch.no_grad()
 def perturb(model):
     """Give every adapter parameter non-trivial values (identity-at-init would hide bugs)."""
@@ -57,6 +69,9 @@ def family(request):
 def wrapped(case, family):
     spec, _, kwargs = case
     torch.set_num_threads(1)
+    unsupported = unsupported_targets(spec, family)
+    if unsupported:
+        pytest.skip(f"{spec.name} does not wrap {unsupported} (supported_layers), which {family.name} targets")
     base_out = family.run(family.model())
     model = get_peft_model(family.model(), make_config(spec, kwargs, family)).eval()
     return model, base_out

@@ -2,7 +2,10 @@
 
 from .config import ConfigError, PeftConfig, TaskType
 from .layers import Adapter, AdapterLayer
+from .methods.fourierft import FourierFTConfig
+from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
+from .methods.lycoris import LoHaConfig, LoKrConfig
 from .model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -25,7 +28,7 @@ LoraModel = TunerModel  # the name Hugging Face PEFT gives the LoRA tuner
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "AdapterLayer", "ConfigError", "LoraConfig", "LoraModel", "MethodSpec", "PeftConfig", "PeftModel",
+    "Adapter", "AdapterLayer", "ConfigError", "FourierFTConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "LoraConfig", "LoraModel", "MethodSpec", "PeftConfig", "PeftModel",
     "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "TaskType", "TunerModel", "create_loraplus_optimizer", "get_method", "get_peft_model",

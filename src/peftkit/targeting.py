@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -74,18 +74,34 @@ def model_family(model: nn.Module) -> str | None:
     return None
 
 
-def default_targets(
-    model: nn.Module, named: list[tuple[str, nn.Module]], roles: Sequence[str], supported: tuple[type, ...] = LINEAR_TYPES
-) -> list[str]:
-    """Module names for ``roles`` (e.g. ``("query", "value")``) on this architecture."""
+# roles that a fused query/key/value projection (GPT-2's ``c_attn``, role "qkv") stands in for
+_QKV_ROLES = ("query", "key", "value")
+
+Roles = Sequence[str] | Mapping[str, Sequence[str]]
+
+
+def family_roles(roles: Roles, family: str | None) -> Sequence[str]:
+    """A method's default roles on ``family``: a plain sequence, or a mapping family -> roles with "*" the rest."""
+    if isinstance(roles, Mapping):
+        return roles.get(family or "*", roles["*"])
+    return roles
+
+
+def role_names(model: nn.Module, named: list[tuple[str, nn.Module]], roles: Roles) -> list[str]:
+    """Module names for ``roles`` on ``model``'s architecture ([] when it is unknown).
+
+    A query / key / value role the family lacks maps to its fused "qkv" projection (once); a role listing
+    several spellings resolves to the one present in the model.
+    """
     family = model_family(model)
     if family is None:
-        raise TargetError(
-            f"target_modules is not set and {type(model).__name__} has no entry in peftkit's role table; "
-            f"pass target_modules explicitly (candidates: {_candidates(named, supported)})"
-        )
+        return []
     table = ROLE_TABLE[family]
-    wanted = [table[r] for r in roles if r in table] or [table["qkv"]]
+    wanted: list[str | tuple[str, ...]] = []
+    for role in family_roles(roles, family):
+        entry = table.get(role) or (table.get("qkv") if role in _QKV_ROLES else None)
+        if entry is not None and entry not in wanted:
+            wanted.append(entry)
     paths = [n for n, _ in named]
     names = []
     for entry in wanted:
@@ -93,6 +109,19 @@ def default_targets(
         present = [o for o in options if any(p == o or p.endswith("." + o) for p in paths)]
         names.extend(present[:1] or options[:1])
     return names
+
+
+def default_targets(
+    model: nn.Module, named: list[tuple[str, nn.Module]], roles: Roles, supported: tuple[type, ...] = LINEAR_TYPES
+) -> list[str]:
+    """Module names for ``roles`` (e.g. ``("query", "value")``) on this architecture."""
+    if model_family(model) is None:
+        raise TargetError(
+            f"target_modules is not set and {type(model).__name__} has no entry in peftkit's role table; "
+            f"pass target_modules explicitly (candidates: {_candidates(named, supported)})"
+        )
+    names = role_names(model, named, roles)
+    return names or role_names(model, named, ("qkv",))
 
 
 def all_linear_targets(model: nn.Module, named: list[tuple[str, nn.Module]], task_type: Any = None) -> set[str]:
@@ -161,7 +190,7 @@ def resolve_targets(
     model: nn.Module,
     named: list[tuple[str, nn.Module]],
     config: Any,
-    default_roles: Sequence[str],
+    default_roles: Roles,
     supported: tuple[type, ...] = LINEAR_TYPES,
 ) -> str | set[str]:
     """The concrete target spec: explicit names / regex, ``all-linear`` expanded, or the role-table default."""
@@ -179,7 +208,7 @@ def find_targets(
     model: nn.Module,
     named: list[tuple[str, nn.Module]],
     config: Any,
-    default_roles: Sequence[str],
+    default_roles: Roles,
     supported: tuple[type, ...],
 ) -> list[str]:
     """Paths of the modules ``config`` selects among ``named`` (path, module) pairs of ``model``.

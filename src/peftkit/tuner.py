@@ -129,6 +129,7 @@ class TunerModel(nn.Module):
         spec = get_method(config)
         cls = spec.adapter_cls
         named = self.candidates()
+        cls.prepare_config(self.model, named, config)  # architecture-dependent defaults (e.g. (IA)3's FFN names)
         paths = find_targets(self.model, named, config, cls.default_roles, cls.supported_layers)
         if getattr(config, "task_type", None) in TASK_HEADS:
             extra = [m for m in TASK_HEADS[config.task_type] if m not in (config.modules_to_save or [])]
@@ -235,7 +236,7 @@ class TunerModel(nn.Module):
                 p.requires_grad_(True)
 
     def bias_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
-        """Base biases that train with this adapter (``bias="all"`` / ``"lora_only"``), by path."""
+        """Base biases that train with this adapter (``bias="all"`` / ``"<method>_only"``), by path."""
         mode = getattr(self.peft_config[adapter_name], "bias", "none")
         if mode == "all":
             # every bias of the model, except inside adapters and modules_to_save (saved in full anyway)
@@ -244,7 +245,7 @@ class TunerModel(nn.Module):
                 n: p for n, p in self.model.named_parameters()
                 if (n == "bias" or n.endswith(".bias")) and not n.startswith(excluded) and ".adapters." not in n
             }
-        if mode == "lora_only":
+        if mode.endswith("_only"):  # "lora_only", "fourier_only": the biases of the targeted layers
             return {
                 f"{path}.base_layer.bias": layer.base_layer.bias
                 for path, layer in self.layers()

@@ -1,0 +1,176 @@
+"""FourierFT (Gao et al. 2024, arXiv 2405.03003): a weight update learned as a sparse spectrum.
+
+Each targeted layer learns ``n`` spectral coefficients ``c`` at fixed random locations ``(u_k, v_k)`` of a
+``d_out x d_in`` frequency grid; the update is ``dW = scaling * Re(ifft2(F))`` with ``F[u_k, v_k] = c_k``
+and zero elsewhere, and ``h = W0 x + dW x``. The locations are not trained or saved: they are regenerated
+from ``random_loc_seed`` exactly as Hugging Face PEFT does (the first ``n`` entries of a seeded
+``randperm(d_out * d_in)``), so PEFT files load with identical outputs. The checkpoint key is
+``fourierft_spectrum``, shape ``(n,)``. Linear and GPT-2 Conv1D layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ConfigError, PeftConfig
+from ..layers import Adapter
+from ..registry import register_method
+from ..targeting import pattern_value
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = None  # type: ignore[assignment,misc]
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclasses.dataclass
+class FourierFTConfig(PeftConfig):
+    """FourierFT configuration (field names and defaults as in Hugging Face PEFT).
+
+    Args:
+        n_frequency: learned spectral coefficients per targeted layer (at most d_in * d_out).
+        scaling: multiplies the update (plays the role of LoRA's alpha; the paper uses 100-300).
+        random_loc_seed: seed of the coefficients' random locations in the frequency grid.
+        fan_in_fan_out: the base weight is stored (in, out), as GPT-2's Conv1D (set automatically).
+        target_modules: names (exact or dotted suffix), a full-match regex or ``"all-linear"``; None picks
+            the architecture's query and value projections (GPT-2: the MLP output projection, as PEFT).
+        exclude_modules: names or regex never to target.
+        bias: which base biases train and are saved with the adapter: "none", "all" or "fourier_only".
+        modules_to_save: modules trained in full and saved with the adapter.
+        layers_to_transform / layers_pattern: keep only these layer indices.
+        n_frequency_pattern: per-module overrides of n_frequency, keyed by regex.
+        init_weights: True starts the spectrum at zero (the identity); False (PEFT's default) draws it
+            from a standard normal, so the model does not start at the base.
+    """
+
+    PEFT_TYPE: ClassVar[str] = "FOURIERFT"
+
+    n_frequency: int = 1000
+    scaling: float = 150.0
+    random_loc_seed: int | None = 777
+    fan_in_fan_out: bool = False
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    n_frequency_pattern: dict[str, int] = field(default_factory=dict)
+    init_weights: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check = self._check
+        check(_int(self.n_frequency) and self.n_frequency > 0, "n_frequency", "an integer > 0")
+        check(isinstance(self.scaling, (int, float)) and not isinstance(self.scaling, bool), "scaling", "a number")
+        check(_int(self.random_loc_seed), "random_loc_seed", "an integer")
+        check(self.bias in ("none", "all", "fourier_only"), "bias", "'none', 'all' or 'fourier_only'")
+        check(isinstance(self.init_weights, bool), "init_weights", "True or False")
+        if self.n_frequency_pattern is None:
+            self.n_frequency_pattern = {}
+        for key, value in self.n_frequency_pattern.items():
+            if not (_int(value) and value > 0):
+                raise ConfigError(f"FourierFTConfig.n_frequency_pattern[{key!r}]: expected an integer > 0, got {value!r}")
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            raise ConfigError(
+                "FourierFTConfig.layers_to_transform / layers_pattern: cannot be used when target_modules is a "
+                "regex string; put the layer filter into the regex"
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError("FourierFTConfig.layers_pattern: only meaningful together with layers_to_transform")
+
+
+def spectral_locations(d_out: int, d_in: int, n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(rows, cols) of the ``n`` learned coefficients: PEFT's seeded ``randperm`` over the flattened grid."""
+    flat = torch.randperm(d_out * d_in, generator=torch.Generator().manual_seed(seed))[:n]
+    return flat // d_in, flat % d_in
+
+
+def fourier_delta(spectrum: Tensor, rows: Tensor, cols: Tensor, d_out: int, d_in: int, scaling: float) -> Tensor:
+    """``scaling * Re(ifft2(F))`` (d_out, d_in) with ``F`` zero except ``F[rows, cols] = spectrum``.
+
+    Computed in float32 (``ifft2`` has no half-precision kernels) and returned in the spectrum's dtype.
+    """
+    dense = torch.zeros(d_out, d_in, device=spectrum.device, dtype=torch.float32)
+    dense = dense.index_put((rows, cols), spectrum.float())
+    return (torch.fft.ifft2(dense).real * scaling).to(spectrum.dtype)
+
+
+def _dims(base: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of a Linear or GPT-2 Conv1D (which stores its weight as (d_in, d_out))."""
+    w = base.weight
+    if Conv1D is not None and isinstance(base, Conv1D):
+        return w.shape[1], w.shape[0]
+    return w.shape[0], w.shape[1]
+
+
+@register_method(
+    "fourierft",
+    config=FourierFTConfig,
+    category="reparameterized",
+    modalities=("text", "vision", "vision-language", "generation"),
+    mergeable=True,
+    param_formula="n_frequency per target",
+    position="weight delta (inverse 2-D DFT of a sparse spectrum) beside each targeted layer",
+    paper="arXiv 2405.03003 (FourierFT)",
+    examples={"fourierft": {"n_frequency": 16, "init_weights": True}},
+)
+class FourierFTAdapter(Adapter):
+    supported_layers = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+    # PEFT's defaults: LoRA's (query, value), except GPT-2's MLP output projection
+    default_roles = {"gpt2": ("ffn_out",), "*": ("query", "value")}
+    checkpoint_keys: ClassVar[dict[str, str]] = {"fourierft_spectrum": "fourierft_spectrum"}
+
+    def __init__(self, base: nn.Module, config: FourierFTConfig, key: str = "", init: bool = True) -> None:
+        super().__init__()
+        self.d_out, self.d_in = _dims(base)
+        self.transposed = Conv1D is not None and isinstance(base, Conv1D)
+        self.n = n = pattern_value(config.n_frequency_pattern, key, config.n_frequency)
+        if n > self.d_out * self.d_in:
+            raise ValueError(
+                f"{key}: n_frequency={n} exceeds the {self.d_out} x {self.d_in} = {self.d_out * self.d_in} "
+                f"entries of the layer's frequency grid"
+            )
+        self.scaling = float(config.scaling)
+        w = base.weight
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        rows, cols = spectral_locations(self.d_out, self.d_in, n, config.random_loc_seed)
+        # fixed, regenerated from the seed: buffers that follow the device but are never saved
+        self.register_buffer("rows", rows.to(w.device), persistent=False)
+        self.register_buffer("cols", cols.to(w.device), persistent=False)
+        self.fourierft_spectrum = nn.Parameter(torch.empty(n, device=w.device, dtype=dtype))
+        with torch.no_grad():
+            if config.init_weights or not init:
+                nn.init.zeros_(self.fourierft_spectrum)
+            else:
+                self.fourierft_spectrum.copy_(torch.randn(n))
+
+    @classmethod
+    def param_count(cls, base: nn.Module, config: FourierFTConfig, key: str = "") -> int:
+        """Closed form: n_frequency (or its pattern override) per target."""
+        return pattern_value(config.n_frequency_pattern, key, config.n_frequency)
+
+    def _delta(self) -> Tensor:
+        """The update as (d_out, d_in)."""
+        return fourier_delta(self.fourierft_spectrum, self.rows, self.cols, self.d_out, self.d_in, self.scaling)
+
+    def delta_weight(self, base: nn.Module) -> Tensor:
+        """The update in the base weight's layout ((d_in, d_out) for Conv1D)."""
+        delta = self._delta()
+        return delta.t() if self.transposed else delta
+
+    def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
+        delta = self._delta()
+        return out + F.linear(x.to(delta.dtype), delta).to(out.dtype)

@@ -1,0 +1,197 @@
+"""FourierFT: the spectral math, config validation, and compatibility with Hugging Face PEFT."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import peftkit
+from peftkit.config import ConfigError
+from peftkit.methods.fourierft import FourierFTAdapter, FourierFTConfig, fourier_delta, spectral_locations
+
+from ..families import FAMILY
+
+FAMILIES = ["llama", "gpt2", "bert"]
+KW = {"n_frequency": 16, "scaling": 20.0}
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+def configs(name: str, **kwargs):
+    """The same config for both libraries (default targets: the role table must agree with PEFT's mapping)."""
+    extra = {"task_type": FAMILY[name].task_type} if FAMILY[name].task_type else {}
+    kw = {**KW, **extra, **kwargs}
+    return peft.FourierFTConfig(**kw), FourierFTConfig(**kw)
+
+
+def train_a_little(model, family, steps=3, lr=0.05):
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        family.run(model).float().pow(2).mean().backward()
+        opt.step()
+    model.eval()
+
+
+def test_config_fields_and_defaults_match_peft():
+    ours = {f.name: f for f in dataclasses.fields(FourierFTConfig)}
+    theirs = {f.name: f for f in dataclasses.fields(peft.FourierFTConfig)}
+    assert set(ours) == set(theirs)
+    a, b = FourierFTConfig(), peft.FourierFTConfig()
+    for name in ("n_frequency", "scaling", "random_loc_seed", "fan_in_fan_out", "bias", "init_weights",
+                 "target_modules", "layers_to_transform", "n_frequency_pattern"):
+        assert getattr(a, name) == getattr(b, name), name
+    assert a.peft_type == "FOURIERFT" and a.n_frequency == 1000 and a.scaling == 150.0 and a.random_loc_seed == 777
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"n_frequency": 0}, "n_frequency"),
+        ({"n_frequency": 2.5}, "n_frequency"),
+        ({"scaling": "big"}, "scaling"),
+        ({"random_loc_seed": None}, "random_loc_seed"),
+        ({"bias": "lora_only"}, "bias"),
+        ({"init_weights": "zeros"}, "init_weights"),
+        ({"n_frequency_pattern": {"q_proj": 0}}, "n_frequency_pattern"),
+        ({"target_modules": ".*q_proj", "layers_to_transform": [0]}, "layers_to_transform"),
+        ({"layers_pattern": "layers"}, "layers_pattern"),
+    ],
+)
+def test_config_validation_names_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=f"FourierFTConfig.{field}"):
+        FourierFTConfig(**kwargs)
+
+
+def test_too_many_frequencies_for_a_layer_is_an_error():
+    model = FAMILY["llama"].model()
+    # llama's k_proj is 32 -> 16: a 512-entry grid
+    with pytest.raises(ValueError, match="n_frequency=600 exceeds"):
+        peftkit.get_peft_model(model, FourierFTConfig(n_frequency=600, target_modules=["k_proj"]))
+    assert not any(isinstance(m, peftkit.AdapterLayer) for m in model.modules()), "model left modified"
+
+
+def test_locations_and_delta_equal_peft():
+    layer = torch.nn.Linear(12, 7)
+    cfg = peft.FourierFTConfig(n_frequency=20, random_loc_seed=5, target_modules=["lin"])
+    from peft.tuners.fourierft.layer import FourierFTLinear
+
+    ref = FourierFTLinear(layer, "default", cfg, n_frequency=20)
+    rows, cols = spectral_locations(7, 12, 20, 5)
+    assert torch.equal(torch.stack([rows, cols]), ref.indices["default"])
+    spectrum = ref.fourierft_spectrum["default"].detach()
+    ours = fourier_delta(spectrum, rows, cols, 7, 12, cfg.scaling)
+    torch.testing.assert_close(ours, ref.get_delta_weight("default"), atol=0, rtol=0)
+    # the real part of an inverse DFT: a dense update from 20 numbers, zero-mean-free in general
+    assert ours.shape == (7, 12) and (ours != 0).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_same_trainable_parameter_count_and_targets_as_peft(name):
+    family = FAMILY[name]
+    ref_cfg, our_cfg = configs(name)
+    theirs = peft.get_peft_model(family.model(), ref_cfg)
+    ours = peftkit.get_peft_model(family.model(), our_cfg)
+    t_train, t_total = theirs.get_nb_trainable_parameters()
+    o_train, o_total = ours.get_nb_trainable_parameters()
+    assert (o_train, o_total) == (t_train, t_total)
+    targeted = sorted(n for n, _ in ours.base_model.layers())
+    assert targeted and len(targeted) * 16 <= o_train
+    expected = {"llama": "q_proj", "gpt2": "mlp.c_proj", "bert": "query"}[name]
+    assert any(t.endswith(expected) for t in targeted), targeted
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_adapter_files_load_both_ways(name, tmp_path):
+    family = FAMILY[name]
+    ref_cfg, our_cfg = configs(name)
+    base_out = family.run(family.model())
+
+    theirs = peft.get_peft_model(family.model(), ref_cfg)
+    train_a_little(theirs, family)
+    theirs.save_pretrained(tmp_path / "peft")
+    expected = family.run(theirs)
+    assert not torch.allclose(expected, base_out, atol=1e-4), "peft adapter changed nothing"
+    ours = peftkit.PeftModel.from_pretrained(family.model(), tmp_path / "peft")
+    torch.testing.assert_close(family.run(ours), expected, atol=1e-5, rtol=0)
+
+    mine = peftkit.get_peft_model(family.model(), our_cfg)
+    train_a_little(mine, family)
+    mine.save_pretrained(tmp_path / "peftkit")
+    expected = family.run(mine)
+    assert not torch.allclose(expected, base_out, atol=1e-4), "peftkit adapter changed nothing"
+    loaded = peft.PeftModel.from_pretrained(family.model(), tmp_path / "peftkit")
+    torch.testing.assert_close(family.run(loaded), expected, atol=1e-5, rtol=0)
+    # same file layout: identical keys and shapes
+    a = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "peftkit" / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert any(k.endswith(".fourierft_spectrum") for k in a)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_merge_matches_peft_merged_weights(name, tmp_path):
+    family = FAMILY[name]
+    ref_cfg, _ = configs(name, init_weights=False)  # random spectrum: a non-trivial update without training
+    torch.manual_seed(4)
+    theirs = peft.get_peft_model(family.model(), ref_cfg)
+    theirs.save_pretrained(tmp_path)
+    ours = peftkit.PeftModel.from_pretrained(family.model(), tmp_path)
+    before = {k: v.clone() for k, v in ours.get_base_model().state_dict().items() if ".adapters." not in k}
+    unmerged = family.run(ours)
+
+    ours.merge_adapter()
+    torch.testing.assert_close(family.run(ours), unmerged, atol=1e-5, rtol=1e-5)
+    ours.unmerge_adapter()
+    after = {k: v for k, v in ours.get_base_model().state_dict().items() if ".adapters." not in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    ref_plain = theirs.merge_and_unload().state_dict()
+    our_plain = ours.merge_and_unload().state_dict()
+    original = family.model().state_dict()
+    assert ref_plain.keys() == our_plain.keys() == original.keys()
+    for key in ref_plain:
+        torch.testing.assert_close(our_plain[key], ref_plain[key], atol=1e-6, rtol=0, msg=key)
+    changed = [k for k in original if not torch.equal(our_plain[k], original[k])]
+    assert changed and all(k.endswith(".weight") for k in changed), changed
+
+
+def test_fourier_only_bias_trains_and_saves_like_peft(tmp_path):
+    family = FAMILY["llama"]
+    kw = {"target_modules": ["down_proj"], "bias": "fourier_only"}
+    ref_cfg, our_cfg = configs("llama", **kw)
+    # llama has no biases; give the targeted layers some
+    def with_bias():
+        model = family.model()
+        for layer in model.model.layers:
+            lin = layer.mlp.down_proj
+            lin.bias = torch.nn.Parameter(torch.zeros(lin.out_features))
+        return model
+
+    ours = peftkit.get_peft_model(with_bias(), our_cfg)
+    theirs = peft.get_peft_model(with_bias(), ref_cfg)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    ours.save_pretrained(tmp_path / "a")
+    theirs.save_pretrained(tmp_path / "b")
+    a = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b)
+    assert sum(k.endswith("base_layer.bias") for k in a) == 2
+
+
+def test_param_count_closed_form_uses_the_pattern():
+    family = FAMILY["llama"]
+    cfg = FourierFTConfig(n_frequency=8, n_frequency_pattern={"v_proj": 20}, target_modules=["q_proj", "v_proj"])
+    model = peftkit.get_peft_model(family.model(), cfg)
+    counts = {p.split(".")[-1]: FourierFTAdapter.param_count(layer.base_layer, cfg, p)
+              for p, layer in model.base_model.layers()}
+    assert counts == {"q_proj": 8, "v_proj": 20}
+    assert model.get_nb_trainable_parameters()[0] == 2 * (8 + 20)

@@ -1,0 +1,208 @@
+"""(IA)3: config validation, the scaling math, and compatibility with Hugging Face PEFT."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import peftkit
+from peftkit.config import ConfigError
+from peftkit.methods.ia3 import IA3Adapter, IA3Config
+
+from ..families import FAMILY
+
+FAMILIES = ["llama", "gpt2", "bert", "convnet"]
+# convnet has no PEFT default: explicit targets, the second conv treated as feedforward
+EXPLICIT = {"convnet": {"target_modules": ["conv1", "conv2"], "feedforward_modules": ["conv2"]}}
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+def configs(name: str, **kwargs):
+    family = FAMILY[name]
+    kw = {**({"task_type": family.task_type} if family.task_type else {}), **EXPLICIT.get(name, {}), **kwargs}
+    return peft.IA3Config(**kw), IA3Config(**kw)
+
+
+def train_a_little(model, family, steps=3, lr=0.2):
+    """A few SGD steps, then a push (the vectors move slowly from 1 on tiny models): non-trivial files."""
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        family.run(model).float().pow(2).mean().backward()
+        opt.step()
+    model.eval()
+    perturb(model)
+
+
+@torch.no_grad()
+def perturb(model):
+    g = torch.Generator().manual_seed(5)
+    for n, p in model.named_parameters():
+        if "ia3_l" in n:
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def test_config_fields_and_defaults_match_peft():
+    ours = {f.name for f in dataclasses.fields(IA3Config)}
+    theirs = {f.name for f in dataclasses.fields(peft.IA3Config)}
+    assert ours == theirs
+    a, b = IA3Config(), peft.IA3Config()
+    for name in theirs - {"peft_type", "peft_version"}:
+        assert getattr(a, name) == getattr(b, name), name
+    assert a.peft_type == "IA3" and a.init_ia3_weights is True
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "match"),
+    [
+        ({"target_modules": ["k", "v"], "feedforward_modules": ["wo"]}, "feedforward_modules", r"\['wo'\] are not"),
+        ({"init_ia3_weights": "yes"}, "init_ia3_weights", "True or False"),
+        ({"feedforward_modules": 3}, "feedforward_modules", "list of names"),
+    ],
+)
+def test_config_validation_names_the_field(kwargs, field, match):
+    with pytest.raises(ConfigError, match=f"IA3Config.{field}: .*{match}"):
+        IA3Config(**kwargs)
+    if field == "feedforward_modules" and isinstance(kwargs[field], list):
+        with pytest.raises(ValueError, match="subset"):  # PEFT rejects the same config
+            peft.IA3Config(**kwargs)
+
+
+def test_subset_rule_only_applies_to_lists():
+    cfg = IA3Config(target_modules=".*(k|v|wo)", feedforward_modules=["wo"])
+    assert cfg.feedforward_modules == ["wo"]
+    assert IA3Config(target_modules={"k", "wo"}, feedforward_modules={"wo"}).target_modules == ["k", "wo"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_same_targets_feedforward_and_parameter_count_as_peft(name):
+    family = FAMILY[name]
+    ref_cfg, our_cfg = configs(name)
+    theirs = peft.get_peft_model(family.model(), ref_cfg)
+    ours = peftkit.get_peft_model(family.model(), our_cfg)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    ref = {n: m.is_feedforward for n, m in theirs.base_model.model.named_modules()
+           if isinstance(m, peft.tuners.ia3.IA3Layer)}
+    mine = {n: layer.adapters["default"].feedforward for n, layer in ours.base_model.layers()}
+    assert mine == ref and any(mine.values()) and not all(mine.values())
+    for n, layer in ours.base_model.layers():
+        a = layer.adapters["default"]
+        assert a.ia3_l.shape == theirs.base_model.model.get_submodule(n).ia3_l["default"].shape, n
+        assert torch.equal(a.ia3_l, torch.ones_like(a.ia3_l))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_adapter_files_load_both_ways(name, tmp_path):
+    family = FAMILY[name]
+    ref_cfg, our_cfg = configs(name)
+    base_out = family.run(family.model())
+
+    theirs = peft.get_peft_model(family.model(), ref_cfg)
+    train_a_little(theirs, family)
+    theirs.save_pretrained(tmp_path / "peft")
+    expected = family.run(theirs)
+    assert not torch.allclose(expected, base_out, atol=1e-4), "peft adapter changed nothing"
+    ours = peftkit.PeftModel.from_pretrained(family.model(), tmp_path / "peft")
+    torch.testing.assert_close(family.run(ours), expected, atol=1e-5, rtol=0)
+
+    mine = peftkit.get_peft_model(family.model(), our_cfg)
+    train_a_little(mine, family)
+    mine.save_pretrained(tmp_path / "peftkit")
+    expected = family.run(mine)
+    assert not torch.allclose(expected, base_out, atol=1e-4), "peftkit adapter changed nothing"
+    loaded = peft.PeftModel.from_pretrained(family.model(), tmp_path / "peftkit")
+    torch.testing.assert_close(family.run(loaded), expected, atol=1e-5, rtol=0)
+    a = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "peftkit" / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert any(k.endswith(".ia3_l") for k in a)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_merge_matches_peft_merged_weights_and_unmerge_restores_bits(name, tmp_path):
+    family = FAMILY[name]
+    ref_cfg, _ = configs(name)
+    theirs = peft.get_peft_model(family.model(), ref_cfg)
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = peftkit.PeftModel.from_pretrained(family.model(), tmp_path)
+    before = {k: v.clone() for k, v in ours.get_base_model().state_dict().items() if ".adapters." not in k}
+    unmerged = family.run(ours)
+
+    ours.merge_adapter()
+    torch.testing.assert_close(family.run(ours), unmerged, atol=1e-5, rtol=1e-5)
+    ours.unmerge_adapter()
+    after = {k: v for k, v in ours.get_base_model().state_dict().items() if ".adapters." not in k}
+    assert all(torch.equal(before[k], after[k]) for k in before), "unmerge is not bit-exact"
+
+    original = family.model().state_dict()
+    ref_plain = theirs.merge_and_unload().state_dict()
+    our_plain = ours.merge_and_unload().state_dict()
+    assert ref_plain.keys() == our_plain.keys() == original.keys()
+    for key in ref_plain:
+        torch.testing.assert_close(our_plain[key], ref_plain[key], atol=1e-6, rtol=0, msg=key)
+    changed = {k.rsplit(".", 1)[1] for k in original if not torch.equal(our_plain[k], original[k])}
+    # output scaling folds into the bias too (the tiny transformers' biases start at 0; the convnet's do not)
+    assert changed == ({"weight", "bias"} if name == "convnet" else {"weight"}), changed
+
+
+def _layers():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv1d = Conv1D(5, 6)
+    nn.init.normal_(conv1d.bias)
+    return [
+        (nn.Linear(6, 5), torch.randn(3, 4, 6)),
+        (conv1d, torch.randn(3, 4, 6)),
+        (nn.Conv2d(6, 4, 3, padding=1), torch.randn(2, 6, 5, 5)),
+        (nn.Conv2d(6, 4, 3, groups=2), torch.randn(2, 6, 5, 5)),
+    ]
+
+
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_forward_and_merge_math(feedforward):
+    for base, x in _layers():
+        cfg = IA3Config(target_modules=["m"], feedforward_modules=["m"] if feedforward else [])
+        adapter = IA3Adapter(base, cfg, "m")
+        with torch.no_grad():
+            adapter.ia3_l.copy_(torch.rand(adapter.ia3_l.shape) + 0.5)
+        l = adapter.ia3_l
+        ref = base(x * l.reshape(-1) if not isinstance(base, nn.Conv2d) else x * l) if feedforward else (
+            base(x) * (l.reshape(-1) if not isinstance(base, nn.Conv2d) else l))
+        fused = adapter.fused_forward(base, x)
+        assert (fused is None) == (not feedforward)
+        # the generic path (several adapters, mixed batches) agrees with PEFT's computation
+        torch.testing.assert_close(adapter(base, x, base(x)), ref, atol=1e-5, rtol=1e-5)
+        if fused is not None:
+            torch.testing.assert_close(fused, ref, atol=0, rtol=0)
+        merged = type(base).__new__(type(base))
+        merged.__dict__ = {**base.__dict__, "_parameters": dict(base._parameters)}
+        w, _ = adapter.merge(base, base.weight.detach())
+        merged._parameters["weight"] = nn.Parameter(w)
+        if not feedforward and base.bias is not None:
+            merged._parameters["bias"] = nn.Parameter(adapter.merge_param(base, "bias", base.bias.detach()))
+        torch.testing.assert_close(merged(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_entries_still_unmerge_exactly():
+    family = FAMILY["bert"]
+    model = peftkit.get_peft_model(family.model(), IA3Config(task_type="SEQ_CLS"))
+    with torch.no_grad():
+        for _, layer in model.base_model.layers():
+            layer.adapters["default"].ia3_l.view(-1)[::3] = 0.0
+    before = {k: v.clone() for k, v in model.get_base_model().state_dict().items()}
+    model.merge_adapter()
+    model.unmerge_adapter()
+    after = model.get_base_model().state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
