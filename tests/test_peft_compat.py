@@ -15,6 +15,7 @@ import torch
 import peftkit
 
 from .families import FAMILY
+from .parity import assert_loads_both_ways, train_a_little
 
 FAMILIES = ["bert", "roberta", "gpt2", "llama", "t5", "vit", "convnet", "clip", "unet"]
 VARIANTS = {
@@ -36,17 +37,6 @@ def configs(family, kwargs):
     return peft.LoraConfig(**kwargs, **extra), peftkit.LoraConfig(**kwargs, **extra)
 
 
-def train_a_little(model, family, steps=3):
-    """A few SGD steps so that B != 0 and the magnitude moved: the saved adapter is non-trivial."""
-    model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    for _ in range(steps):
-        opt.zero_grad()
-        family.run(model).float().pow(2).mean().backward()
-        opt.step()
-    model.eval()
-
-
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(1)
@@ -57,21 +47,7 @@ def _threads():
 def test_adapter_files_load_both_ways(name, variant, tmp_path):
     family = FAMILY[name]
     ref_cfg, our_cfg = configs(family, VARIANTS[variant])
-
-    theirs = peft.get_peft_model(family.model(), ref_cfg)
-    train_a_little(theirs, family)
-    theirs.save_pretrained(tmp_path / "peft")
-    expected = family.run(theirs)
-    ours = peftkit.PeftModel.from_pretrained(family.model(), tmp_path / "peft")
-    torch.testing.assert_close(family.run(ours), expected, atol=1e-5, rtol=0)
-
-    mine = peftkit.get_peft_model(family.model(), our_cfg)
-    train_a_little(mine, family)
-    mine.save_pretrained(tmp_path / "peftkit")
-    expected = family.run(mine)
-    loaded = peft.PeftModel.from_pretrained(family.model(), tmp_path / "peftkit")
-    torch.testing.assert_close(family.run(loaded), expected, atol=1e-5, rtol=0)
-    assert not torch.allclose(expected, family.run(family.model()), atol=1e-4), "training changed nothing"
+    assert_loads_both_ways(family, ref_cfg, our_cfg, tmp_path)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -14,6 +14,7 @@ from peftkit.config import ConfigError
 from peftkit.methods.fourierft import FourierFTAdapter, FourierFTConfig, fourier_delta, spectral_locations
 
 from ..families import FAMILY
+from ..parity import assert_loads_both_ways
 
 FAMILIES = ["llama", "gpt2", "bert"]
 KW = {"n_frequency": 16, "scaling": 20.0}
@@ -113,23 +114,7 @@ def test_same_trainable_parameter_count_and_targets_as_peft(name):
 def test_adapter_files_load_both_ways(name, tmp_path):
     family = FAMILY[name]
     ref_cfg, our_cfg = configs(name)
-    base_out = family.run(family.model())
-
-    theirs = peft.get_peft_model(family.model(), ref_cfg)
-    train_a_little(theirs, family)
-    theirs.save_pretrained(tmp_path / "peft")
-    expected = family.run(theirs)
-    assert not torch.allclose(expected, base_out, atol=1e-4), "peft adapter changed nothing"
-    ours = peftkit.PeftModel.from_pretrained(family.model(), tmp_path / "peft")
-    torch.testing.assert_close(family.run(ours), expected, atol=1e-5, rtol=0)
-
-    mine = peftkit.get_peft_model(family.model(), our_cfg)
-    train_a_little(mine, family)
-    mine.save_pretrained(tmp_path / "peftkit")
-    expected = family.run(mine)
-    assert not torch.allclose(expected, base_out, atol=1e-4), "peftkit adapter changed nothing"
-    loaded = peft.PeftModel.from_pretrained(family.model(), tmp_path / "peftkit")
-    torch.testing.assert_close(family.run(loaded), expected, atol=1e-5, rtol=0)
+    assert_loads_both_ways(family, ref_cfg, our_cfg, tmp_path, train=train_a_little)
     # same file layout: identical keys and shapes
     a = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     b = load_file(tmp_path / "peftkit" / "adapter_model.safetensors")

@@ -15,6 +15,7 @@ from peftkit.config import ConfigError
 from peftkit.methods.ia3 import IA3Adapter, IA3Config
 
 from ..families import FAMILY
+from ..parity import assert_loads_both_ways
 
 FAMILIES = ["llama", "gpt2", "bert", "convnet"]
 # convnet has no PEFT default: explicit targets, the second conv treated as feedforward
@@ -105,23 +106,8 @@ def test_same_targets_feedforward_and_parameter_count_as_peft(name):
 def test_adapter_files_load_both_ways(name, tmp_path):
     family = FAMILY[name]
     ref_cfg, our_cfg = configs(name)
-    base_out = family.run(family.model())
-
-    theirs = peft.get_peft_model(family.model(), ref_cfg)
-    train_a_little(theirs, family)
-    theirs.save_pretrained(tmp_path / "peft")
-    expected = family.run(theirs)
-    assert not torch.allclose(expected, base_out, atol=1e-4), "peft adapter changed nothing"
-    ours = peftkit.PeftModel.from_pretrained(family.model(), tmp_path / "peft")
-    torch.testing.assert_close(family.run(ours), expected, atol=1e-5, rtol=0)
-
-    mine = peftkit.get_peft_model(family.model(), our_cfg)
-    train_a_little(mine, family)
-    mine.save_pretrained(tmp_path / "peftkit")
-    expected = family.run(mine)
-    assert not torch.allclose(expected, base_out, atol=1e-4), "peftkit adapter changed nothing"
-    loaded = peft.PeftModel.from_pretrained(family.model(), tmp_path / "peftkit")
-    torch.testing.assert_close(family.run(loaded), expected, atol=1e-5, rtol=0)
+    assert_loads_both_ways(family, ref_cfg, our_cfg, tmp_path, train=train_a_little)
+    # same file layout: identical keys and shapes
     a = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     b = load_file(tmp_path / "peftkit" / "adapter_model.safetensors")
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}

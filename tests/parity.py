@@ -1,0 +1,63 @@
+"""Shared checks against the reference implementation (Hugging Face PEFT) for every method's tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import peft
+import torch
+from torch import nn
+
+import peftkit
+
+
+def train_a_little(model: nn.Module, family, steps: int = 3, lr: float = 0.5) -> None:
+    """A few SGD steps so that the saved adapter is non-trivial (zero-initialised factors have moved)."""
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        family.run(model).float().pow(2).mean().backward()
+        opt.step()
+    model.eval()
+
+
+def assert_loads_both_ways(
+    family,
+    ref_cfg,
+    our_cfg,
+    folder: Path,
+    *,
+    train: Callable[[nn.Module, object], None] = train_a_little,
+    reference_model: Callable[[], nn.Module] | None = None,
+    min_change: float = 1e-4,
+    min_change_ref: float | None = None,
+) -> tuple[nn.Module, nn.Module]:
+    """An adapter trained in peft loads into peftkit with the same outputs (<= 1e-5), and the other way round.
+
+    ``reference_model`` builds the base peft wraps when it differs from the family's (e.g. a model whose
+    layers peft cannot wrap, replaced by equivalents). ``min_change`` (``min_change_ref`` for the peft side,
+    default the same) is how far each trained adapter must move the output from the base's.
+    Returns (peftkit model, peft model that loaded it).
+    """
+    make_ref = reference_model or family.model
+    base_out = family.run(family.model())
+
+    theirs = peft.get_peft_model(make_ref(), ref_cfg)
+    train(theirs, family)
+    theirs.save_pretrained(folder / "peft")
+    expected = family.run(theirs)
+    ref_change = min_change if min_change_ref is None else min_change_ref
+    assert (expected - base_out).abs().max() > ref_change, "the peft adapter changed nothing"
+    ours = peftkit.PeftModel.from_pretrained(family.model(), folder / "peft")
+    torch.testing.assert_close(family.run(ours), expected, atol=1e-5, rtol=0)
+
+    mine = peftkit.get_peft_model(family.model(), our_cfg)
+    train(mine, family)
+    mine.save_pretrained(folder / "peftkit")
+    expected = family.run(mine)
+    assert (expected - base_out).abs().max() > min_change, "the peftkit adapter changed nothing"
+    loaded = peft.PeftModel.from_pretrained(make_ref(), folder / "peftkit")
+    torch.testing.assert_close(family.run(loaded), expected, atol=1e-5, rtol=0)
+    return mine, loaded
