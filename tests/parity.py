@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
 import peft
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import peftkit
@@ -21,6 +23,49 @@ def train_a_little(model: nn.Module, family, steps: int = 3, lr: float = 0.5) ->
         family.run(model).float().pow(2).mean().backward()
         opt.step()
     model.eval()
+
+
+@torch.no_grad()
+def perturb(model: nn.Module, scale: float = 0.2, seed: int = 3, only: str = "") -> None:
+    """Push trainable tensors (whose name contains ``only``) further than a few steps move them."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.requires_grad and only in name:
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def paired_configs(family, ref_cls: type, our_cls: type, **kwargs) -> tuple[object, object]:
+    """The same config for both libraries, with the family's explicit targets and task type."""
+    extra = {}
+    if family.targets:
+        extra["target_modules"] = family.targets
+    if family.task_type:
+        extra["task_type"] = family.task_type
+    return ref_cls(**kwargs, **extra), our_cls(**kwargs, **extra)
+
+
+def linearized(model: nn.Module) -> nn.Module:
+    """A copy with every GPT-2 Conv1D replaced by the equivalent nn.Linear (for peft methods that cannot wrap it)."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Conv1D):
+            lin = nn.Linear(module.weight.shape[0], module.weight.shape[1])
+            with torch.no_grad():
+                lin.weight.copy_(module.weight.t())
+                lin.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, lin)
+    return model
+
+
+def assert_same_file_layout(folder: Path, key_suffix: str) -> None:
+    """The files saved by ``assert_loads_both_ways`` hold the same keys and shapes, including ``key_suffix``."""
+    a = load_file(folder / "peft" / "adapter_model.safetensors")
+    b = load_file(folder / "peftkit" / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert any(k.endswith(key_suffix) for k in a)
 
 
 def assert_loads_both_ways(

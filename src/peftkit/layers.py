@@ -21,6 +21,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .targeting import Conv1D
+
 
 class Adapter(nn.Module):
     """One named adapter on one base layer.
@@ -203,6 +205,21 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+def is_transposed(base: nn.Module) -> bool:
+    """GPT-2's Conv1D stores its weight (d_in, d_out), the transpose of nn.Linear's."""
+    return isinstance(base, Conv1D)
+
+
+def layer_dims(base: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of a base layer: Linear, Conv1D, Conv (channels) or Embedding (dim, num_embeddings)."""
+    if isinstance(base, nn.Embedding):
+        return base.embedding_dim, base.num_embeddings
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return base.out_channels, base.in_channels
+    w = base.weight
+    return (w.shape[1], w.shape[0]) if is_transposed(base) else (w.shape[0], w.shape[1])
 
 
 def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:

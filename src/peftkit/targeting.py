@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from .config import ConfigError, TaskType
+from .config import TaskType
 
 try:  # GPT-2 style linear layer with a transposed weight
     from transformers.pytorch_utils import Conv1D

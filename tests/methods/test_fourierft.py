@@ -14,7 +14,7 @@ from peftkit.config import ConfigError
 from peftkit.methods.fourierft import FourierFTAdapter, FourierFTConfig, fourier_delta, spectral_locations
 
 from ..families import FAMILY
-from ..parity import assert_loads_both_ways
+from ..parity import assert_loads_both_ways, assert_same_file_layout, train_a_little
 
 FAMILIES = ["llama", "gpt2", "bert"]
 KW = {"n_frequency": 16, "scaling": 20.0}
@@ -32,14 +32,8 @@ def configs(name: str, **kwargs):
     return peft.FourierFTConfig(**kw), FourierFTConfig(**kw)
 
 
-def train_a_little(model, family, steps=3, lr=0.05):
-    model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        family.run(model).float().pow(2).mean().backward()
-        opt.step()
-    model.eval()
+def train(model, family):
+    train_a_little(model, family, lr=0.05)
 
 
 def test_config_fields_and_defaults_match_peft():
@@ -114,12 +108,8 @@ def test_same_trainable_parameter_count_and_targets_as_peft(name):
 def test_adapter_files_load_both_ways(name, tmp_path):
     family = FAMILY[name]
     ref_cfg, our_cfg = configs(name)
-    assert_loads_both_ways(family, ref_cfg, our_cfg, tmp_path, train=train_a_little)
-    # same file layout: identical keys and shapes
-    a = load_file(tmp_path / "peft" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "peftkit" / "adapter_model.safetensors")
-    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
-    assert any(k.endswith(".fourierft_spectrum") for k in a)
+    assert_loads_both_ways(family, ref_cfg, our_cfg, tmp_path, train=train)
+    assert_same_file_layout(tmp_path, ".fourierft_spectrum")
 
 
 @pytest.mark.parametrize("name", FAMILIES)

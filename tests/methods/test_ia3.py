@@ -7,7 +7,6 @@ import dataclasses
 import peft
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 import peftkit
@@ -15,7 +14,8 @@ from peftkit.config import ConfigError
 from peftkit.methods.ia3 import IA3Adapter, IA3Config
 
 from ..families import FAMILY
-from ..parity import assert_loads_both_ways
+from ..parity import assert_loads_both_ways, assert_same_file_layout, train_a_little
+from ..parity import perturb as shared_perturb
 
 FAMILIES = ["llama", "gpt2", "bert", "convnet"]
 # convnet has no PEFT default: explicit targets, the second conv treated as feedforward
@@ -33,24 +33,14 @@ def configs(name: str, **kwargs):
     return peft.IA3Config(**kw), IA3Config(**kw)
 
 
-def train_a_little(model, family, steps=3, lr=0.2):
+def train(model, family):
     """A few SGD steps, then a push (the vectors move slowly from 1 on tiny models): non-trivial files."""
-    model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        family.run(model).float().pow(2).mean().backward()
-        opt.step()
-    model.eval()
+    train_a_little(model, family, lr=0.2)
     perturb(model)
 
 
-@torch.no_grad()
 def perturb(model):
-    g = torch.Generator().manual_seed(5)
-    for n, p in model.named_parameters():
-        if "ia3_l" in n:
-            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    shared_perturb(model, scale=0.3, seed=5, only="ia3_l")
 
 
 def test_config_fields_and_defaults_match_peft():
@@ -106,12 +96,8 @@ def test_same_targets_feedforward_and_parameter_count_as_peft(name):
 def test_adapter_files_load_both_ways(name, tmp_path):
     family = FAMILY[name]
     ref_cfg, our_cfg = configs(name)
-    assert_loads_both_ways(family, ref_cfg, our_cfg, tmp_path, train=train_a_little)
-    # same file layout: identical keys and shapes
-    a = load_file(tmp_path / "peft" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "peftkit" / "adapter_model.safetensors")
-    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
-    assert any(k.endswith(".ia3_l") for k in a)
+    assert_loads_both_ways(family, ref_cfg, our_cfg, tmp_path, train=train)
+    assert_same_file_layout(tmp_path, ".ia3_l")
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import peft
@@ -18,7 +17,7 @@ from peftkit.methods.lycoris import LoKrAdapter, LoKrConfig
 from peftkit.methods.lycoris import functional as YF
 
 from ..families import FAMILY
-from ..parity import assert_loads_both_ways, train_a_little
+from ..parity import assert_loads_both_ways, linearized, paired_configs, perturb, train_a_little
 
 FAMILIES = ["llama", "gpt2", "bert", "convnet"]
 
@@ -28,45 +27,13 @@ def _threads():
     torch.set_num_threads(1)
 
 
-def linearized(model: nn.Module) -> nn.Module:
-    """GPT-2 with every Conv1D replaced by the equivalent nn.Linear (PEFT's LoHa/LoKr cannot wrap Conv1D)."""
-    from transformers.pytorch_utils import Conv1D
-
-    model = copy.deepcopy(model)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Conv1D):
-            lin = nn.Linear(module.weight.shape[0], module.weight.shape[1])
-            with torch.no_grad():
-                lin.weight.copy_(module.weight.t())
-                lin.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, lin)
-    return model
-
-
-@torch.no_grad()
-def perturb(model: nn.Module) -> None:
-    """After a few training steps, push every trainable tensor further (LoHa's product moves slowly at first):
-    the files compared below then hold clearly non-trivial adapters."""
-    g = torch.Generator().manual_seed(3)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-
-
 def reference_model(name: str) -> nn.Module:
     model = FAMILY[name].model()
     return linearized(model) if name == "gpt2" else model
 
 
 def configs(name: str, **kwargs):
-    family = FAMILY[name]
-    extra = {}
-    if family.targets:
-        extra["target_modules"] = family.targets
-    if family.task_type:
-        extra["task_type"] = family.task_type
-    return peft.LoKrConfig(**kwargs, **extra), LoKrConfig(**kwargs, **extra)
+    return paired_configs(FAMILY[name], peft.LoKrConfig, LoKrConfig, **kwargs)
 
 
 CASES = [(n, {"r": 4, "alpha": 4}) for n in FAMILIES] + [

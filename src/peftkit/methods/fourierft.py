@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError, PeftConfig
-from ..layers import Adapter
+from ..layers import Adapter, layer_dims
 from ..registry import register_method
 from ..targeting import pattern_value
 
@@ -108,14 +108,6 @@ def fourier_delta(spectrum: Tensor, rows: Tensor, cols: Tensor, d_out: int, d_in
     return (torch.fft.ifft2(dense).real * scaling).to(spectrum.dtype)
 
 
-def _dims(base: nn.Module) -> tuple[int, int]:
-    """(d_out, d_in) of a Linear or GPT-2 Conv1D (which stores its weight as (d_in, d_out))."""
-    w = base.weight
-    if Conv1D is not None and isinstance(base, Conv1D):
-        return w.shape[1], w.shape[0]
-    return w.shape[0], w.shape[1]
-
-
 @register_method(
     "fourierft",
     config=FourierFTConfig,
@@ -135,7 +127,7 @@ class FourierFTAdapter(Adapter):
 
     def __init__(self, base: nn.Module, config: FourierFTConfig, key: str = "", init: bool = True) -> None:
         super().__init__()
-        self.d_out, self.d_in = _dims(base)
+        self.d_out, self.d_in = layer_dims(base)
         self.transposed = Conv1D is not None and isinstance(base, Conv1D)
         self.n = n = pattern_value(config.n_frequency_pattern, key, config.n_frequency)
         if n > self.d_out * self.d_in:

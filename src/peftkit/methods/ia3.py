@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError, PeftConfig
-from ..layers import Adapter
+from ..layers import Adapter, layer_dims
 from ..registry import register_method
 from ..targeting import role_names
 
@@ -84,16 +84,6 @@ def is_feedforward(config: IA3Config, key: str) -> bool:
     return any(key.endswith(name) for name in ff)
 
 
-def _dims(base: nn.Module) -> tuple[int, int]:
-    """(d_out, d_in) of a Linear, GPT-2 Conv1D (weight stored (d_in, d_out)) or Conv2d."""
-    if isinstance(base, nn.Conv2d):
-        return base.out_channels, base.in_channels
-    w = base.weight
-    if Conv1D is not None and isinstance(base, Conv1D):
-        return w.shape[1], w.shape[0]
-    return w.shape[0], w.shape[1]
-
-
 @register_method(
     "ia3",
     config=IA3Config,
@@ -119,7 +109,7 @@ class IA3Adapter(Adapter):
         self.transposed = Conv1D is not None and isinstance(base, Conv1D)
         # output scaling also scales the bias when merged; input scaling leaves it alone
         self.merged_params = ("weight",) if self.feedforward else ("weight", "bias")
-        d_out, d_in = _dims(base)
+        d_out, d_in = layer_dims(base)
         n = d_in if self.feedforward else d_out
         if self.conv:
             shape: tuple[int, ...] = (1, n, 1, 1)
@@ -142,7 +132,7 @@ class IA3Adapter(Adapter):
     @classmethod
     def param_count(cls, base: nn.Module, config: IA3Config, key: str = "") -> int:
         """Closed form: d_out per target, d_in (input channels) for feedforward targets."""
-        d_out, d_in = _dims(base)
+        d_out, d_in = layer_dims(base)
         return d_in if is_feedforward(config, key) else d_out
 
     # -- forward ---------------------------------------------------------------------------------------

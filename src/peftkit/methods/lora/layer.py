@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as M
 
-from ...layers import Adapter, scratch
+from ...layers import Adapter, is_transposed, layer_dims, scratch
 from ...registry import register_method
 from ...targeting import pattern_value
 from . import functional as LF
@@ -108,12 +108,10 @@ class LoraAdapter(Adapter):
     # -- layout ----------------------------------------------------------------------------------------
     def _dims(self, base: nn.Module) -> tuple[int, int]:
         """(d_out, d_in); for an embedding (embedding_dim, num_embeddings)."""
-        if self.kind == "embedding":
-            return base.embedding_dim, base.num_embeddings
-        if self.kind == "conv":
-            return base.out_channels, base.in_channels
-        w = base.weight
-        return (w.shape[1], w.shape[0]) if self.fan_in_fan_out else (w.shape[0], w.shape[1])
+        d_out, d_in = layer_dims(base)
+        if self.kind == "linear" and self.fan_in_fan_out and not is_transposed(base):
+            return d_in, d_out  # a plain Linear declared to store its weight (d_in, d_out)
+        return d_out, d_in
 
     @property
     def _out_axis(self) -> int:
@@ -138,11 +136,8 @@ class LoraAdapter(Adapter):
     def param_count(cls, base: nn.Module, config: LoraConfig, key: str = "") -> int:
         """Closed form: r (d_in * prod(kernel) + d_out), + d_out with DoRA."""
         r = pattern_value(config.rank_pattern, key, config.r)
-        probe = cls.__new__(cls)
-        probe.kind = _kind(base)
-        probe.fan_in_fan_out = Conv1D is not None and isinstance(base, Conv1D)
-        d_out, d_in = probe._dims(base)
-        k = math.prod(base.kernel_size) if probe.kind == "conv" else 1
+        d_out, d_in = layer_dims(base)
+        k = math.prod(base.kernel_size) if isinstance(base, _CONV) else 1
         return r * (d_in * k + d_out) + (d_out if config.use_dora else 0)
 
     # -- init ------------------------------------------------------------------------------------------

@@ -16,13 +16,13 @@ are laid out as for the equivalent ``nn.Linear`` and the delta is transposed int
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...layers import Adapter
+from ...layers import Adapter, is_transposed, layer_dims
 from ...registry import register_method
 from ...targeting import pattern_value
 from . import functional as YF
@@ -40,14 +40,12 @@ _MODALITIES = ("text", "vision", "vision-language", "generation")
 
 def _geometry(base: nn.Module) -> tuple[int, int, tuple[int, ...], bool]:
     """(d_out, d_in per group, kernel, transposed) of a supported base layer."""
+    if not isinstance(base, _SUPPORTED):
+        raise TypeError(f"LyCORIS adapters wrap Linear, Conv1D, Conv1d and Conv2d layers, not {type(base).__name__}")
+    d_out, d_in = layer_dims(base)
     if isinstance(base, _CONV):
-        return base.out_channels, base.in_channels // base.groups, tuple(base.kernel_size), False
-    if isinstance(base, nn.Linear):
-        return base.out_features, base.in_features, (), False
-    if Conv1D is not None and isinstance(base, Conv1D):
-        d_in, d_out = base.weight.shape
-        return d_out, d_in, (), True
-    raise TypeError(f"LyCORIS adapters wrap Linear, Conv1D, Conv1d and Conv2d layers, not {type(base).__name__}")
+        return d_out, d_in // base.groups, tuple(base.kernel_size), False
+    return d_out, d_in, (), is_transposed(base)
 
 
 class _LycorisAdapter(Adapter):
