@@ -106,3 +106,31 @@ def assert_loads_both_ways(
     loaded = peft.PeftModel.from_pretrained(make_ref(), folder / "peftkit")
     torch.testing.assert_close(family.run(loaded), expected, atol=1e-5, rtol=0)
     return mine, loaded
+
+
+def assert_same_trainable_state(ref: nn.Module, ours: nn.Module) -> None:
+    """Same trainable-parameter count and the same adapter file keys and shapes."""
+    assert ours.get_nb_trainable_parameters()[0] == ref.get_nb_trainable_parameters()[0]
+    ref_state = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(ref).items()}
+    our_state = {k: tuple(v.shape) for k, v in peftkit.get_peft_model_state_dict(ours).items()}
+    assert our_state == ref_state
+
+
+def assert_merges_like_peft(family, theirs: nn.Module, ours: nn.Module) -> list[str]:
+    """Merged == unmerged, unmerge restores the base bit for bit, and merge_and_unload gives peft's merged
+    parameters (<= 1e-6). Returns the base parameter names the merge changed."""
+    before = {k: v.clone() for k, v in ours.get_base_model().state_dict().items() if ".adapters." not in k}
+    unmerged = family.run(ours)
+    ours.merge_adapter()
+    torch.testing.assert_close(family.run(ours), unmerged, atol=1e-5, rtol=1e-5)
+    ours.unmerge_adapter()
+    after = {k: v for k, v in ours.get_base_model().state_dict().items() if ".adapters." not in k}
+    assert all(torch.equal(before[k], after[k]) for k in before), "unmerge is not bit-exact"
+
+    ref_plain = theirs.merge_and_unload().state_dict()
+    our_plain = ours.merge_and_unload().state_dict()
+    original = family.model().state_dict()
+    assert ref_plain.keys() == our_plain.keys() == original.keys()
+    for key in ref_plain:
+        torch.testing.assert_close(our_plain[key], ref_plain[key], atol=1e-6, rtol=0, msg=key)
+    return [k for k in original if not torch.equal(our_plain[k], original[k])]

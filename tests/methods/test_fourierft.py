@@ -14,7 +14,7 @@ from peftkit.config import ConfigError
 from peftkit.methods.fourierft import FourierFTAdapter, FourierFTConfig, fourier_delta, spectral_locations
 
 from ..families import FAMILY
-from ..parity import assert_loads_both_ways, assert_same_file_layout, train_a_little
+from ..parity import assert_loads_both_ways, assert_merges_like_peft, assert_same_file_layout, train_a_little
 
 FAMILIES = ["llama", "gpt2", "bert"]
 KW = {"n_frequency": 16, "scaling": 20.0}
@@ -120,22 +120,7 @@ def test_merge_matches_peft_merged_weights(name, tmp_path):
     theirs = peft.get_peft_model(family.model(), ref_cfg)
     theirs.save_pretrained(tmp_path)
     ours = peftkit.PeftModel.from_pretrained(family.model(), tmp_path)
-    before = {k: v.clone() for k, v in ours.get_base_model().state_dict().items() if ".adapters." not in k}
-    unmerged = family.run(ours)
-
-    ours.merge_adapter()
-    torch.testing.assert_close(family.run(ours), unmerged, atol=1e-5, rtol=1e-5)
-    ours.unmerge_adapter()
-    after = {k: v for k, v in ours.get_base_model().state_dict().items() if ".adapters." not in k}
-    assert all(torch.equal(before[k], after[k]) for k in before)
-
-    ref_plain = theirs.merge_and_unload().state_dict()
-    our_plain = ours.merge_and_unload().state_dict()
-    original = family.model().state_dict()
-    assert ref_plain.keys() == our_plain.keys() == original.keys()
-    for key in ref_plain:
-        torch.testing.assert_close(our_plain[key], ref_plain[key], atol=1e-6, rtol=0, msg=key)
-    changed = [k for k in original if not torch.equal(our_plain[k], original[k])]
+    changed = assert_merges_like_peft(family, theirs, ours)
     assert changed and all(k.endswith(".weight") for k in changed), changed
 
 

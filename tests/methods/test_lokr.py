@@ -17,7 +17,9 @@ from peftkit.methods.lycoris import LoKrAdapter, LoKrConfig
 from peftkit.methods.lycoris import functional as YF
 
 from ..families import FAMILY
-from ..parity import assert_loads_both_ways, linearized, paired_configs, perturb, train_a_little
+from ..parity import (
+    assert_loads_both_ways, assert_same_trainable_state, linearized, paired_configs, perturb, train_a_little,
+)
 
 FAMILIES = ["llama", "gpt2", "bert", "convnet"]
 
@@ -197,10 +199,7 @@ def test_same_trainable_parameter_count_and_shapes_as_peft(name, kwargs):
     ref_cfg, our_cfg = configs(name, **kwargs)
     ref = peft.get_peft_model(reference_model(name), ref_cfg)
     ours = peftkit.get_peft_model(FAMILY[name].model(), our_cfg)
-    assert ours.get_nb_trainable_parameters()[0] == ref.get_nb_trainable_parameters()[0]
-    ref_state = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(ref).items()}
-    our_state = {k: tuple(v.shape) for k, v in peftkit.get_peft_model_state_dict(ours).items()}
-    assert our_state == ref_state
+    assert_same_trainable_state(ref, ours)
 
 
 @pytest.mark.parametrize(("name", "kwargs"), CASES, ids=IDS)
