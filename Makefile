@@ -26,7 +26,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 run: $(VENV)/.installed-demo
-	HF_HUB_OFFLINE=1 $(PY) examples/sst2_lora.py
+	HF_HUB_OFFLINE=1 $(VENV)/bin/peftkit train
 
 test: $(VENV)/.installed-test
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests

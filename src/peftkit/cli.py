@@ -61,6 +61,23 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import RecipeError, TrainingError, load_recipe, train
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except (RecipeError, ValueError) as exc:
+        where = f"{args.recipe}: " if args.recipe and not str(exc).startswith(args.recipe) else ""
+        print(f"peftkit train: {where}{exc}", file=sys.stderr)
+        return 2
+    try:
+        train(recipe)
+    except TrainingError as exc:
+        print(f"peftkit train: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peftkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,7 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("inspect", help="summarise a saved adapter folder")
     p.add_argument("path")
     p.set_defaults(run=_cmd_inspect)
+    p = sub.add_parser("train", help="fine-tune from a YAML recipe (no recipe: LoRA on SST-2 with the MiniLM)")
+    p.add_argument("recipe", nargs="?", help="recipe YAML file; key=value arguments override its fields")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=5e-4 peft.r=16")
+    p.set_defaults(run=_cmd_train)
     args = parser.parse_args(argv)
+    if args.command == "train" and args.recipe and "=" in args.recipe and not os.path.exists(args.recipe):
+        args.overrides.insert(0, args.recipe)
+        args.recipe = None
     return args.run(args)
 
 

@@ -1,0 +1,318 @@
+"""The training loop behind ``peftkit train``.
+
+One run: read the data, load the base model, wrap it with the recipe's method, evaluate, train with AdamW
+(warm-up + linear / cosine decay, gradient accumulation and clipping, optional bf16 autocast, gradient
+checkpointing, LoRA+ groups, per-step method hooks such as AdaLoRA's rank allocation), checkpoint every
+``save_every`` steps, evaluate again, and write the run folder. Under ``torchrun`` it trains data-parallel
+with ``DistributedDataParallel`` (gloo on CPU, NCCL on CUDA); only adapter parameters are trainable, so
+only they are all-reduced.
+
+Example ``i`` of the global batch at optimizer step ``s`` and micro-step ``m`` is a pure function of the
+seed: an epoch-wise permutation of the training rows seeded by ``(seed, epoch)``. Rank ``r`` of ``W``
+takes rows ``r*B .. (r+1)*B`` of the ``W*B`` global batch, so ``W`` processes at batch ``B`` see exactly
+what one process sees at batch ``W*B``, and a resumed run sees what an uninterrupted one saw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from ..io import atomic_write_text
+from ..model import get_peft_model, set_peft_model_state_dict
+from .recipe import Recipe, build_peft_config
+from .state import MetricsLog, checkpoint_dirs, load_trainer_state, lr_factor, rng_state, save_checkpoint, set_rng_state
+from .tasks import TASKS
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. a NaN loss); the last good checkpoint is kept."""
+
+
+def example_indices(seed: int, n: int, start: int, count: int) -> list[int]:
+    """Examples ``start .. start+count`` of the endless stream of seeded per-epoch permutations of ``n`` rows."""
+    out: list[int] = []
+    while len(out) < count:
+        pos = start + len(out)
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        out.extend(perm[offset : offset + count - len(out)])
+    return out
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, *, quiet: bool = False) -> None:
+        self.recipe = recipe
+        self.quiet = quiet
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.run_dir = recipe.output_dir
+        self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"))
+        self.comm_numel = 0  # elements all-reduced (data-parallel runs)
+
+    def log(self, text: str) -> None:
+        if not self.quiet and self.rank == 0:
+            print(text, flush=True)
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        r = self.recipe
+        if r.task not in TASKS:
+            raise TrainingError(f"task: no task {r.task!r} (known: {sorted(TASKS)})")
+        if r.train.num_threads:
+            torch.set_num_threads(r.train.num_threads)
+        self.task = TASKS[r.task](r)
+        self.task.load_data()  # bad rows fail here, before the model loads
+        for note in self.task.notes:
+            self.log(note)
+        torch.manual_seed(r.train.seed)
+        random.seed(r.train.seed)
+        base = self.task.load_model()
+        config = build_peft_config(r, task_type=self.task.task_type) if _has_task_type(r) else build_peft_config(r)
+        self.model = get_peft_model(base, config)
+        if r.train.gradient_checkpointing:
+            enable = getattr(base, "gradient_checkpointing_enable", None)
+            if enable is None:
+                raise TrainingError("train.gradient_checkpointing: the base model has no gradient_checkpointing_enable")
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.trainable, self.total = self.model.get_nb_trainable_parameters()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.forward_model: nn.Module = self.model
+        if self.world > 1:
+            self._setup_ddp()
+        self.optimizer = self._optimizer()
+        t = r.train
+        warmup = int(t.warmup_ratio * t.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, t.max_steps, warmup, t.schedule)
+        )
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        t = self.recipe.train
+        if t.loraplus_lr_ratio:
+            from ..optim import create_loraplus_optimizer
+
+            return create_loraplus_optimizer(
+                self.model, torch.optim.AdamW, lr=t.lr, loraplus_lr_ratio=t.loraplus_lr_ratio,
+                weight_decay=t.weight_decay,
+            )
+        return torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
+
+    def _setup_ddp(self) -> None:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.forward_model = DDP(self.model)
+
+        def counting_allreduce(state: Any, bucket: Any) -> torch.futures.Future:
+            tensor = bucket.buffer()
+            self.comm_numel += tensor.numel()
+            tensor.div_(self.world)
+            return dist.all_reduce(tensor, async_op=True).get_future().then(lambda f: f.value()[0])
+
+        self.forward_model.register_comm_hook(None, counting_allreduce)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainer_state(self, step: int, loss_sum: float, loss_count: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "loss_sum": loss_sum,
+            "loss_count": loss_count,
+        }
+
+    def _resume(self) -> tuple[int, float, int]:
+        found = checkpoint_dirs(self.run_dir)
+        if not found:
+            self.log(f"resume: no checkpoint in {self.run_dir}; starting from step 0")
+            return 0, 0.0, 0
+        step, path = found[-1]
+        from ..checkpoint import read_weights
+
+        tensors, _ = read_weights(path)
+        set_peft_model_state_dict(self.model, tensors)
+        state = load_trainer_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.metrics.truncate_after(step)
+        self.log(f"resumed from {path} (step {step})")
+        return step, float(state["loss_sum"]), int(state["loss_count"])
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict[str, Any]:
+        r, t = self.recipe, self.recipe.train
+        start_time = time.perf_counter()
+        self.setup()
+        os.makedirs(self.run_dir, exist_ok=True)
+        step, loss_sum, loss_count = self._resume() if r.resume else (0, 0.0, 0)
+        if step == 0:
+            if self.rank == 0 and os.path.exists(self.metrics.path):
+                os.remove(self.metrics.path)
+            before = self._evaluate()
+            self._record({"step": 0, "event": "eval", **before})
+        self.log(f"{r.method} on {r.model}: {self.trainable:,d} trainable of {self.total:,d} parameters "
+                 f"({100 * self.trainable / self.total:.3f}%)")
+        before = next((m for m in self.metrics.read() if m.get("event") == "eval" and m["step"] == 0), {})
+        if self.task.main_metric in before:
+            self.log(f"before training: {self.task.main_metric} = {before[self.task.main_metric]:.4f}")
+
+        writer = self._tensorboard()
+        self.forward_model.train()
+        bar = self._progress(step)
+        window_start, window_samples = time.perf_counter(), 0
+        global_bs = t.batch_size * self.world
+        while step < t.max_steps:
+            loss_value = self._train_step(step, global_bs)
+            if not math.isfinite(loss_value):
+                last = checkpoint_dirs(self.run_dir)
+                where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
+                raise TrainingError(f"loss is {loss_value} at step {step + 1}; stopping ({where})")
+            step += 1
+            loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+            window_samples += global_bs * t.grad_accum
+            if step % t.log_every == 0 or step == t.max_steps:
+                elapsed = time.perf_counter() - window_start
+                record = {"step": step, "loss": loss_sum / loss_count, "lr": self.scheduler.get_last_lr()[0],
+                          "samples_per_s": window_samples / max(elapsed, 1e-9)}
+                self._record(record)
+                if writer:
+                    writer.add_scalar("train/loss", record["loss"], step)
+                    writer.add_scalar("train/lr", record["lr"], step)
+                loss_sum, loss_count, window_start, window_samples = 0.0, 0, time.perf_counter(), 0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                    ex_s=f"{record['samples_per_s']:.0f}")
+            if bar is not None:
+                bar.update(1)
+            if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+                self._record({"step": step, "event": "eval", **self._evaluate()})
+            if t.save_every and step % t.save_every == 0 and step < t.max_steps and self.rank == 0:
+                save_checkpoint(self.run_dir, step, self.model, self._trainer_state(step, loss_sum, loss_count),
+                                t.keep_last)
+        if bar is not None:
+            bar.close()
+        after = self._evaluate()
+        self._record({"step": step, "event": "eval", **after})
+        if writer:
+            for k, v in after.items():
+                writer.add_scalar(f"eval/{k}", v, step)
+            writer.close()
+        return self._finish(before, after, time.perf_counter() - start_time)
+
+    def _train_step(self, step: int, global_bs: int) -> float:
+        t = self.recipe.train
+        total = 0.0
+        for micro in range(t.grad_accum):
+            start = (step * t.grad_accum + micro) * global_bs + self.rank * t.batch_size
+            idx = example_indices(t.seed, self.task.n_train, start, t.batch_size)
+            batch = self.task.batch(idx)
+            sync = contextlib.nullcontext()
+            if self.world > 1 and micro < t.grad_accum - 1:
+                sync = self.forward_model.no_sync()
+            with sync, self._autocast():
+                loss = self.task.loss(self.forward_model, batch) / t.grad_accum
+            with sync:
+                loss.backward()
+            total += float(loss.detach())
+        if self.world > 1:
+            total = _mean_across_ranks(total)
+        if not math.isfinite(total):
+            self.optimizer.zero_grad(set_to_none=True)
+            return total
+        if t.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
+        self.optimizer.step()
+        hook = getattr(self.model, "update_and_allocate", None)
+        if hook is not None and getattr(self.model.active_peft_config, "total_step", None) is not None:
+            hook(step + 1)  # AdaLoRA: prune ranks from the current gradients before they are cleared
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def _autocast(self):
+        if not self.recipe.train.bf16:
+            return contextlib.nullcontext()
+        device = "cuda" if next(self.model.parameters()).is_cuda else "cpu"
+        return torch.autocast(device, dtype=torch.bfloat16)
+
+    def _evaluate(self) -> dict[str, float]:
+        with self._autocast():
+            return self.task.evaluate(self.model)
+
+    def _record(self, record: dict[str, Any]) -> None:
+        if self.rank == 0:
+            self.metrics.write(record)
+
+    def _progress(self, step: int):
+        if self.quiet or self.rank != 0:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.recipe.train.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _tensorboard(self):
+        if not self.recipe.tensorboard or self.rank != 0:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.log("tensorboard: not installed (pip install tensorboard); logging to metrics.jsonl only")
+            return None
+        return SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+
+    def _finish(self, before: dict[str, Any], after: dict[str, float], wall: float) -> dict[str, Any]:
+        r = self.recipe
+        summary = {
+            "method": r.method, "model": r.model, "task": r.task, "steps": r.train.max_steps,
+            "main_metric": self.task.main_metric, **after,
+            **{f"before_{k}": before[k] for k in after if k in before},
+            "trainable_params": self.trainable, "total_params": self.total,
+            "world_size": self.world, "allreduced_numel": self.comm_numel, "wall_time_s": round(wall, 2),
+            **self.task.run_info(),
+        }
+        if self.rank == 0:
+            self.model.save_pretrained(os.path.join(self.run_dir, "adapter"))
+            atomic_write_text(os.path.join(self.run_dir, "config.yaml"),
+                              yaml.safe_dump(r.to_dict(), sort_keys=False))
+            atomic_write_text(os.path.join(self.run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+            from .report import plot_metrics, summary_table
+
+            plot_metrics(self.metrics.read(), os.path.join(self.run_dir, "metrics.png"), self.task.main_metric)
+            self.log(summary_table(summary))
+        return summary
+
+
+def _has_task_type(recipe: Recipe) -> bool:
+    import dataclasses
+
+    from ..registry import get_method
+
+    fields = {f.name for f in dataclasses.fields(get_method(recipe.method).config_cls)}
+    return "task_type" in fields and "task_type" not in recipe.peft
+
+
+def _mean_across_ranks(value: float) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+def train(recipe: Recipe, *, quiet: bool = False) -> dict[str, Any]:
+    """Run ``recipe``; returns the summary written to ``summary.json``."""
+    return Trainer(recipe, quiet=quiet).run()

@@ -1,0 +1,263 @@
+"""Training recipes: one nested YAML file (plus ``key=value`` overrides) checked before any model loads.
+
+A recipe names the base model, the task, the data, the PEFT method with its config, and the optimisation
+settings. Every field has a type; a wrong type, an unknown key or a missing data file raises
+:class:`RecipeError` naming the field by its dotted YAML path (``train.lr``), so a run fails in a second
+instead of after the model has loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe field is unknown, of the wrong type or points at nothing; the message names its YAML path."""
+
+
+@dataclass
+class DataSpec:
+    """Where the examples are and which columns hold what.
+
+    ``train`` / ``test``: a .tsv, .csv or .jsonl file, or a built-in source (``builtin:fashion_mnist``,
+    ``builtin:digits``); relative paths resolve against the recipe file's folder.
+    """
+
+    train: str = "builtin:sst2/train"
+    test: str | None = "builtin:sst2/test"
+    text_column: str = "sentence"
+    label_column: str = "label"
+    response_column: str = "response"  # causal_lm: the prompt is text_column, the loss is on this one
+    max_length: int = 64
+    train_rows: int | None = None  # use the first N training rows
+    test_rows: int | None = None
+    bad_rows: str = "fail"  # "fail" or "skip" (skipped rows are counted and reported with line numbers)
+
+
+@dataclass
+class TrainSpec:
+    """Optimisation settings (AdamW)."""
+
+    max_steps: int = 600
+    batch_size: int = 16
+    lr: float = 1e-3
+    seed: int = 0
+    weight_decay: float = 0.01
+    schedule: str = "linear"  # "linear", "cosine" or "constant" (after warm-up)
+    warmup_ratio: float = 0.1
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    bf16: bool = False  # autocast to bfloat16 (CPU and CUDA)
+    gradient_checkpointing: bool = False
+    loraplus_lr_ratio: float | None = None  # LoRA+: lr of lora_B = lr * ratio
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only before and after training
+    save_every: int = 100  # checkpoint period in optimizer steps (0: never)
+    keep_last: int = 2  # checkpoints kept
+    eval_batch_size: int = 128
+    num_threads: int | None = None  # torch threads (None: leave torch's default)
+
+
+@dataclass
+class Recipe:
+    """A whole run. ``peft`` holds the config fields of ``method`` (a registered method name)."""
+
+    model: str = "minilm"
+    task: str = "seq_cls"  # seq_cls, causal_lm, image_cls, diffusion
+    method: str = "lora"
+    peft: dict[str, Any] = field(
+        default_factory=lambda: {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
+    )
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    output_dir: str = "runs/sst2-lora"
+    resume: bool = False
+    tensorboard: bool = False
+    num_labels: int | None = None  # classification: inferred from the training labels when None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+TASKS = ("seq_cls", "causal_lm", "image_cls", "diffusion")
+CHOICES = {
+    "task": TASKS,
+    "data.bad_rows": ("fail", "skip"),
+    "train.schedule": ("linear", "cosine", "constant"),
+}
+POSITIVE = ("train.max_steps", "train.batch_size", "train.grad_accum", "train.keep_last", "data.max_length",
+            "train.eval_batch_size")
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is Any:
+        return True
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is dict:
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path or 'recipe'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise RecipeError(f"{where}{unknown[0]}: unknown key (expected one of: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        dotted = f"{path}.{name}" if path else name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, dotted)
+            continue
+        if not _type_ok(value, tp):
+            raise RecipeError(f"{dotted}: expected {_describe(tp)}, got {value!r}")
+        if tp is float or (typing.get_origin(tp) in (typing.Union, types.UnionType) and isinstance(value, int)
+                           and float in typing.get_args(tp)):
+            value = float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise RecipeError(f"{dotted}: {k} is not a mapping")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """``key=value`` strings; values are parsed as YAML scalars (``lr=1e-3`` is a number, ``x=null`` is None)."""
+    out = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"override {item!r}: expected key=value (e.g. train.lr=1e-3)")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"override {key}: cannot parse {raw!r}: {exc}") from None
+        if isinstance(value, str) and _looks_numeric(value):
+            value = float(value)  # YAML 1.1 reads "1e-3" as a string
+        out.append((key, value))
+    return out
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def load_recipe(path: str | None = None, overrides: list[str] = ()) -> Recipe:
+    """Read ``path`` (None: the built-in default run), apply overrides, check every field and data file."""
+    tree: dict[str, Any] = {}
+    base_dir = os.getcwd()
+    if path is not None:
+        if not os.path.isfile(path):
+            raise RecipeError(f"{path}: recipe file not found")
+        with open(path, encoding="utf-8") as f:
+            try:
+                tree = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise RecipeError(f"{path}: expected a mapping at the top level")
+        base_dir = os.path.dirname(os.path.abspath(path))
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    if "peft" in tree and tree["peft"] is None:
+        tree["peft"] = {}
+    recipe = _build(Recipe, tree, "")
+    if path is not None and "peft" not in tree and recipe.method != "lora":
+        recipe.peft = {}
+    _validate(recipe, base_dir)
+    return recipe
+
+
+def _get(recipe: Recipe, dotted: str) -> Any:
+    node: Any = recipe
+    for k in dotted.split("."):
+        node = getattr(node, k)
+    return node
+
+
+def _validate(recipe: Recipe, base_dir: str) -> None:
+    from ..registry import get_method
+
+    for dotted, allowed in CHOICES.items():
+        if _get(recipe, dotted) not in allowed:
+            raise RecipeError(f"{dotted}: expected one of {', '.join(allowed)}, got {_get(recipe, dotted)!r}")
+    for dotted in POSITIVE:
+        if _get(recipe, dotted) <= 0:
+            raise RecipeError(f"{dotted}: expected a positive integer, got {_get(recipe, dotted)}")
+    if recipe.train.lr <= 0:
+        raise RecipeError(f"train.lr: expected a positive number, got {recipe.train.lr}")
+    if not 0 <= recipe.train.warmup_ratio < 1:
+        raise RecipeError(f"train.warmup_ratio: expected a number in [0, 1), got {recipe.train.warmup_ratio}")
+    try:
+        spec = get_method(recipe.method)
+    except KeyError as exc:
+        raise RecipeError(f"method: {exc.args[0]}") from None
+    try:
+        build_peft_config(recipe, spec)
+    except (ValueError, TypeError) as exc:
+        raise RecipeError(f"peft: {exc}") from None
+    for name in ("train", "test"):
+        source = getattr(recipe.data, name)
+        if source is None or source.startswith("builtin:"):
+            continue
+        resolved = source if os.path.isabs(source) else os.path.join(base_dir, source)
+        if not os.path.isfile(resolved):
+            raise RecipeError(f"data.{name}: file not found: {source}")
+        setattr(recipe.data, name, resolved)
+
+
+def build_peft_config(recipe: Recipe, spec: Any = None, **extra: Any):
+    """The method's config object from ``recipe.peft`` (unknown fields are errors here, not warnings)."""
+    from ..registry import get_method
+
+    spec = spec or get_method(recipe.method)
+    fields = {f.name for f in dataclasses.fields(spec.config_cls)}
+    unknown = sorted(set(recipe.peft) - fields)
+    if unknown:
+        raise RecipeError(f"peft.{unknown[0]}: not a field of {spec.config_cls.__name__}")
+    return spec.config_cls(**{**recipe.peft, **extra})

@@ -1,0 +1,229 @@
+"""Tasks: what a run loads, how a batch is built, its loss and its main metric.
+
+A task reads its data first (so bad rows fail before a model loads), then loads the base model. The
+trainer asks it for batches by example index, so the data order is a pure function of the seed and the
+step: a resumed or multi-process run sees exactly the examples an uninterrupted single-process run sees.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..config import TaskType
+from .data import DataError, Table, check_columns, encode_labels, label_set, read_table
+from .models import resolve_model
+from .recipe import Recipe
+
+TASKS: dict[str, Callable[[Recipe], "Task"]] = {}
+
+
+def register_task(name: str):
+    def deco(cls):
+        TASKS[name] = cls
+        return cls
+
+    return deco
+
+
+class Task:
+    """Base class. Subclasses fill ``n_train`` in ``load_data`` and implement the rest."""
+
+    task_type: TaskType | None = None
+    main_metric = "test_accuracy"
+    higher_is_better = True
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        self.n_train = 0
+        self.notes: list[str] = []  # e.g. skipped-row reports, printed by the trainer
+
+    def load_data(self) -> None:
+        raise NotImplementedError
+
+    def load_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def batch(self, indices: list[int]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
+        return model(**batch).loss
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        raise NotImplementedError
+
+    def run_info(self) -> dict[str, Any]:
+        """Saved with the run (e.g. the label set)."""
+        return {}
+
+    def _table(self, source: str, limit: int | None, columns: list[str], kinds: list[str]) -> Table:
+        table = check_columns(read_table(source, limit), columns, kinds, self.recipe.data.bad_rows)
+        if not table.rows:
+            raise DataError(f"{table.source}: no usable rows")
+        return table
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "head newly initialised" load report is expected here
+    hf_logging.disable_progress_bar()
+
+
+@register_task("seq_cls")
+class SequenceClassification(Task):
+    """Text classification with a fresh head (``AutoModelForSequenceClassification``); metric: accuracy."""
+
+    task_type = TaskType.SEQ_CLS
+
+    def load_data(self) -> None:
+        d = self.recipe.data
+        cols, kinds = [d.text_column, d.label_column], ["text", "label"]
+        train = self._table(d.train, d.train_rows, cols, kinds)
+        self.labels = label_set(train, d.label_column)
+        if self.recipe.num_labels is not None and self.recipe.num_labels != len(self.labels):
+            raise DataError(f"num_labels: {self.recipe.num_labels}, but {d.train} has {len(self.labels)} labels")
+        train, self.train_y = encode_labels(train, d.label_column, self.labels, d.bad_rows)
+        self.train_x = [str(r[d.text_column]) for r in train.rows]
+        self.test_x: list[str] = []
+        self.test_y: list[int] = []
+        if d.test:
+            test = self._table(d.test, d.test_rows, cols, kinds)
+            test, self.test_y = encode_labels(test, d.label_column, self.labels, d.bad_rows)
+            self.test_x = [str(r[d.text_column]) for r in test.rows]
+            self.notes += [n for n in [_skipped(test)] if n]
+        self.notes += [n for n in [_skipped(train)] if n]
+        self.n_train = len(self.train_x)
+
+    def load_model(self) -> nn.Module:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        _quiet_transformers()
+        path = resolve_model(self.recipe.model)
+        self.tok = AutoTokenizer.from_pretrained(path)
+        return AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(self.labels),
+            id2label=dict(enumerate(self.labels)),
+            label2id={name: i for i, name in enumerate(self.labels)},
+        )
+
+    def _encode(self, texts: list[str]) -> dict[str, Tensor]:
+        return dict(
+            self.tok(texts, padding=True, truncation=True, max_length=self.recipe.data.max_length, return_tensors="pt")
+        )
+
+    def batch(self, indices: list[int]) -> dict[str, Any]:
+        enc = self._encode([self.train_x[i] for i in indices])
+        enc["labels"] = torch.tensor([self.train_y[i] for i in indices])
+        return enc
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        if not self.test_x:
+            return {}
+        was_training = model.training
+        model.eval()
+        order = sorted(range(len(self.test_x)), key=lambda i: len(self.test_x[i]))  # less padding per batch
+        bs, correct = self.recipe.train.eval_batch_size, 0
+        for s in range(0, len(order), bs):
+            idx = order[s : s + bs]
+            logits = model(**self._encode([self.test_x[i] for i in idx])).logits
+            correct += int((logits.argmax(-1) == torch.tensor([self.test_y[i] for i in idx])).sum())
+        model.train(was_training)
+        return {"test_accuracy": correct / len(self.test_x)}
+
+    def run_info(self) -> dict[str, Any]:
+        return {"labels": self.labels}
+
+
+def _skipped(table: Table) -> str | None:
+    from .data import report_skipped
+
+    return report_skipped(table)
+
+
+@register_task("causal_lm")
+class InstructionTuning(Task):
+    """Causal-LM instruction tuning: the loss covers the response tokens only; metric: test loss.
+
+    A row is ``prompt`` (``data.text_column``) and ``response`` (``data.response_column``); the model sees
+    the tokenizer's chat template when it has one, else ``prompt + "\\n"``, then the response and EOS.
+    Prompt and padding positions get label -100, so they do not count in the loss.
+    """
+
+    task_type = TaskType.CAUSAL_LM
+    main_metric = "test_loss"
+    higher_is_better = False
+
+    def load_data(self) -> None:
+        d = self.recipe.data
+        cols, kinds = [d.text_column, d.response_column], ["prompt", "response"]
+        train = self._table(d.train, d.train_rows, cols, kinds)
+        self.train_rows = [(str(r[d.text_column]), str(r[d.response_column])) for r in train.rows]
+        self.test_rows = []
+        if d.test:
+            test = self._table(d.test, d.test_rows, cols, kinds)
+            self.test_rows = [(str(r[d.text_column]), str(r[d.response_column])) for r in test.rows]
+            self.notes += [n for n in [_skipped(test)] if n]
+        self.notes += [n for n in [_skipped(train)] if n]
+        self.n_train = len(self.train_rows)
+
+    def load_model(self) -> nn.Module:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        _quiet_transformers()
+        path = resolve_model(self.recipe.model)
+        self.tok = AutoTokenizer.from_pretrained(path)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+    def _prompt_text(self, prompt: str) -> str:
+        if getattr(self.tok, "chat_template", None):
+            return self.tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        return prompt + "\n"
+
+    def _encode(self, rows: list[tuple[str, str]]) -> dict[str, Tensor]:
+        max_len = self.recipe.data.max_length
+        eos = self.tok.eos_token_id
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else (eos if eos is not None else 0)
+        seqs, labels = [], []
+        for prompt, response in rows:
+            p = self.tok(self._prompt_text(prompt), add_special_tokens=False)["input_ids"]
+            r = self.tok(response, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+            ids = (p + r)[:max_len]
+            seqs.append(ids)
+            labels.append(([-100] * len(p) + r)[:max_len])
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        lab = torch.full((len(seqs), width), -100, dtype=torch.long)
+        for i, (s, y) in enumerate(zip(seqs, labels)):  # right padding: positions stay 0..n-1
+            input_ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+            lab[i, : len(y)] = torch.tensor(y)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": lab}
+
+    def batch(self, indices: list[int]) -> dict[str, Any]:
+        return self._encode([self.train_rows[i] for i in indices])
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        if not self.test_rows:
+            return {}
+        was_training = model.training
+        model.eval()
+        total, tokens = 0.0, 0
+        bs = max(1, self.recipe.train.batch_size)
+        for s in range(0, len(self.test_rows), bs):
+            batch = self._encode(self.test_rows[s : s + bs])
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(model(**batch).loss) * n
+            tokens += n
+        model.train(was_training)
+        loss = total / max(tokens, 1)
+        return {"test_loss": loss, "test_perplexity": float(torch.exp(torch.tensor(loss)))}
