@@ -77,6 +77,10 @@ class Trainer:
         torch.manual_seed(r.train.seed)
         random.seed(r.train.seed)
         base = self.task.load_model()
+        if torch.cuda.is_available():
+            self.task.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.task.device)
+            base.to(self.task.device)
         config = build_peft_config(r, task_type=self.task.task_type) if _has_task_type(r) else build_peft_config(r)
         self.model = get_peft_model(base, config)
         if r.train.gradient_checkpointing:
@@ -113,7 +117,12 @@ class Trainer:
 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        self.forward_model = DDP(self.model)
+        # Every rank builds the same model from the same seed; only the trainable (adapter) tensors are
+        # broadcast from rank 0 to be sure, instead of DDP's initial broadcast of every parameter.
+        for p in self.params:
+            dist.broadcast(p.data, src=0)
+        device = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+        self.forward_model = DDP(self.model, device_ids=device, init_sync=False, forward_sync_buffers=False)
 
         def counting_allreduce(state: Any, bucket: Any) -> torch.futures.Future:
             tensor = bucket.buffer()
@@ -121,6 +130,9 @@ class Trainer:
             tensor.div_(self.world)
             return dist.all_reduce(tensor, async_op=True).get_future().then(lambda f: f.value()[0])
 
+        # DDP checks the hook's annotations as objects (this module's are strings under PEP 563)
+        counting_allreduce.__annotations__ = {"state": object, "bucket": dist.GradBucket,
+                                              "return": torch.futures.Future[torch.Tensor]}
         self.forward_model.register_comm_hook(None, counting_allreduce)
 
     # ------------------------------------------------------------------ checkpoints
@@ -219,7 +231,7 @@ class Trainer:
         for micro in range(t.grad_accum):
             start = (step * t.grad_accum + micro) * global_bs + self.rank * t.batch_size
             idx = example_indices(t.seed, self.task.n_train, start, t.batch_size)
-            batch = self.task.batch(idx)
+            batch = self.task.move(self.task.batch(idx))
             sync = contextlib.nullcontext()
             if self.world > 1 and micro < t.grad_accum - 1:
                 sync = self.forward_model.no_sync()

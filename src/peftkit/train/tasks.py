@@ -39,6 +39,11 @@ class Task:
         self.recipe = recipe
         self.n_train = 0
         self.notes: list[str] = []  # e.g. skipped-row reports, printed by the trainer
+        self.device = torch.device("cpu")  # set by the trainer
+
+    def move(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch's tensors on the run's device."""
+        return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
     def load_data(self) -> None:
         raise NotImplementedError
@@ -131,8 +136,8 @@ class SequenceClassification(Task):
         bs, correct = self.recipe.train.eval_batch_size, 0
         for s in range(0, len(order), bs):
             idx = order[s : s + bs]
-            logits = model(**self._encode([self.test_x[i] for i in idx])).logits
-            correct += int((logits.argmax(-1) == torch.tensor([self.test_y[i] for i in idx])).sum())
+            logits = model(**self.move(self._encode([self.test_x[i] for i in idx]))).logits
+            correct += int((logits.argmax(-1).cpu() == torch.tensor([self.test_y[i] for i in idx])).sum())
         model.train(was_training)
         return {"test_accuracy": correct / len(self.test_x)}
 
@@ -220,7 +225,7 @@ class InstructionTuning(Task):
         total, tokens = 0.0, 0
         bs = max(1, self.recipe.train.batch_size)
         for s in range(0, len(self.test_rows), bs):
-            batch = self._encode(self.test_rows[s : s + bs])
+            batch = self.move(self._encode(self.test_rows[s : s + bs]))
             n = int((batch["labels"][:, 1:] != -100).sum())
             total += float(model(**batch).loss) * n
             tokens += n
