@@ -130,3 +130,32 @@ def test_run_adapter_loads_in_peftkit_and_in_peft(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, atol=1e-5, rtol=0)
         assert not torch.allclose(ours(**batch).logits, base()(**batch).logits, atol=1e-3)
+
+
+def test_merge_eval_and_inspect_commands(tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from peftkit import PeftModel
+    from peftkit.cli import main as cli_main
+
+    summary, recipe = _run(tmp_path)
+    run = recipe.output_dir
+    assert cli_main(["eval", run]) == 0
+    assert json.loads(capsys.readouterr().out)["test_accuracy"] == summary["test_accuracy"]
+
+    assert cli_main(["merge", run, "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    batch = tok(["good great", "awful sad dull"], return_tensors="pt", padding=True)
+    base = AutoModelForSequenceClassification.from_pretrained(recipe.model, num_labels=2)
+    adapted = PeftModel.from_pretrained(base, os.path.join(run, "adapter")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=0)
+    assert merged.config.id2label == {0: "negative", 1: "positive"}
+
+    capsys.readouterr()
+    assert cli_main(["inspect", recipe.model, "--method", "lora", "--set", "r=2"]) == 0
+    out = capsys.readouterr().out
+    assert "lora: 512 trainable parameters" in out  # 2 layers x (query, value) x r=2 x (32 + 32)
+    assert out.count("<- lora: 128") == 4
+    assert cli_main(["eval", str(tmp_path / "nope")]) == 2

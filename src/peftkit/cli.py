@@ -42,6 +42,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from .config import PeftConfig
 
     folder = args.path
+    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        from .train.commands import inspect_model
+        from .train.recipe import parse_overrides
+
+        print(inspect_model(folder, args.method, dict(parse_overrides(args.set))))
+        return 0
     if not os.path.isdir(folder):
         print(f"peftkit inspect: {folder}: not a folder", file=sys.stderr)
         return 2
@@ -78,15 +84,51 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .train.commands import merge
+
+    try:
+        out = merge(args.path, args.out)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"peftkit merge: {exc}", file=sys.stderr)
+        return 2
+    print(f"merged model saved to {out}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .train.commands import evaluate
+
+    try:
+        metrics = evaluate(args.run_dir, args.overrides)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"peftkit eval: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peftkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("methods", help="list registered methods")
     p.add_argument("--markdown", action="store_true", help="print the README's method table")
     p.set_defaults(run=_cmd_methods)
-    p = sub.add_parser("inspect", help="summarise a saved adapter folder")
-    p.add_argument("path")
+    p = sub.add_parser("inspect", help="summarise a saved adapter folder, or a model's modules and targets")
+    p.add_argument("path", help="an adapter folder, or a model (built-in name, folder or model id)")
+    p.add_argument("--method", help="with a model: show what this method targets and its parameter counts")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="config fields for --method")
     p.set_defaults(run=_cmd_inspect)
+    p = sub.add_parser("merge", help="merge a run's adapter into its base model (transformers format)")
+    p.add_argument("path", help="a run folder, or an adapter folder naming its base model")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(run=_cmd_merge)
+    p = sub.add_parser("eval", help="evaluate a run's adapter on its test data")
+    p.add_argument("run_dir", metavar="RUN", help="a run folder written by peftkit train")
+    p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.test=other.tsv")
+    p.set_defaults(run=_cmd_eval)
     p = sub.add_parser("train", help="fine-tune from a YAML recipe (no recipe: LoRA on SST-2 with the MiniLM)")
     p.add_argument("recipe", nargs="?", help="recipe YAML file; key=value arguments override its fields")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=5e-4 peft.r=16")

@@ -64,6 +64,9 @@ class Task:
         """Saved with the run (e.g. the label set)."""
         return {}
 
+    def restore_info(self, info: dict[str, Any]) -> None:
+        """Take back what ``run_info`` saved, so a trained run's model loads without its training data."""
+
     def _table(self, source: str, limit: int | None, columns: list[str], kinds: list[str]) -> Table:
         table = check_columns(read_table(source, limit), columns, kinds, self.recipe.data.bad_rows)
         if not table.rows:
@@ -84,11 +87,14 @@ class SequenceClassification(Task):
 
     task_type = TaskType.SEQ_CLS
 
+    labels: list[str] | None = None  # restored from a trained run, else inferred from the training rows
+
     def load_data(self) -> None:
         d = self.recipe.data
         cols, kinds = [d.text_column, d.label_column], ["text", "label"]
         train = self._table(d.train, d.train_rows, cols, kinds)
-        self.labels = label_set(train, d.label_column)
+        if self.labels is None:
+            self.labels = label_set(train, d.label_column)
         if self.recipe.num_labels is not None and self.recipe.num_labels != len(self.labels):
             raise DataError(f"num_labels: {self.recipe.num_labels}, but {d.train} has {len(self.labels)} labels")
         train, self.train_y = encode_labels(train, d.label_column, self.labels, d.bad_rows)
@@ -143,6 +149,9 @@ class SequenceClassification(Task):
 
     def run_info(self) -> dict[str, Any]:
         return {"labels": self.labels}
+
+    def restore_info(self, info: dict[str, Any]) -> None:
+        self.labels = list(info["labels"])
 
 
 def _skipped(table: Table) -> str | None:
