@@ -248,9 +248,9 @@ class Trainer:
         if t.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
         self.optimizer.step()
-        hook = getattr(self.model, "update_and_allocate", None)
-        if hook is not None and getattr(self.model.active_peft_config, "total_step", None) is not None:
-            hook(step + 1)  # AdaLoRA: prune ranks from the current gradients before they are cleared
+        hook = getattr(self.model.base_model, "on_step", None)
+        if hook is not None:
+            hook(step + 1)  # per-step method hooks (AdaLoRA's rank allocation) see the gradients before zero_grad
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total

@@ -248,7 +248,7 @@ def _validate(recipe: Recipe, base_dir: str) -> None:
         resolved = source if os.path.isabs(source) else os.path.join(base_dir, source)
         if not os.path.isfile(resolved):
             raise RecipeError(f"data.{name}: file not found: {source}")
-        setattr(recipe.data, name, resolved)
+        setattr(recipe.data, name, os.path.normpath(resolved))
 
 
 def build_peft_config(recipe: Recipe, spec: Any = None, **extra: Any):
