@@ -13,6 +13,7 @@ import torch
 
 import peftkit
 from peftkit import Adapter, AdapterLayer, PeftModel, get_peft_model
+from peftkit.targeting import NotApplicableError
 
 from .families import FAMILIES
 
@@ -73,7 +74,10 @@ def wrapped(case, family):
     if unsupported:
         pytest.skip(f"{spec.name} does not wrap {unsupported} (supported_layers), which {family.name} targets")
     base_out = family.run(family.model())
-    model = get_peft_model(family.model(), make_config(spec, kwargs, family)).eval()
+    try:
+        model = get_peft_model(family.model(), make_config(spec, kwargs, family)).eval()
+    except NotApplicableError as err:  # the model lacks what the method acts on (BitFit on bias-free Llama / T5)
+        pytest.skip(str(err))
     return model, base_out
 
 
@@ -121,13 +125,17 @@ def test_disable_gives_base(wrapped, family, case):
 def test_save_load_round_trip(wrapped, family, case, tmp_path):
     model, _ = wrapped
     perturb(model)
-    expected = family.run(model)
+    # both runs without autograd: kernels may depend on it (SDPA on CPU picks another kernel when the
+    # attention bias requires grad, as it does when a method trains T5's relative_attention_bias)
+    with torch.no_grad():
+        expected = family.run(model)
     model.save_pretrained(tmp_path)
     fresh = family.model()
     if case[2].get("init_lora_weights") in ("pissa", "olora"):  # load onto the residual base it was trained on
         fresh = copy.deepcopy(model).unload()
     loaded = PeftModel.from_pretrained(fresh, tmp_path)
-    torch.testing.assert_close(family.run(loaded), expected, atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(family.run(loaded), expected, atol=0, rtol=0)
 
 
 def test_only_adapter_parameters_get_gradients(wrapped, family):

@@ -87,7 +87,7 @@ def text_recipe(root: Path, **overrides) -> Path:
         "output_dir": str(root / "run"),
     }
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict) and key != "peft":
             recipe[key] = {**recipe[key], **value}
         else:
             recipe[key] = value

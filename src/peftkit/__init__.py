@@ -2,10 +2,28 @@
 
 from .config import ConfigError, PeftConfig, TaskType
 from .layers import Adapter, AdapterLayer
+from .methods.adalora import AdaLoraConfig
 from .methods.fourierft import FourierFTConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.lycoris import LoHaConfig, LoKrConfig
+from .methods.oft import BOFTConfig, OFTConfig
+from .methods.selective import (
+    BitFitConfig,
+    ChildTuningConfig,
+    DiffPruningConfig,
+    FishMaskConfig,
+    LastKConfig,
+    LNTuningConfig,
+    SelectionError,
+    fisher_diagonal,
+    fisher_mask,
+    l0_penalty,
+    project_to_sparsity,
+    selection_summary,
+)
+from .methods.ssf import SSFConfig
+from .methods.vera import VeraConfig
 from .model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -28,10 +46,13 @@ LoraModel = TunerModel  # the name Hugging Face PEFT gives the LoRA tuner
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "AdapterLayer", "ConfigError", "FourierFTConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "LoraConfig", "LoraModel", "MethodSpec", "PeftConfig", "PeftModel",
+    "BOFTConfig", "OFTConfig",
+    "BitFitConfig", "ChildTuningConfig", "DiffPruningConfig", "FishMaskConfig", "LNTuningConfig", "LastKConfig",
+    "SelectionError", "fisher_diagonal", "fisher_mask", "l0_penalty", "project_to_sparsity", "selection_summary",
+    "AdaLoraConfig", "Adapter", "AdapterLayer", "ConfigError", "FourierFTConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "LoraConfig", "LoraModel", "MethodSpec", "PeftConfig", "PeftModel",
     "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
-    "TaskType", "TunerModel", "create_loraplus_optimizer", "get_method", "get_peft_model",
+    "SSFConfig", "TaskType", "TunerModel", "VeraConfig", "create_loraplus_optimizer", "get_method", "get_peft_model",
     "get_peft_model_state_dict", "inject_adapter_in_model", "list_methods", "register_method",
     "set_peft_model_state_dict",
 ]

@@ -4,11 +4,17 @@ A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` whose k
 ``base_model.model.<module path>.lora_A.weight`` (adapter name removed). Writes are atomic; reads never
 unpickle (safetensors, or a legacy ``adapter_model.bin`` through ``torch.load(weights_only=True)``), and a
 state dict is fully validated against the model before a single tensor is copied.
+
+Tensors an adapter's layers share (``Adapter.uses_shared_state``, e.g. VeRA's projections) sit at the model
+level, ``base_model.<name>`` (as in PEFT: ``base_model.vera_A``). They are written when the method says so
+(``saves_shared``) and optional on load: present, they replace the ones rebuilt at injection (same shape
+required); absent, the rebuilt ones stay.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections import namedtuple
 
 import torch
@@ -17,9 +23,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .io import atomic_write
+from .registry import get_method
 from .tuner import TunerModel
 
 PREFIX = "base_model.model."
+SHARED_PREFIX = "base_model."  # adapter-level shared tensors
 SAFETENSORS_NAME = "adapter_model.safetensors"
 LEGACY_NAME = "adapter_model.bin"
 
@@ -44,7 +52,18 @@ def adapter_tensors(tuner: TunerModel, adapter_name: str) -> dict[str, Tensor]:
                 out[f"{PREFIX}{path}.{key}"] = value
     for key, param in tuner.bias_parameters(adapter_name).items():
         out[PREFIX + key] = param
+    if get_method(tuner.peft_config[adapter_name]).adapter_cls.saves_shared(tuner.peft_config[adapter_name]):
+        out.update(shared_tensors(tuner, adapter_name))
     return out
+
+
+def shared_tensors(tuner: TunerModel, adapter_name: str) -> dict[str, Tensor]:
+    """Checkpoint key -> live buffer of the adapter's shared tensors (empty for most methods)."""
+    if adapter_name not in tuner.shared_state:
+        return {}
+    keys = get_method(tuner.peft_config[adapter_name]).adapter_cls.shared_checkpoint_keys
+    buffers = tuner.shared_state[adapter_name].tensors()
+    return {SHARED_PREFIX + keys[name]: buf for name, buf in buffers.items() if name in keys}
 
 
 def state_dict_for_save(tuner: TunerModel, adapter_name: str) -> dict[str, Tensor]:
@@ -53,7 +72,8 @@ def state_dict_for_save(tuner: TunerModel, adapter_name: str) -> dict[str, Tenso
 
 def validate(tuner: TunerModel, adapter_name: str, state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
     """Check every key and shape; return checkpoint key -> destination tensor. Raises before any copy."""
-    targets = adapter_tensors(tuner, adapter_name)
+    optional = shared_tensors(tuner, adapter_name)  # loaded when present, rebuilt at injection otherwise
+    targets = {**adapter_tensors(tuner, adapter_name), **optional}
     base = None
     for key in sorted(state):
         if key not in targets:
@@ -68,7 +88,11 @@ def validate(tuner: TunerModel, adapter_name: str, state: dict[str, Tensor], sou
                 f"{source}: shape mismatch for {key!r}: checkpoint {tuple(state[key].shape)}, "
                 f"model {tuple(targets[key].shape)}"
             )
-    missing = sorted(set(targets) - set(state))
+    absent = sorted(set(optional) - set(state))
+    config = tuner.peft_config[adapter_name]
+    if absent and get_method(config).adapter_cls.saves_shared(config):
+        warnings.warn(f"{source}: {absent} not in the file; using the ones rebuilt from the config", stacklevel=3)
+    missing = sorted(set(targets) - set(state) - set(optional))
     if missing:
         raise CheckpointError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing in all)")
     return targets
@@ -77,6 +101,8 @@ def validate(tuner: TunerModel, adapter_name: str, state: dict[str, Tensor], sou
 @torch.no_grad()
 def load_state(tuner: TunerModel, adapter_name: str, state: dict[str, Tensor], source: str = "state dict") -> None:
     """Copy a PEFT-layout state dict into an existing adapter, all or nothing."""
+    for _, adapter in tuner.adapters(adapter_name):
+        adapter.before_load()  # a no-op but for layouts that differ from the live one (AdaLoRA's pruned ranks)
     targets = validate(tuner, adapter_name, state, source)
     for key, value in state.items():
         targets[key].copy_(value)

@@ -46,7 +46,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         from .train.commands import inspect_model
         from .train.recipe import parse_overrides
 
-        print(inspect_model(folder, args.method, dict(parse_overrides(args.set))))
+        try:
+            print(inspect_model(folder, args.method, dict(parse_overrides(args.set))))
+        except (OSError, ValueError) as exc:
+            print(f"peftkit inspect: {folder}: not an adapter folder, and no model loads from it ({exc})",
+                  file=sys.stderr)
+            return 2
         return 0
     if not os.path.isdir(folder):
         print(f"peftkit inspect: {folder}: not a folder", file=sys.stderr)

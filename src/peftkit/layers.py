@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .targeting import Conv1D
+from .targeting import Conv1D, find_targets
 
 
 class Adapter(nn.Module):
@@ -40,6 +40,28 @@ class Adapter(nn.Module):
     @classmethod
     def prepare_config(cls, model: nn.Module, named: list[tuple[str, nn.Module]], config: Any) -> None:
         """Fill architecture-dependent config defaults before targeting (``named``: candidate modules)."""
+
+    @classmethod
+    def select_targets(cls, model: nn.Module, named: list[tuple[str, nn.Module]], config: Any) -> list[str]:
+        """Paths of the modules to wrap (default: the config's targets; selective methods pick by parameter)."""
+        return find_targets(model, named, config, cls.default_roles, cls.supported_layers)
+
+    # -- optional training-loop hooks; the TunerModel calls them for each active, trainable adapter -------
+    @classmethod
+    def on_step(cls, tuner: Any, adapter_name: str, global_step: int) -> None:
+        """Once per training step (``PeftModel.update_and_allocate``), after backward, before zero_grad.
+
+        Per-adapter state kept between steps goes in ``tuner.hook_state[adapter_name]`` (e.g. AdaLoRA's
+        importance averages)."""
+
+    @classmethod
+    def extra_loss(cls, tuner: Any, adapter_name: str) -> Tensor | None:
+        """A term the forward adds to the model's loss when it computes one (e.g. AdaLoRA's penalty)."""
+        return None
+
+    def before_load(self) -> None:
+        """Called on each adapter before a state dict is validated and copied in (e.g. AdaLoRA drops the
+        ranks its files leave out)."""
 
     def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -70,6 +92,58 @@ class Adapter(nn.Module):
 
     def unmerge_param(self, base: nn.Module, name: str, value: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def missing_param(self, base: nn.Module, name: str) -> Tensor | None:
+        """Neutral value of a ``merged_params`` entry the base lacks (e.g. a zero bias for SSF's shift on a
+        bias-free Linear): the merge creates the parameter from it and unmerge removes it again. None (the
+        default): the merge skips that parameter."""
+        return None
+
+    # -- adapter-level state, shared by all of one adapter's layers (e.g. VeRA's random projections) ------
+    # The tuner builds it once per injection with ``build_shared`` and keeps it as frozen buffers in one
+    # place (``TunerModel.shared_state[adapter_name]``); every layer's adapter receives it as ``shared=``.
+    uses_shared_state: ClassVar[bool] = False
+    # shared tensor name -> its key in the adapter file after "base_model." (PEFT: "base_model.vera_A")
+    shared_checkpoint_keys: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def build_shared(
+        cls,
+        targets: list[tuple[str, nn.Module]],
+        config: Any,
+        others: dict[str, tuple[Any, dict[str, Tensor]]],
+    ) -> dict[str, Tensor]:
+        """The shared tensors of a new adapter on ``targets`` (path, base layer), built before any layer.
+
+        ``others``: adapters of the same method already on the model, name -> (config, shared tensors).
+        Called with ``init=False`` too (loading): tensors a file may omit must be rebuilt deterministically.
+        """
+        return {}
+
+    @classmethod
+    def saves_shared(cls, config: Any) -> bool:
+        """Whether the adapter file holds the shared tensors (when absent on load, the rebuilt ones stay)."""
+        return True
+
+
+class SharedState(nn.Module):
+    """One adapter's shared tensors as frozen buffers; layers hold a reference, never a copy."""
+
+    def __init__(self, tensors: dict[str, Tensor]) -> None:
+        super().__init__()
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return dict(self.named_buffers())
+
+
+class _Created:
+    """Restore record of a base parameter a merge created (``Adapter.missing_param``); ``registered``: the
+    base had the name registered as None (e.g. ``nn.Linear(bias=False)``), to which unmerge returns it."""
+
+    def __init__(self, registered: bool) -> None:
+        self.registered = registered
 
 
 class AdapterLayer(nn.Module):
@@ -160,10 +234,15 @@ class AdapterLayer(nn.Module):
                 continue
             adapter = self.adapters[name]
             staged = []  # everything is computed (and checked) before any parameter changes
+            created: dict[str, _Created] = {}
             for pname in adapter.merged_params:
                 param = getattr(base, pname, None)
                 if param is None:
-                    continue
+                    neutral = adapter.missing_param(base, pname)
+                    if neutral is None:
+                        continue
+                    param = nn.Parameter(neutral, requires_grad=False)  # added below, removed on unmerge
+                    created[pname] = _Created(pname in base._parameters)
                 original = param.detach().clone()
                 merged, state = adapter.merge(base, original) if pname == "weight" else (
                     adapter.merge_param(base, pname, original), None)
@@ -172,8 +251,13 @@ class AdapterLayer(nn.Module):
                 staged.append((pname, param, original, merged, state))
             records = {}
             for pname, param, original, merged, state in staged:
+                if pname in created:
+                    setattr(base, pname, param)
+                    records[pname] = (created[pname], None, None)
                 param.copy_(merged)
             for pname, param, original, _, state in staged:
+                if pname in records:
+                    continue
                 # exact-restore record: where the method's unmerge misses the original, and by how much
                 err = (original - self._unmerge_param(adapter, pname, param.detach(), state)).reshape(-1)
                 idx = err.nonzero().squeeze(1)
@@ -196,6 +280,12 @@ class AdapterLayer(nn.Module):
             if self.merged_adapters[-1] != name:
                 raise RuntimeError(f"unmerge {self.merged_adapters[-1]!r} before {name!r} (merges undo in reverse)")
             for pname, (state, idx, vals) in self._restore.pop(name).items():
+                if isinstance(state, _Created):  # the merge added this parameter: take it away again
+                    if state.registered:
+                        self.base_layer.register_parameter(pname, None)
+                    else:
+                        delattr(self.base_layer, pname)
+                    continue
                 param = getattr(self.base_layer, pname)
                 restored = self._unmerge_param(self.adapters[name], pname, param.detach(), state)
                 if idx is not None:

@@ -8,6 +8,7 @@ same names, signatures and defaults. Calls and attributes the wrapper does not d
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +18,45 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import PeftConfig, TaskType
+from .registry import get_method
 from .tuner import TunerModel
+
+
+class _BoundForward:
+    """``model.forward`` of a PeftModel: calls through, and reports the base model's signature.
+
+    ``inspect.signature(model.forward)`` then lists the base model's arguments (plus ``adapter_names``), so
+    tools that keep only the inputs a model accepts, such as ``transformers.Trainer`` dropping unused data
+    columns, treat the wrapped model like the base model.
+    """
+
+    __slots__ = ("func", "owner")
+
+    def __init__(self, func: Any, owner: "PeftModel") -> None:
+        self.func, self.owner = func, owner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.func(self.owner, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        base = inspect.signature(self.owner.get_base_model().forward)
+        params = [p for p in base.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        if "adapter_names" not in base.parameters:
+            params.append(inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None))
+        params += [p for p in base.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+        return base.replace(parameters=params)
+
+
+class _ForwardWithBaseSignature:
+    """Descriptor giving each PeftModel a ``forward`` that is a :class:`_BoundForward`."""
+
+    def __init__(self, func: Any) -> None:
+        self.func = func
+        self.__doc__ = func.__doc__
+
+    def __get__(self, owner: Any, cls: type | None = None) -> Any:
+        return self.func if owner is None else _BoundForward(self.func, owner)
 
 
 class PeftModel(nn.Module):
@@ -36,12 +75,14 @@ class PeftModel(nn.Module):
         self.base_model = TunerModel(model)
         self.base_model.inject(peft_config, adapter_name, init=_init)
 
-    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+    def _forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """Run the model; ``adapter_names`` (one per batch row, "__base__" for none) mixes adapters in a batch."""
         if adapter_names is None:
             return self.base_model(*args, **kwargs)
         with self.base_model.route(adapter_names):
             return self.base_model(*args, **kwargs)
+
+    forward = _ForwardWithBaseSignature(_forward)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         if adapter_names is None:
@@ -110,6 +151,23 @@ class PeftModel(nn.Module):
             yield
         finally:
             self.base_model.set_disabled(False)
+
+    # -- data-dependent setup --------------------------------------------------------------------------
+    def prepare_selection(
+        self, dataloader: Any = None, loss_fn: Any = None, adapter_name: str | None = None, **kwargs: Any
+    ) -> None:
+        """Run the data-dependent step some methods take before training (FISH mask and Child-Tuning D
+        score parameters by their Fisher information over ``dataloader``); a no-op for every other method,
+        so a training loop may always call it. Build the optimizer afterwards: the trainable tensors change.
+
+        ``loss_fn(model, batch)`` returns the loss (per-sample losses for an exact empirical Fisher); None
+        uses the model's own loss on batches that carry labels. ``kwargs`` go to the method.
+        """
+        names = [adapter_name] if adapter_name is not None else list(self.peft_config)
+        for name in names:
+            hook = getattr(get_method(self.peft_config[name]).adapter_cls, "prepare_selection", None)
+            if hook is not None:
+                hook(self, name, dataloader, loss_fn, **kwargs)
 
     # -- merging ---------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -295,7 +353,16 @@ def inject_adapter_in_model(
     low_cpu_mem_usage: bool = False,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
-    """Attach adapter layers to ``model`` in place, without a PeftModel wrapper; returns ``model``."""
+    """Attach adapter layers to ``model`` in place, without a PeftModel wrapper; returns ``model``.
+
+    Not for methods whose layers share adapter-level tensors (VeRA): those live on the tuner, which this
+    function does not keep (PEFT refuses them too).
+    """
+    if get_method(peft_config).adapter_cls.uses_shared_state:
+        raise ValueError(
+            f"inject_adapter_in_model does not support {peft_config.peft_type}: its layers share tensors kept "
+            "on the tuner; use get_peft_model instead"
+        )
     tuner = TunerModel(model)
     tuner.inject(peft_config, adapter_name, init=state_dict is None)
     if state_dict is not None:

@@ -62,6 +62,10 @@ class TargetError(ValueError):
     """A config's targets match nothing, or match something the method cannot wrap."""
 
 
+class NotApplicableError(TargetError):
+    """The method has nothing to act on in this model (e.g. BitFit on a model without biases)."""
+
+
 def model_family(model: nn.Module) -> str | None:
     """The ROLE_TABLE key for ``model``, or None when its architecture is unknown."""
     cfg = getattr(model, "config", None)
@@ -246,7 +250,9 @@ def _warn_unused_filters(config: Any, names: list[str], found: list[str]) -> Non
         if not hit:
             warnings.warn(f"exclude_modules={excl!r} matched no module; nothing was excluded", stacklevel=4)
     for field in ("rank_pattern", "alpha_pattern"):
-        unused = [k for k in getattr(config, field, None) or {} if not any(re.match(rf"(.*\.)?({k})$", n) for n in found)]
+        # a key names a targeted module (a regex on its path's end) or a tensor in one (AdaLoRA: "<path>.lora_E")
+        unused = [k for k in getattr(config, field, None) or {}
+                  if not any(re.match(rf"(.*\.)?({k})$", n) or k.startswith(n + ".") for n in found)]
         if unused:
             warnings.warn(f"{field} keys {unused} match no targeted module and are ignored", stacklevel=4)
 

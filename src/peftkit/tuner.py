@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from .config import PeftConfig, TaskType
-from .layers import Adapter, AdapterLayer, adapter_layers
+from .layers import Adapter, AdapterLayer, SharedState, adapter_layers
 from .registry import get_method
-from .targeting import Conv1D, find_targets
+from .targeting import Conv1D
 
 BASE = "__base__"  # the adapter name that means "no adapter" in a mixed batch
 
@@ -78,9 +78,18 @@ class TunerModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapters: list[str] = []
+        # adapter name -> tensors its layers share (methods with ``uses_shared_state``, e.g. VeRA): one copy
+        self.shared_state = nn.ModuleDict()
+        self.hook_state: dict[str, Any] = {}  # adapter name -> state its method's on_step keeps between steps
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+        out = self.model(*args, **kwargs)
+        loss = getattr(out, "loss", None)
+        if isinstance(loss, torch.Tensor):  # methods may add a term to the loss (AdaLoRA's orthogonality penalty)
+            extra = self.extra_loss()
+            if extra is not None:
+                out.loss = loss + extra
+        return out
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -89,6 +98,28 @@ class TunerModel(nn.Module):
             if name == "model":
                 raise
             return getattr(self.model, name)
+
+    # -- training-loop hooks (``Adapter.on_step`` / ``Adapter.extra_loss``) ------------------------------
+    def _trainable_methods(self) -> list[tuple[str, type[Adapter]]]:
+        """(name, adapter class) of the active adapters that train."""
+        return [(n, get_method(self.peft_config[n]).adapter_cls) for n in self.active_adapters
+                if not self.peft_config[n].inference_mode]
+
+    def on_step(self, global_step: int) -> None:
+        """Per-step hook of the training loop: call after ``loss.backward()``, before ``optimizer.zero_grad()``."""
+        for name, cls in self._trainable_methods():
+            cls.on_step(self, name, global_step)
+
+    update_and_allocate = on_step  # Hugging Face PEFT's name for it (AdaLoRA)
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """The sum of the trainable adapters' loss terms (None when no method adds one)."""
+        total = None
+        for name, cls in self._trainable_methods():
+            term = cls.extra_loss(self, name)
+            if term is not None:
+                total = term if total is None else total + term
+        return total
 
     # -- discovery -------------------------------------------------------------------------------------
     def candidates(self) -> list[tuple[str, nn.Module]]:
@@ -130,18 +161,26 @@ class TunerModel(nn.Module):
         cls = spec.adapter_cls
         named = self.candidates()
         cls.prepare_config(self.model, named, config)  # architecture-dependent defaults (e.g. (IA)3's FFN names)
-        paths = find_targets(self.model, named, config, cls.default_roles, cls.supported_layers)
+        paths = cls.select_targets(self.model, named, config)
         if getattr(config, "task_type", None) in TASK_HEADS:
             extra = [m for m in TASK_HEADS[config.task_type] if m not in (config.modules_to_save or [])]
             config.modules_to_save = list(config.modules_to_save or []) + extra
         modules = dict(named)
         wrappers = dict(self.model.named_modules())
+        shared, extra = None, {}
+        if cls.uses_shared_state:  # adapter-level tensors, built once and handed to every layer
+            others = {n: (c, self.shared_state[n].tensors()) for n, c in self.peft_config.items()
+                      if type(c) is type(config) and n in self.shared_state}
+            shared = SharedState(cls.build_shared([(p, modules[p]) for p in paths], config, others))
+            extra = {"shared": shared}
         built = []
         for path in paths:  # build everything before touching the model
             base = modules[path]
             if isinstance(base, Conv1D) and not getattr(config, "fan_in_fan_out", True):
                 config.fan_in_fan_out = True  # GPT-2's Conv1D stores its weight transposed
-            built.append((path, base, cls(base, config, path, init=init)))
+            built.append((path, base, cls(base, config, path, init=init, **extra)))
+        if shared is not None:
+            self.shared_state[adapter_name] = shared
         for path, base, adapter in built:
             layer = wrappers[path] if isinstance(wrappers[path], AdapterLayer) else AdapterLayer(base)
             if layer is not wrappers[path]:
@@ -174,6 +213,9 @@ class TunerModel(nn.Module):
                 del wrapper.modules_to_save[adapter_name]
             if not len(wrapper.modules_to_save):
                 _set_submodule(self.model, path, wrapper.original_module)
+        if adapter_name in self.shared_state:
+            del self.shared_state[adapter_name]
+        self.hook_state.pop(adapter_name, None)
         del self.peft_config[adapter_name]
         remaining = [a for a in self.active_adapters if a != adapter_name]
         if not remaining and self.peft_config:
@@ -274,5 +316,7 @@ class TunerModel(nn.Module):
             active = wrapper.active_adapter
             _set_submodule(self.model, path, wrapper.modules_to_save[active] if active else wrapper.original_module)
         self.peft_config.clear()
+        self.shared_state.clear()
+        self.hook_state.clear()
         self.active_adapters = []
         return self.model
