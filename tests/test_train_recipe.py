@@ -103,3 +103,14 @@ def test_lr_schedules():
     assert [lr_factor(s, 10, 2, "linear") for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
     assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)
     assert lr_factor(9, 10, 2, "constant") == 1.0
+
+
+def test_every_shipped_recipe_is_valid():
+    import glob
+    import os
+
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+    assert len(paths) >= 15
+    for path in paths:
+        recipe = load_recipe(path)
+        assert recipe.task in TASKS, path

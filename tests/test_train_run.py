@@ -159,3 +159,15 @@ def test_merge_eval_and_inspect_commands(tmp_path, capsys):
     assert "lora: 512 trainable parameters" in out  # 2 layers x (query, value) x r=2 x (32 + 32)
     assert out.count("<- lora: 128") == 4
     assert cli_main(["eval", str(tmp_path / "nope")]) == 2
+
+
+def test_fish_mask_recipe_scores_parameters_before_training(tmp_path):
+    from peftkit.methods.selective import FishMaskConfig  # noqa: F401  (registered)
+
+    summary, recipe = _run(tmp_path, "method=fish_mask", "train.lr=2e-2", "train.max_steps=30",
+                           peft={"density": 0.05, "num_samples": 16, "task_type": "SEQ_CLS"})
+    cfg = json.load(open(os.path.join(recipe.output_dir, "adapter", "adapter_config.json")))
+    kept = sum(v["nnz"] for v in cfg["selected_params"].values())
+    head = 32 * 2 + 2
+    assert summary["trainable_params"] == kept + head
+    assert summary["test_accuracy"] >= 0.9

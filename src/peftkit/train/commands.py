@@ -30,6 +30,10 @@ def load_trained(path: str, overrides: list[str] = (), *, need_data: bool = Fals
     from ..model import PeftModel
 
     recipe, task, adapter = open_run(path, overrides)
+    if recipe.train.num_threads:
+        import torch
+
+        torch.set_num_threads(recipe.train.num_threads)
     if need_data:
         task.load_data()
     model = PeftModel.from_pretrained(task.load_model(), adapter)

@@ -83,6 +83,7 @@ class Trainer:
             base.to(self.task.device)
         config = build_peft_config(r, task_type=self.task.task_type) if _has_task_type(r) else build_peft_config(r)
         self.model = get_peft_model(base, config)
+        self._prepare_selection(config)
         if r.train.gradient_checkpointing:
             enable = getattr(base, "gradient_checkpointing_enable", None)
             if enable is None:
@@ -99,6 +100,19 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, t.max_steps, warmup, t.schedule)
         )
+
+    def _prepare_selection(self, config: Any) -> None:
+        """Data-dependent selection (FISH mask, Child-Tuning D): score parameters on ``num_samples`` training
+        examples, in a seeded order of their own, before the optimizer sees the trainable tensors."""
+        num = getattr(config, "num_samples", None)
+        if not num:
+            return
+        t = self.recipe.train
+        n = min(num, self.task.n_train)
+        idx = example_indices(t.seed + 1, self.task.n_train, 0, n)
+        batches = [self.task.move(self.task.batch(idx[s : s + t.batch_size])) for s in range(0, n, t.batch_size)]
+        self.log(f"{self.recipe.method}: scoring parameters on {n} training examples")
+        self.model.prepare_selection(batches)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         t = self.recipe.train
@@ -298,6 +312,7 @@ class Trainer:
         }
         if self.rank == 0:
             self.model.save_pretrained(os.path.join(self.run_dir, "adapter"))
+            self.task.finish(self.model, self.run_dir)
             atomic_write_text(os.path.join(self.run_dir, "config.yaml"),
                               yaml.safe_dump(r.to_dict(), sort_keys=False))
             atomic_write_text(os.path.join(self.run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")

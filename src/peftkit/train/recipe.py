@@ -36,6 +36,7 @@ class DataSpec:
     label_column: str = "label"
     response_column: str = "response"  # causal_lm: the prompt is text_column, the loss is on this one
     max_length: int = 64
+    image_size: int | None = None  # image_cls / diffusion: pixels per side (None: the model's own size)
     train_rows: int | None = None  # use the first N training rows
     test_rows: int | None = None
     bad_rows: str = "fail"  # "fail" or "skip" (skipped rows are counted and reported with line numbers)
@@ -229,6 +230,8 @@ def _validate(recipe: Recipe, base_dir: str) -> None:
     for dotted in POSITIVE:
         if _get(recipe, dotted) <= 0:
             raise RecipeError(f"{dotted}: expected a positive integer, got {_get(recipe, dotted)}")
+    if recipe.data.image_size is not None and recipe.data.image_size <= 0:
+        raise RecipeError(f"data.image_size: expected a positive integer, got {recipe.data.image_size}")
     if recipe.train.lr <= 0:
         raise RecipeError(f"train.lr: expected a positive number, got {recipe.train.lr}")
     if not 0 <= recipe.train.warmup_ratio < 1:
@@ -239,6 +242,8 @@ def _validate(recipe: Recipe, base_dir: str) -> None:
         raise RecipeError(f"method: {exc.args[0]}") from None
     try:
         build_peft_config(recipe, spec)
+    except RecipeError:
+        raise
     except (ValueError, TypeError) as exc:
         raise RecipeError(f"peft: {exc}") from None
     for name in ("train", "test"):

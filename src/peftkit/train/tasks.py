@@ -60,6 +60,9 @@ class Task:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         raise NotImplementedError
 
+    def finish(self, model: nn.Module, run_dir: str) -> None:
+        """Called once on rank 0 after training, once the adapter is saved (e.g. to render samples)."""
+
     def run_info(self) -> dict[str, Any]:
         """Saved with the run (e.g. the label set)."""
         return {}
@@ -241,3 +244,7 @@ class InstructionTuning(Task):
         model.train(was_training)
         loss = total / max(tokens, 1)
         return {"test_loss": loss, "test_perplexity": float(torch.exp(torch.tensor(loss)))}
+
+
+# the image tasks register themselves on import (their heavy dependencies load only when they run)
+from . import diffusion, vision  # noqa: E402,F401
