@@ -4,6 +4,7 @@ NaN stop, and a run's adapter loading in peftkit and in Hugging Face PEFT."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -171,3 +172,27 @@ def test_fish_mask_recipe_scores_parameters_before_training(tmp_path):
     head = 32 * 2 + 2
     assert summary["trainable_params"] == kept + head
     assert summary["test_accuracy"] >= 0.9
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tmp_path):
+    _, a = _run(tmp_path / "a", "peft.lora_dropout=0.1")
+    _, b = _run(tmp_path / "b", "peft.lora_dropout=0.1", "train.gradient_checkpointing=true")
+    wa, wb = _weights(os.path.join(a.output_dir, "adapter")), _weights(os.path.join(b.output_dir, "adapter"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+
+
+def test_bf16_autocast_and_loraplus(tmp_path):
+    from peftkit.train.loop import Trainer
+
+    recipe = load_recipe(str(text_recipe(tmp_path)), ["train.bf16=true", "train.loraplus_lr_ratio=16"])
+    trainer = Trainer(recipe, quiet=True)
+    summary = trainer.run()
+    lrs = {g["initial_lr"] for g in trainer.optimizer.param_groups if g["params"]}
+    assert lrs == {recipe.train.lr, 16 * recipe.train.lr}  # lora_B and 1-D tensors learn 16x faster (as peft)
+    batch = trainer.task.batch([0, 1])
+    with trainer._autocast():
+        logits = trainer.model(**batch).logits
+    assert logits.dtype == torch.bfloat16
+    assert all(math.isfinite(m["loss"]) for m in _metrics(recipe.output_dir) if "loss" in m)
+    assert summary["trainable_params"] > 0

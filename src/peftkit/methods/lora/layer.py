@@ -245,8 +245,8 @@ class LoraAdapter(Adapter):
         if self.kind != "linear" or type(base) not in _OWNED_OUTPUT or transposed != self.fan_in_fan_out:
             return None
         w, A = base.weight, self.lora_A
-        if x.dtype != w.dtype or A.dtype != w.dtype or _has_hooks(base):
-            return None
+        if x.dtype != w.dtype or A.dtype != w.dtype or _has_hooks(base) or torch.is_autocast_enabled(x.device.type):
+            return None  # under autocast the generic path lets autocast pick each op's dtype
         d_out, d_in = self._dims(base)
         x2d = x.reshape(-1, d_in)
         compiling = torch.compiler.is_compiling()

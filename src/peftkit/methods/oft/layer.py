@@ -164,8 +164,8 @@ class _RotationAdapter(Adapter):
             rotated = self._rotated_conv_weight(base)
             bias = None if base.bias is None else base.bias.to(rotated.dtype)
             return base._conv_forward(x.to(rotated.dtype), rotated, bias).to(x.dtype)
-        if x.dtype != w.dtype or self._dtype != w.dtype:
-            return None
+        if x.dtype != w.dtype or self._dtype != w.dtype or torch.is_autocast_enabled(x.device.type):
+            return None  # under autocast the generic path lets autocast pick each op's dtype
         blocks, scale = self._blocks(), self._scale()
         x2d = x.reshape(-1, self.width)
         w = self._matrix(w)
