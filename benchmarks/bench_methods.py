@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""Every method peftkit shares with Hugging Face peft, side by side on the real MiniLM: training step time
+and peak memory, ours / peft.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_methods.py --json docs/bench_methods.json
+
+Same config (field names are shared) on the same model: all-MiniLM-L6-v2 with a 2-label head, batch 16 x
+64 tokens, targets query and value (the method's own default for (IA)3; every LayerNorm for LN tuning).
+Step time: forward + backward + AdamW step, 3 timed steps after a warm-up step, per repetition; the two
+libraries alternate within each repetition (order swapped every repetition); the median over repetitions is
+reported. Memory: a fresh subprocess per (library, method) builds the model, wraps it, then trains 3 steps
+while a thread samples RSS every millisecond; reported are the peak RSS while training and its growth over
+the RSS after set-up (what the method's activations, gradients and optimizer state add), with ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _bench_utils as U  # noqa: E402
+
+QV = ["query", "value"]
+METHODS = {  # name -> (config class, kwargs); both libraries take the same fields
+    "lora": ("LoraConfig", {"r": 8, "lora_alpha": 16, "target_modules": QV}),
+    "dora": ("LoraConfig", {"r": 8, "lora_alpha": 16, "target_modules": QV, "use_dora": True}),
+    "adalora": ("AdaLoraConfig", {"init_r": 12, "target_r": 8, "total_step": 1000, "target_modules": QV}),
+    "vera": ("VeraConfig", {"r": 256, "target_modules": QV}),
+    "loha": ("LoHaConfig", {"r": 8, "alpha": 8, "target_modules": QV}),
+    "lokr": ("LoKrConfig", {"r": 8, "alpha": 8, "target_modules": QV}),
+    "oft": ("OFTConfig", {"r": 0, "oft_block_size": 32, "target_modules": QV}),
+    "boft": ("BOFTConfig", {"boft_block_size": 8, "boft_n_butterfly_factor": 1, "target_modules": QV}),
+    "ia3": ("IA3Config", {}),
+    "fourierft": ("FourierFTConfig", {"n_frequency": 1000, "scaling": 150.0, "target_modules": QV}),
+    "ln_tuning": ("LNTuningConfig", {"target_modules": ["LayerNorm"]}),
+}
+LIBS = ("peftkit", "peft")
+
+
+def build(lib_name: str, method: str, seed: int = 0):
+    import torch
+
+    lib = U.load_lib(lib_name)
+    cls_name, kwargs = METHODS[method]
+    model = U.build_minilm(seed)
+    torch.manual_seed(seed)
+    config = getattr(lib, cls_name)(task_type="SEQ_CLS", **kwargs)
+    model = lib.get_peft_model(model, config)
+    model.train()
+    return model
+
+
+def step_times(a) -> dict:
+    import torch
+
+    samples: dict[str, dict[str, list[float]]] = {m: {lib: [] for lib in LIBS} for m in a.methods}
+    for method in a.methods:
+        models = {lib: build(lib, method) for lib in LIBS}
+        opts = {lib: U.make_optimizer(m) for lib, m in models.items()}
+        batch = U.make_batch(models["peft"], a.batch, a.seq)
+        for lib in LIBS:  # warm-up
+            U.train_step(models[lib], opts[lib], batch)
+        for rep in range(a.reps):
+            order = LIBS if rep % 2 == 0 else LIBS[::-1]
+            for lib in order:
+                samples[method][lib].append(
+                    U.time_calls(lambda: U.train_step(models[lib], opts[lib], batch), a.steps))
+        del models, opts
+        torch.manual_seed(0)
+    return samples
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child_memory(a) -> dict:
+    """RSS after set-up, and the peak RSS while training 3 steps (sampled every millisecond)."""
+    import gc
+    import threading
+
+    model = build(a._lib, a._method)
+    opt = U.make_optimizer(model)
+    batch = U.make_batch(model, a.batch, a.seq)
+    gc.collect()
+    setup = _rss_mb()
+    peak, done = [setup], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    for _ in range(3):
+        U.train_step(model, opt, batch)
+    done.set()
+    thread.join()
+    return {"setup_mb": setup, "train_peak_mb": max(peak[0], _rss_mb())}
+
+
+def memory(a) -> dict:
+    out: dict[str, dict[str, float]] = {}
+    for method in a.methods:
+        out[method] = {}
+        for lib in LIBS:
+            cmd = [sys.executable, os.path.abspath(__file__), "--_child", "--_lib", lib, "--_method", method,
+                   "--batch", str(a.batch), "--seq", str(a.seq), "--threads", str(a.threads)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            line = next(x for x in done.stdout.splitlines() if x.startswith(U.RESULT_MARK))
+            out[method][lib] = json.loads(line[len(U.RESULT_MARK):])
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json")
+    p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_lib", help=argparse.SUPPRESS)
+    p.add_argument("--_method", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    a.methods = a.methods.split(",")
+    U.setup_env(a.threads)
+    if a._child:
+        print(U.RESULT_MARK + json.dumps(child_memory(a)), flush=True)
+        return 0
+    started = time.time()
+    times = step_times(a)
+    mem = memory(a)
+    rows = []
+    print(f"{'method':<10} {'peftkit s':>10} {'peft s':>10} {'time ratio':>10} {'spread':>14} "
+          f"{'ours +MB':>9} {'peft +MB':>9} {'+mem ratio':>10} {'peak ratio':>10}")
+    for m in a.methods:
+        ours, theirs = statistics.median(times[m]["peftkit"]), statistics.median(times[m]["peft"])
+        ratios = sorted(o / t for o, t in zip(times[m]["peftkit"], times[m]["peft"]))
+        grow = {lib: mem[m][lib]["train_peak_mb"] - mem[m][lib]["setup_mb"] for lib in LIBS}
+        row = {"method": m, "step_time_s": {"peftkit": ours, "peft": theirs}, "step_time_ratio": ours / theirs,
+               "ratio_spread": [ratios[0], ratios[-1]], "memory_mb": mem[m], "train_growth_mb": grow,
+               "train_growth_ratio": grow["peftkit"] / grow["peft"],
+               "peak_mem_ratio": mem[m]["peftkit"]["train_peak_mb"] / mem[m]["peft"]["train_peak_mb"],
+               "samples": times[m]}
+        rows.append(row)
+        print(f"{m:<10} {ours:>10.4f} {theirs:>10.4f} {row['step_time_ratio']:>10.3f} "
+              f"{ratios[0]:>6.3f}-{ratios[-1]:<6.3f} {grow['peftkit']:>9.0f} {grow['peft']:>9.0f} "
+              f"{row['train_growth_ratio']:>10.3f} {row['peak_mem_ratio']:>10.3f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(a).items() if not k.startswith("_")},
+                       "wall_s": time.time() - started, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
