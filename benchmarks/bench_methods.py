@@ -41,17 +41,29 @@ METHODS = {  # name -> (config class, kwargs); both libraries take the same fiel
     "ln_tuning": ("LNTuningConfig", {"target_modules": ["LayerNorm"]}),
 }
 LIBS = ("peftkit", "peft")
+# peftkit only (peft has no selective methods besides LN tuning): memory of FISH mask and diff pruning against
+# LoRA and full fine-tuning ("full": no adapter, every parameter trains)
+SELECTIVE = {
+    "full": None,
+    "lora": ("LoraConfig", {"r": 8, "lora_alpha": 16, "target_modules": QV}),
+    "fish_mask": ("FishMaskConfig", {"density": 0.005, "criterion": "random"}),
+    "diff_pruning": ("DiffPruningConfig", {"density": 0.005}),
+}
 
 
-def build(lib_name: str, method: str, seed: int = 0):
+def build(lib_name: str, method: str, seed: int = 0, table: dict = METHODS):
     import torch
 
     lib = U.load_lib(lib_name)
-    cls_name, kwargs = METHODS[method]
     model = U.build_minilm(seed)
     torch.manual_seed(seed)
+    if table[method] is None:  # full fine-tuning
+        return model.train()
+    cls_name, kwargs = table[method]
     config = getattr(lib, cls_name)(task_type="SEQ_CLS", **kwargs)
     model = lib.get_peft_model(model, config)
+    if hasattr(model, "prepare_selection"):
+        model.prepare_selection()  # FISH with criterion="random" selects without data; a no-op otherwise
     model.train()
     return model
 
@@ -86,7 +98,7 @@ def child_memory(a) -> dict:
     import gc
     import threading
 
-    model = build(a._lib, a._method)
+    model = build(a._lib, a._method, table=SELECTIVE if a._selective else METHODS)
     opt = U.make_optimizer(model)
     batch = U.make_batch(model, a.batch, a.seq)
     gc.collect()
@@ -107,13 +119,14 @@ def child_memory(a) -> dict:
     return {"setup_mb": setup, "train_peak_mb": max(peak[0], _rss_mb())}
 
 
-def memory(a) -> dict:
+def memory(a, methods: list[str], libs: tuple[str, ...] = LIBS, selective: bool = False) -> dict:
     out: dict[str, dict[str, float]] = {}
-    for method in a.methods:
+    for method in methods:
         out[method] = {}
-        for lib in LIBS:
+        for lib in libs:
             cmd = [sys.executable, os.path.abspath(__file__), "--_child", "--_lib", lib, "--_method", method,
                    "--batch", str(a.batch), "--seq", str(a.seq), "--threads", str(a.threads)]
+            cmd += ["--_selective"] if selective else []
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             line = next(x for x in done.stdout.splitlines() if x.startswith(U.RESULT_MARK))
             out[method][lib] = json.loads(line[len(U.RESULT_MARK):])
@@ -132,6 +145,8 @@ def main() -> int:
     p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_lib", help=argparse.SUPPRESS)
     p.add_argument("--_method", help=argparse.SUPPRESS)
+    p.add_argument("--_selective", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-selective", action="store_true", help="skip the FISH / diff-pruning memory table")
     a = p.parse_args()
     a.methods = a.methods.split(",")
     U.setup_env(a.threads)
@@ -140,7 +155,7 @@ def main() -> int:
         return 0
     started = time.time()
     times = step_times(a)
-    mem = memory(a)
+    mem = memory(a, a.methods)
     rows = []
     print(f"{'method':<10} {'peftkit s':>10} {'peft s':>10} {'time ratio':>10} {'spread':>14} "
           f"{'ours +MB':>9} {'peft +MB':>9} {'+mem ratio':>10} {'peak ratio':>10}")
@@ -157,10 +172,18 @@ def main() -> int:
         print(f"{m:<10} {ours:>10.4f} {theirs:>10.4f} {row['step_time_ratio']:>10.3f} "
               f"{ratios[0]:>6.3f}-{ratios[-1]:<6.3f} {grow['peftkit']:>9.0f} {grow['peft']:>9.0f} "
               f"{row['train_growth_ratio']:>10.3f} {row['peak_mem_ratio']:>10.3f}")
+    selective = {}
+    if not a.no_selective:
+        sel = memory(a, list(SELECTIVE), ("peftkit",), selective=True)
+        print(f"\n{'peftkit':<13} {'after set-up MB':>16} {'training peak MB':>17} {'growth MB':>10}")
+        for m, r in sel.items():
+            r = r["peftkit"]
+            selective[m] = {**r, "growth_mb": r["train_peak_mb"] - r["setup_mb"]}
+            print(f"{m:<13} {r['setup_mb']:>16.0f} {r['train_peak_mb']:>17.0f} {selective[m]['growth_mb']:>10.0f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": {k: v for k, v in vars(a).items() if not k.startswith("_")},
-                       "wall_s": time.time() - started, "rows": rows}, f, indent=1)
+                       "wall_s": time.time() - started, "rows": rows, "selective_memory": selective}, f, indent=1)
     return 0
 
 
