@@ -25,16 +25,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
+def _two_processes(tmp_path, *overrides):
+    """(single-process run at batch 8, summary and weights of a 2-process run at batch 4)."""
     one = load_recipe(str(text_recipe(tmp_path / "one")), [*STEPS, "train.batch_size=8"])
     single = train(one, quiet=True)
-
     recipe = text_recipe(tmp_path / "two")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "peftkit.cli", "train", str(recipe), *STEPS, "train.batch_size=4"]
+           f"--master_port={_free_port()}", "-m", "peftkit.cli", "train", str(recipe), *STEPS, "train.batch_size=4",
+           *overrides]
     done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-
     run_dir = tmp_path / "two" / "run"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2
@@ -43,6 +43,17 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    return single, summary
+
+
+def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
+    single, summary = _two_processes(tmp_path)
     # every optimizer step all-reduces exactly the trainable parameters' gradients, nothing of the base
     assert summary["trainable_params"] == single["trainable_params"]
     assert summary["allreduced_numel"] == 6 * summary["trainable_params"]
+
+
+def test_fsdp_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
+    single, summary = _two_processes(tmp_path, "train.strategy=fsdp")
+    assert summary["trainable_params"] == single["trainable_params"]
+    assert summary["test_accuracy"] == single["test_accuracy"]

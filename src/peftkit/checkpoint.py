@@ -67,7 +67,14 @@ def shared_tensors(tuner: TunerModel, adapter_name: str) -> dict[str, Tensor]:
 
 
 def state_dict_for_save(tuner: TunerModel, adapter_name: str) -> dict[str, Tensor]:
-    return {k: v.detach() for k, v in adapter_tensors(tuner, adapter_name).items()}
+    """Detached tensors by file key. Sharded (FSDP ``DTensor``) ones are gathered whole: a collective, so under
+    FSDP every rank calls this, in the same order (rank 0 writes the file)."""
+    return {k: _whole(v.detach()) for k, v in adapter_tensors(tuner, adapter_name).items()}
+
+
+def _whole(t: Tensor) -> Tensor:
+    full = getattr(t, "full_tensor", None)
+    return full() if full is not None else t
 
 
 def validate(tuner: TunerModel, adapter_name: str, state: dict[str, Tensor], source: str) -> dict[str, Tensor]:

@@ -28,7 +28,7 @@ import yaml
 from torch import nn
 
 from ..io import atomic_write_text
-from ..model import get_peft_model, set_peft_model_state_dict
+from ..model import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from .recipe import Recipe, build_peft_config
 from .state import MetricsLog, checkpoint_dirs, load_trainer_state, lr_factor, rng_state, save_checkpoint, set_rng_state
 from .tasks import TASKS
@@ -131,6 +131,9 @@ class Trainer:
 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if self.recipe.train.strategy == "fsdp":
+            self._setup_fsdp()
+            return
         # Every rank builds the same model from the same seed; only the trainable (adapter) tensors are
         # broadcast from rank 0 to be sure, instead of DDP's initial broadcast of every parameter.
         for p in self.params:
@@ -148,6 +151,19 @@ class Trainer:
         counting_allreduce.__annotations__ = {"state": object, "bucket": dist.GradBucket,
                                               "return": torch.futures.Future[torch.Tensor]}
         self.forward_model.register_comm_hook(None, counting_allreduce)
+
+    def _setup_fsdp(self) -> None:
+        """FSDP2: each transformer block and then the whole model sharded across ranks (frozen weights
+        included: that is the memory saving); gradients are reduce-scattered, so the adapter trains as
+        under DDP. Mid-run checkpoints are skipped (the optimizer state is sharded)."""
+        from torch.distributed.fsdp import fully_shard
+
+        for block in _blocks(self.model.get_base_model()):
+            fully_shard(block)
+        fully_shard(self.model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]  # now sharded DTensors
+        if self.recipe.train.save_every:
+            self.log("train.save_every: no mid-run checkpoints with train.strategy=fsdp")
 
     # ------------------------------------------------------------------ checkpoints
     def _trainer_state(self, step: int, loss_sum: float, loss_count: int) -> dict[str, Any]:
@@ -201,6 +217,7 @@ class Trainer:
         bar = self._progress(step)
         window_start, window_samples = time.perf_counter(), 0
         global_bs = t.batch_size * self.world
+        fsdp = self.world > 1 and t.strategy == "fsdp"
         while step < t.max_steps:
             loss_value = self._train_step(step, global_bs)
             if not math.isfinite(loss_value):
@@ -226,7 +243,7 @@ class Trainer:
                 bar.update(1)
             if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
                 self._record({"step": step, "event": "eval", **self._evaluate()})
-            if t.save_every and step % t.save_every == 0 and step < t.max_steps and self.rank == 0:
+            if t.save_every and step % t.save_every == 0 and step < t.max_steps and self.rank == 0 and not fsdp:
                 save_checkpoint(self.run_dir, step, self.model, self._trainer_state(step, loss_sum, loss_count),
                                 t.keep_last)
         if bar is not None:
@@ -247,7 +264,7 @@ class Trainer:
             idx = example_indices(t.seed, self.task.n_train, start, t.batch_size)
             batch = self.task.move(self.task.batch(idx))
             sync = contextlib.nullcontext()
-            if self.world > 1 and micro < t.grad_accum - 1:
+            if self.world > 1 and micro < t.grad_accum - 1 and hasattr(self.forward_model, "no_sync"):
                 sync = self.forward_model.no_sync()
             with sync, self._autocast():
                 loss = self.task.loss(self.forward_model, batch) / t.grad_accum
@@ -310,6 +327,8 @@ class Trainer:
             "world_size": self.world, "allreduced_numel": self.comm_numel, "wall_time_s": round(wall, 2),
             **self.task.run_info(),
         }
+        if self.rank != 0 and self.world > 1 and r.train.strategy == "fsdp":
+            get_peft_model_state_dict(self.model)  # gathering the sharded adapter is a collective
         if self.rank == 0:
             self.model.save_pretrained(os.path.join(self.run_dir, "adapter"))
             self.task.finish(self.model, self.run_dir)
@@ -330,6 +349,12 @@ def _has_task_type(recipe: Recipe) -> bool:
 
     fields = {f.name for f in dataclasses.fields(get_method(recipe.method).config_cls)}
     return "task_type" in fields and "task_type" not in recipe.peft
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a model: the children of its longest ``nn.ModuleList``."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    return list(max(lists, key=len)) if lists else []
 
 
 def _mean_across_ranks(value: float) -> float:

@@ -64,6 +64,7 @@ class TrainSpec:
     keep_last: int = 2  # checkpoints kept
     eval_batch_size: int = 128
     num_threads: int | None = None  # torch threads (None: leave torch's default)
+    strategy: str = "ddp"  # under torchrun: "ddp" (replicated model) or "fsdp" (FSDP2, parameters sharded)
 
 
 @dataclass
@@ -92,6 +93,7 @@ CHOICES = {
     "task": TASKS,
     "data.bad_rows": ("fail", "skip"),
     "train.schedule": ("linear", "cosine", "constant"),
+    "train.strategy": ("ddp", "fsdp"),
 }
 POSITIVE = ("train.max_steps", "train.batch_size", "train.grad_accum", "train.keep_last", "data.max_length",
             "train.eval_batch_size")
@@ -234,6 +236,8 @@ def _validate(recipe: Recipe, base_dir: str) -> None:
         raise RecipeError(f"data.image_size: expected a positive integer, got {recipe.data.image_size}")
     if recipe.train.lr <= 0:
         raise RecipeError(f"train.lr: expected a positive number, got {recipe.train.lr}")
+    if recipe.train.strategy == "fsdp" and recipe.resume:
+        raise RecipeError("resume: not supported with train.strategy=fsdp (its optimizer state is sharded); use ddp")
     if not 0 <= recipe.train.warmup_ratio < 1:
         raise RecipeError(f"train.warmup_ratio: expected a number in [0, 1), got {recipe.train.warmup_ratio}")
     try:
