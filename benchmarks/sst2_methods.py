@@ -29,7 +29,11 @@ def main() -> int:
     ap.add_argument("--json", default=os.path.join(ROOT, "docs", "sst2_methods.json"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "sst2-methods"))
+    ap.add_argument("--markdown", action="store_true", help="print the table of --json and exit")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(args.json))
+        return 0
     paths = sorted(glob.glob(os.path.join(ROOT, "configs", "sst2_*.yaml")))
     names = {os.path.basename(p)[5:-5]: p for p in paths}
     wanted = args.methods.split(",") if args.methods else sorted(names)
@@ -53,6 +57,17 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump(sorted(results.values(), key=lambda r: r["recipe"]), f, indent=1)
     return 0
+
+
+def markdown(path: str) -> str:
+    with open(path) as f:
+        rows = json.load(f)
+    out = ["| recipe | method | lr | trainable | accuracy before | accuracy after | time (s) |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(rows, key=lambda r: -r["accuracy"]):
+        out.append(f"| `{r['recipe']}` | {r['method']} | {r['lr']:g} | {r['trainable_params']:,d} | "
+                   f"{100 * r['accuracy_before']:.2f}% | {100 * r['accuracy']:.2f}% | {r['wall_time_s']:.0f} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
