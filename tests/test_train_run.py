@@ -180,6 +180,11 @@ def test_gradient_checkpointing_trains_the_same_adapter(tmp_path):
     wa, wb = _weights(os.path.join(a.output_dir, "adapter")), _weights(os.path.join(b.output_dir, "adapter"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+    from peftkit.train.loop import Trainer
+
+    trainer = Trainer(load_recipe(str(text_recipe(tmp_path / "c")), ["train.gradient_checkpointing=true"]), quiet=True)
+    trainer.setup()
+    assert trainer.model.get_base_model().is_activation_checkpointing
 
 
 def test_bf16_autocast_and_loraplus(tmp_path):

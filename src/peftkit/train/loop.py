@@ -85,10 +85,13 @@ class Trainer:
         self.model = get_peft_model(base, config)
         self._prepare_selection(config)
         if r.train.gradient_checkpointing:
-            enable = getattr(base, "gradient_checkpointing_enable", None)
-            if enable is None:
-                raise TrainingError("train.gradient_checkpointing: the base model has no gradient_checkpointing_enable")
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(base, "activation_checkpointing_enable"):  # transformers 5.x name
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            elif hasattr(base, "gradient_checkpointing_enable"):
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            else:
+                raise TrainingError("train.gradient_checkpointing: the base model has no activation checkpointing")
         self.trainable, self.total = self.model.get_nb_trainable_parameters()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.forward_model: nn.Module = self.model
