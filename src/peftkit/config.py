@@ -29,6 +29,9 @@ class TaskType(str, enum.Enum):
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
+NAME_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules")
+
+
 class ConfigError(ValueError):
     """A configuration value is out of range or inconsistent."""
 
@@ -62,6 +65,13 @@ class PeftConfig:
                 raise ConfigError(
                     f"task_type: expected one of {[t.value for t in TaskType]}, got {self.task_type!r}"
                 ) from None
+        for name in NAME_FIELDS:  # module-name fields: a set or tuple becomes a sorted list (JSON-stable)
+            value = getattr(self, name, None)
+            if isinstance(value, (set, tuple, frozenset)):
+                setattr(self, name, sorted(value))
+            elif not (value is None or isinstance(value, (str, list))):
+                raise ConfigError(f"{type(self).__name__}.{name}: expected a list of names or a regex string, "
+                                  f"got {value!r}")
 
     # -- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

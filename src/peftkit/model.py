@@ -8,7 +8,6 @@ same names, signatures and defaults. Calls and attributes the wrapper does not d
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -19,44 +18,8 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import PeftConfig, TaskType
 from .registry import get_method
+from .signature import ForwardWithBaseSignature
 from .tuner import TunerModel
-
-
-class _BoundForward:
-    """``model.forward`` of a PeftModel: calls through, and reports the base model's signature.
-
-    ``inspect.signature(model.forward)`` then lists the base model's arguments (plus ``adapter_names``), so
-    tools that keep only the inputs a model accepts, such as ``transformers.Trainer`` dropping unused data
-    columns, treat the wrapped model like the base model.
-    """
-
-    __slots__ = ("func", "owner")
-
-    def __init__(self, func: Any, owner: "PeftModel") -> None:
-        self.func, self.owner = func, owner
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.func(self.owner, *args, **kwargs)
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        base = inspect.signature(self.owner.get_base_model().forward)
-        params = [p for p in base.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        if "adapter_names" not in base.parameters:
-            params.append(inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None))
-        params += [p for p in base.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
-        return base.replace(parameters=params)
-
-
-class _ForwardWithBaseSignature:
-    """Descriptor giving each PeftModel a ``forward`` that is a :class:`_BoundForward`."""
-
-    def __init__(self, func: Any) -> None:
-        self.func = func
-        self.__doc__ = func.__doc__
-
-    def __get__(self, owner: Any, cls: type | None = None) -> Any:
-        return self.func if owner is None else _BoundForward(self.func, owner)
 
 
 class PeftModel(nn.Module):
@@ -82,7 +45,7 @@ class PeftModel(nn.Module):
         with self.base_model.route(adapter_names):
             return self.base_model(*args, **kwargs)
 
-    forward = _ForwardWithBaseSignature(_forward)
+    forward = ForwardWithBaseSignature(_forward)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         if adapter_names is None:

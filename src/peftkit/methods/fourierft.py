@@ -81,8 +81,6 @@ class FourierFTConfig(PeftConfig):
         for key, value in self.n_frequency_pattern.items():
             if not (_int(value) and value > 0):
                 raise ConfigError(f"FourierFTConfig.n_frequency_pattern[{key!r}]: expected an integer > 0, got {value!r}")
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
         if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
             raise ConfigError(
                 "FourierFTConfig.layers_to_transform / layers_pattern: cannot be used when target_modules is a "

@@ -59,12 +59,6 @@ class IA3Config(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("target_modules", "exclude_modules", "feedforward_modules"):
-            value = getattr(self, name)
-            if isinstance(value, (set, tuple, frozenset)):
-                setattr(self, name, sorted(value))
-            elif not (value is None or isinstance(value, (str, list))):
-                raise ConfigError(f"IA3Config.{name}: expected a list of names or a regex string, got {value!r}")
         ff, targets = self.feedforward_modules, self.target_modules
         if isinstance(ff, list) and isinstance(targets, list) and not set(ff) <= set(targets):
             raise ConfigError(

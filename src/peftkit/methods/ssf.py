@@ -62,12 +62,6 @@ class SSFConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if isinstance(value, (set, tuple, frozenset)):
-                setattr(self, name, sorted(value))
-            elif not (value is None or isinstance(value, (str, list))):
-                raise ConfigError(f"SSFConfig.{name}: expected a list of names or a regex string, got {value!r}")
         self._check(isinstance(self.init_weights, bool), "init_weights", "True or False")
         if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
             raise ConfigError(

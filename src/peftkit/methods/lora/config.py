@@ -102,8 +102,6 @@ class LoraConfig(PeftConfig):
         for key, value in self.alpha_pattern.items():
             if not _positive(value):
                 raise ConfigError(f"LoraConfig.alpha_pattern[{key!r}]: expected a number > 0, got {value!r}")
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
         if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
             raise ConfigError(
                 "LoraConfig.layers_to_transform / layers_pattern: cannot be used when target_modules is a regex "

@@ -57,10 +57,6 @@ class _LycorisConfig(PeftConfig):
         for key, value in (self.alpha_pattern or {}).items():
             if not (_number(value) and value > 0):
                 raise ConfigError(f"{name}.alpha_pattern[{key!r}]: expected a number > 0, got {value!r}")
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.exclude_modules, (set, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError(f"{name}.layers_pattern: only meaningful together with layers_to_transform")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:

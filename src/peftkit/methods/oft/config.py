@@ -32,12 +32,6 @@ def _number(v: Any) -> bool:
 def _check_targeting(cfg: PeftConfig) -> None:
     """The target / layer-filter rules every method shares (as in PEFT)."""
     name = type(cfg).__name__
-    for field in ("target_modules", "exclude_modules"):
-        value = getattr(cfg, field)
-        if isinstance(value, (set, tuple, frozenset)):
-            setattr(cfg, field, sorted(value))
-        elif not (value is None or isinstance(value, (str, list))):
-            raise ConfigError(f"{name}.{field}: expected a list of names or a regex string, got {value!r}")
     if cfg.layers_pattern and cfg.layers_to_transform is None:
         raise ConfigError(f"{name}.layers_pattern: only meaningful together with layers_to_transform")
     if isinstance(cfg.target_modules, str) and cfg.layers_to_transform is not None:

@@ -70,14 +70,6 @@ class SelectiveConfig(PeftConfig):
         value = getattr(self, field)
         self._check(_is_number(value) and 0 < value <= 1, field, "a fraction in (0, 1]")
 
-    def _check_targets(self) -> None:
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if isinstance(value, (set, tuple, frozenset)):
-                setattr(self, name, sorted(value))
-            elif not (value is None or isinstance(value, (str, list))):
-                raise ConfigError(f"{type(self).__name__}.{name}: expected a list of names or a regex string, got {value!r}")
-
 
 @dataclasses.dataclass
 class BitFitConfig(SelectiveConfig):
@@ -97,7 +89,6 @@ class BitFitConfig(SelectiveConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check_targets()
 
 
 @dataclasses.dataclass
@@ -143,7 +134,6 @@ class _MaskConfig(SelectiveConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check_targets()
         self._check(_is_int(self.num_samples) and self.num_samples > 0, "num_samples", "a positive integer")
         self._check(self.criterion in CRITERIA, "criterion", f"one of {CRITERIA}")
         self._check(_is_int(self.seed), "seed", "an integer")
@@ -233,7 +223,6 @@ class DiffPruningConfig(SelectiveConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check_targets()
         self._check_density("density")
         self._check(_is_number(self.l0_lambda) and self.l0_lambda >= 0, "l0_lambda", "a number >= 0")
         self._check(_is_number(self.alpha_init), "alpha_init", "a number")

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ...config import ConfigError, PeftConfig
+from ...config import PeftConfig
 from ...layers import Adapter
 from ...registry import register_method
 from ...targeting import NotApplicableError, TargetError, find_targets
@@ -71,12 +71,6 @@ class LNTuningConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if isinstance(value, (set, tuple, frozenset)):
-                setattr(self, name, sorted(value))
-            elif not (value is None or isinstance(value, (str, list))):
-                raise ConfigError(f"LNTuningConfig.{name}: expected a list of names or a regex string, got {value!r}")
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
 
