@@ -370,4 +370,14 @@ def _mean_across_ranks(value: float) -> float:
 
 def train(recipe: Recipe, *, quiet: bool = False) -> dict[str, Any]:
     """Run ``recipe``; returns the summary written to ``summary.json``."""
-    return Trainer(recipe, quiet=quiet).run()
+    import torch.distributed as dist
+
+    trainer = Trainer(recipe, quiet=quiet)
+    try:
+        summary = trainer.run()
+        if trainer.world > 1 and dist.is_initialized():
+            dist.barrier()  # every rank waits for rank 0's files before the group goes away
+        return summary
+    finally:
+        if trainer.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()  # exiting with live gloo threads aborts the process
