@@ -26,6 +26,9 @@ class MethodSpec:
     param_formula: str  # trainable parameters per targeted module, in the paper's notation
     position: str = "weight"  # where the trained parameters sit
     changes_structure: bool = False
+    # the adapted model's output equals the base model's right after get_peft_model (False for methods
+    # whose learned tokens or blends act from the start, e.g. prompt tuning, VPT)
+    starts_at_base: bool = True
     paper: str = ""
     # named example configs (kwargs for config_cls) that the contract suite and the benchmark run
     examples: tuple[tuple[str, dict[str, Any]], ...] = ()
