@@ -1,4 +1,5 @@
-"""Reading training data: TSV / CSV / JSONL tables with named columns, and a few built-in sources.
+"""Reading training data: TSV / CSV / JSONL tables with named columns, Hugging Face data sets, and a few
+built-in sources.
 
 Every row that cannot be used (a missing column, an empty label, a label outside the known set) is
 reported with its file and line number: the run either fails on the first one (``bad_rows: fail``) or
@@ -42,8 +43,62 @@ def builtin_path(name: str) -> str:
     return str(path)
 
 
+HF_PREFIX = "hf:"
+
+
+def parse_hf(source: str) -> tuple[str, str | None, str]:
+    """``hf:PATH[:CONFIG]@SPLIT`` -> (path, config name, split). PATH is a hub id (``stanfordnlp/sst2``) or a
+    local folder (data files, or a data set written by ``save_to_disk``)."""
+    body = source.removeprefix(HF_PREFIX)
+    path, at, split = body.rpartition("@")
+    if not at or not path or not split:
+        raise DataError(f"{source}: expected hf:PATH[:CONFIG]@SPLIT, e.g. hf:stanfordnlp/sst2@train")
+    path, _, config = path.partition(":")
+    return path, config or None, split
+
+
+def read_hf(source: str, limit: int | None = None) -> Table:
+    """Rows of a Hugging Face data set split; a row's "line" is its 1-based row number.
+
+    Class-label columns come back as their names (``negative`` / ``positive``), so the run's label set reads
+    like the data set's. Hub ids need the network (and the ``datasets`` package)."""
+    path, config, split = parse_hf(source)
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{source}: reading Hugging Face data sets needs the datasets package "
+                        "(pip install datasets)") from None
+    try:
+        if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f))
+                                       for f in ("dataset_dict.json", "state.json")):
+            data = datasets.load_from_disk(path)
+            if isinstance(data, datasets.DatasetDict):
+                if split not in data:
+                    raise DataError(f"{source}: no split {split!r}; the data set has {sorted(data)}")
+                data = data[split]
+        else:
+            data = datasets.load_dataset(path, config, split=split)
+    except DataError:
+        raise
+    except Exception as exc:  # the hub is unreachable, the id or split is unknown, a file is unreadable ...
+        raise DataError(f"{source}: cannot load the data set: {type(exc).__name__}: {exc}") from None
+    if limit:
+        data = data.select(range(min(limit, len(data))))
+    names = {k: f.names for k, f in data.features.items() if isinstance(f, datasets.ClassLabel)}
+    rows = []
+    for row in data:
+        for key, labels in names.items():
+            if row.get(key) is not None and 0 <= row[key] < len(labels):
+                row[key] = labels[row[key]]
+        rows.append(row)
+    return Table(source, rows, list(range(1, len(rows) + 1)))
+
+
 def read_table(path: str, limit: int | None = None) -> Table:
-    """Rows of a .tsv, .csv or .jsonl(.gz) file (the format follows the extension)."""
+    """Rows of a .tsv, .csv or .jsonl(.gz) file (the format follows the extension), or of a Hugging Face
+    data set split (``hf:PATH[:CONFIG]@SPLIT``)."""
+    if path.startswith(HF_PREFIX):
+        return read_hf(path, limit)
     if path.startswith("builtin:"):
         path = builtin_path(path)
     name = path[:-3] if path.endswith(".gz") else path

@@ -9,6 +9,7 @@ instead of after the model has loaded.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import types
 import typing
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from .data import HF_PREFIX, DataError, parse_hf
 
 
 class RecipeError(ValueError):
@@ -26,8 +29,10 @@ class RecipeError(ValueError):
 class DataSpec:
     """Where the examples are and which columns hold what.
 
-    ``train`` / ``test``: a .tsv, .csv or .jsonl file, or a built-in source (``builtin:fashion_mnist``,
-    ``builtin:digits``); relative paths resolve against the recipe file's folder.
+    ``train`` / ``test``: a .tsv, .csv or .jsonl file, a Hugging Face data set split
+    (``hf:stanfordnlp/sst2@train``, ``hf:glue:sst2@validation``, or ``hf:FOLDER@train`` for a local one; needs
+    the ``datasets`` package), or a built-in source (``builtin:fashion_mnist``, ``builtin:digits``); relative
+    paths resolve against the recipe file's folder.
     """
 
     train: str = "builtin:sst2/train"
@@ -254,10 +259,23 @@ def _validate(recipe: Recipe, base_dir: str) -> None:
         source = getattr(recipe.data, name)
         if source is None or source.startswith("builtin:"):
             continue
+        if source.startswith(HF_PREFIX):
+            _check_hf_source(f"data.{name}", source)
+            continue
         resolved = source if os.path.isabs(source) else os.path.join(base_dir, source)
         if not os.path.isfile(resolved):
             raise RecipeError(f"data.{name}: file not found: {source}")
         setattr(recipe.data, name, os.path.normpath(resolved))
+
+
+def _check_hf_source(field: str, source: str) -> None:
+    """A Hugging Face source is well formed and ``datasets`` is importable (the data loads later)."""
+    try:
+        parse_hf(source)
+    except DataError as exc:
+        raise RecipeError(f"{field}: {exc}") from None
+    if importlib.util.find_spec("datasets") is None:
+        raise RecipeError(f"{field}: {source} needs the datasets package (pip install datasets)")
 
 
 def build_peft_config(recipe: Recipe, spec: Any = None, **extra: Any):
