@@ -114,8 +114,3 @@ def test_every_shipped_recipe_is_valid():
     for path in paths:
         recipe = load_recipe(path)
         assert recipe.task in TASKS, path
-
-
-def test_fsdp_runs_cannot_resume(tmp_path):
-    with pytest.raises(RecipeError, match=r"resume: not supported with train.strategy=fsdp"):
-        load_recipe(str(text_recipe(tmp_path)), ["train.strategy=fsdp", "resume=true"])

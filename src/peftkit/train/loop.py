@@ -4,8 +4,8 @@ One run: read the data, load the base model, wrap it with the recipe's method, e
 (warm-up + linear / cosine decay, gradient accumulation and clipping, optional bf16 autocast, gradient
 checkpointing, LoRA+ groups, per-step method hooks such as AdaLoRA's rank allocation), checkpoint every
 ``save_every`` steps, evaluate again, and write the run folder. Under ``torchrun`` it trains data-parallel
-with ``DistributedDataParallel`` (gloo on CPU, NCCL on CUDA); only adapter parameters are trainable, so
-only they are all-reduced.
+with DDP or FSDP2 (gloo on CPU, NCCL on CUDA; see distributed.py); only adapter parameters are trainable,
+so only they are all-reduced.
 
 Example ``i`` of the global batch at optimizer step ``s`` and micro-step ``m`` is a pure function of the
 seed: an epoch-wise permutation of the training rows seeded by ``(seed, epoch)``. Rank ``r`` of ``W``
@@ -30,6 +30,15 @@ from torch import nn
 from ..io import atomic_write_text
 from ..model import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from .recipe import Recipe, build_peft_config
+from .distributed import (
+    full_training_state,
+    gather_objects,
+    init_process_group,
+    load_full_training_state,
+    mean_across_ranks,
+    shard_fsdp,
+    wrap_ddp,
+)
 from .state import MetricsLog, checkpoint_dirs, load_trainer_state, lr_factor, rng_state, save_checkpoint, set_rng_state
 from .tasks import TASKS
 
@@ -129,55 +138,38 @@ class Trainer:
         return torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
 
     def _setup_ddp(self) -> None:
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel as DDP
+        init_process_group()
+        if self.fsdp:
+            shard_fsdp(self.model, self.model.get_base_model())
+            self.params = [p for p in self.model.parameters() if p.requires_grad]  # now sharded DTensors
+        else:
+            self.forward_model = wrap_ddp(self.model, self.params, self.world, self)
 
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if self.recipe.train.strategy == "fsdp":
-            self._setup_fsdp()
-            return
-        # Every rank builds the same model from the same seed; only the trainable (adapter) tensors are
-        # broadcast from rank 0 to be sure, instead of DDP's initial broadcast of every parameter.
-        for p in self.params:
-            dist.broadcast(p.data, src=0)
-        device = [torch.cuda.current_device()] if torch.cuda.is_available() else None
-        self.forward_model = DDP(self.model, device_ids=device, init_sync=False, forward_sync_buffers=False)
-
-        def counting_allreduce(state: Any, bucket: Any) -> torch.futures.Future:
-            tensor = bucket.buffer()
-            self.comm_numel += tensor.numel()
-            tensor.div_(self.world)
-            return dist.all_reduce(tensor, async_op=True).get_future().then(lambda f: f.value()[0])
-
-        # DDP checks the hook's annotations as objects (this module's are strings under PEP 563)
-        counting_allreduce.__annotations__ = {"state": object, "bucket": dist.GradBucket,
-                                              "return": torch.futures.Future[torch.Tensor]}
-        self.forward_model.register_comm_hook(None, counting_allreduce)
-
-    def _setup_fsdp(self) -> None:
-        """FSDP2: each transformer block and then the whole model sharded across ranks (frozen weights
-        included: that is the memory saving); gradients are reduce-scattered, so the adapter trains as
-        under DDP. Mid-run checkpoints are skipped (the optimizer state is sharded)."""
-        from torch.distributed.fsdp import fully_shard
-
-        for block in _blocks(self.model.get_base_model()):
-            fully_shard(block)
-        fully_shard(self.model)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]  # now sharded DTensors
-        if self.recipe.train.save_every:
-            self.log("train.save_every: no mid-run checkpoints with train.strategy=fsdp")
+    @property
+    def fsdp(self) -> bool:
+        return self.world > 1 and self.recipe.train.strategy == "fsdp"
 
     # ------------------------------------------------------------------ checkpoints
-    def _trainer_state(self, step: int, loss_sum: float, loss_count: int) -> dict[str, Any]:
-        return {
+    def _save_checkpoint(self, step: int, loss_sum: float, loss_count: int) -> None:
+        """Every rank calls it: RNG states are gathered, and under FSDP so are the adapter and optimizer."""
+        rngs = gather_objects(rng_state(), self.world)
+        full = full_training_state(self.model, self.optimizer) if self.fsdp else None
+        if self.rank != 0:
+            if self.fsdp:
+                get_peft_model_state_dict(self.model)  # rank 0's save_pretrained gathers the adapter: a collective
+            return
+        state = {
             "step": step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": full["optimizer"] if full else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": rng_state(),
+            "rng": rngs[0],
+            "rng_ranks": rngs,
             "loss_sum": loss_sum,
             "loss_count": loss_count,
         }
+        if full:
+            state["trainable"] = full["trainable"]  # full tensors by parameter name: resumes on any world size
+        save_checkpoint(self.run_dir, step, self.model, state, self.recipe.train.keep_last)
 
     def _resume(self) -> tuple[int, float, int]:
         found = checkpoint_dirs(self.run_dir)
@@ -185,14 +177,21 @@ class Trainer:
             self.log(f"resume: no checkpoint in {self.run_dir}; starting from step 0")
             return 0, 0.0, 0
         step, path = found[-1]
-        from ..checkpoint import read_weights
-
-        tensors, _ = read_weights(path)
-        set_peft_model_state_dict(self.model, tensors)
         state = load_trainer_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "trainable" in state:
+            load_full_training_state(self.model, self.optimizer, state)
+        elif self.fsdp:
+            raise TrainingError(f"resume: {path} was written by a run without train.strategy=fsdp; "
+                                "resume it with the strategy it was trained with")
+        else:
+            from ..checkpoint import read_weights
+
+            tensors, _ = read_weights(path)
+            set_peft_model_state_dict(self.model, tensors)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks")
+        set_rng_state(ranks[self.rank] if ranks and len(ranks) == self.world else state["rng"])
         self.metrics.truncate_after(step)
         self.log(f"resumed from {path} (step {step})")
         return step, float(state["loss_sum"]), int(state["loss_count"])
@@ -220,7 +219,6 @@ class Trainer:
         bar = self._progress(step)
         window_start, window_samples = time.perf_counter(), 0
         global_bs = t.batch_size * self.world
-        fsdp = self.world > 1 and t.strategy == "fsdp"
         while step < t.max_steps:
             loss_value = self._train_step(step, global_bs)
             if not math.isfinite(loss_value):
@@ -246,9 +244,8 @@ class Trainer:
                 bar.update(1)
             if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
                 self._record({"step": step, "event": "eval", **self._evaluate()})
-            if t.save_every and step % t.save_every == 0 and step < t.max_steps and self.rank == 0 and not fsdp:
-                save_checkpoint(self.run_dir, step, self.model, self._trainer_state(step, loss_sum, loss_count),
-                                t.keep_last)
+            if t.save_every and step % t.save_every == 0 and step < t.max_steps:
+                self._save_checkpoint(step, loss_sum, loss_count)
         if bar is not None:
             bar.close()
         after = self._evaluate()
@@ -275,7 +272,7 @@ class Trainer:
                 loss.backward()
             total += float(loss.detach())
         if self.world > 1:
-            total = _mean_across_ranks(total)
+            total = mean_across_ranks(total)
         if not math.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             return total
@@ -330,7 +327,7 @@ class Trainer:
             "world_size": self.world, "allreduced_numel": self.comm_numel, "wall_time_s": round(wall, 2),
             **self.task.run_info(),
         }
-        if self.rank != 0 and self.world > 1 and r.train.strategy == "fsdp":
+        if self.rank != 0 and self.fsdp:
             get_peft_model_state_dict(self.model)  # gathering the sharded adapter is a collective
         if self.rank == 0:
             self.model.save_pretrained(os.path.join(self.run_dir, "adapter"))
@@ -352,20 +349,6 @@ def _has_task_type(recipe: Recipe) -> bool:
 
     fields = {f.name for f in dataclasses.fields(get_method(recipe.method).config_cls)}
     return "task_type" in fields and "task_type" not in recipe.peft
-
-
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a model: the children of its longest ``nn.ModuleList``."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
-    return list(max(lists, key=len)) if lists else []
-
-
-def _mean_across_ranks(value: float) -> float:
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
 
 
 def train(recipe: Recipe, *, quiet: bool = False) -> dict[str, Any]:

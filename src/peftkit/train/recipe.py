@@ -241,8 +241,6 @@ def _validate(recipe: Recipe, base_dir: str) -> None:
         raise RecipeError(f"data.image_size: expected a positive integer, got {recipe.data.image_size}")
     if recipe.train.lr <= 0:
         raise RecipeError(f"train.lr: expected a positive number, got {recipe.train.lr}")
-    if recipe.train.strategy == "fsdp" and recipe.resume:
-        raise RecipeError("resume: not supported with train.strategy=fsdp (its optimizer state is sharded); use ddp")
     if not 0 <= recipe.train.warmup_ratio < 1:
         raise RecipeError(f"train.warmup_ratio: expected a number in [0, 1), got {recipe.train.warmup_ratio}")
     try:
