@@ -45,6 +45,8 @@ class DataSpec:
     train_rows: int | None = None  # use the first N training rows
     test_rows: int | None = None
     bad_rows: str = "fail"  # "fail" or "skip" (skipped rows are counted and reported with line numbers)
+    shots: int | None = None  # clip_fewshot: training images per class (None: all)
+    class_template: str = "a photo of a {}."  # clip_fewshot: the prompt each class name goes into
 
 
 @dataclass
@@ -77,7 +79,7 @@ class Recipe:
     """A whole run. ``peft`` holds the config fields of ``method`` (a registered method name)."""
 
     model: str = "minilm"
-    task: str = "seq_cls"  # seq_cls, causal_lm, image_cls, diffusion
+    task: str = "seq_cls"  # seq_cls, causal_lm, image_cls, clip_fewshot, diffusion
     method: str = "lora"
     peft: dict[str, Any] = field(
         default_factory=lambda: {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
@@ -93,7 +95,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-TASKS = ("seq_cls", "causal_lm", "image_cls", "diffusion")
+TASKS = ("seq_cls", "causal_lm", "image_cls", "clip_fewshot", "diffusion")
 CHOICES = {
     "task": TASKS,
     "data.bad_rows": ("fail", "skip"),
@@ -237,8 +239,9 @@ def _validate(recipe: Recipe, base_dir: str) -> None:
     for dotted in POSITIVE:
         if _get(recipe, dotted) <= 0:
             raise RecipeError(f"{dotted}: expected a positive integer, got {_get(recipe, dotted)}")
-    if recipe.data.image_size is not None and recipe.data.image_size <= 0:
-        raise RecipeError(f"data.image_size: expected a positive integer, got {recipe.data.image_size}")
+    for dotted in ("data.image_size", "data.shots"):
+        if _get(recipe, dotted) is not None and _get(recipe, dotted) <= 0:
+            raise RecipeError(f"{dotted}: expected a positive integer, got {_get(recipe, dotted)}")
     if recipe.train.lr <= 0:
         raise RecipeError(f"train.lr: expected a positive number, got {recipe.train.lr}")
     if not 0 <= recipe.train.warmup_ratio < 1:

@@ -247,4 +247,4 @@ class InstructionTuning(Task):
 
 
 # the image tasks register themselves on import (their heavy dependencies load only when they run)
-from . import diffusion, vision  # noqa: E402,F401
+from . import clip_fewshot, diffusion, vision  # noqa: E402,F401
