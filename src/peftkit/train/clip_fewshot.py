@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from .data import DataError
 from .models import minilm_dir, resolve_model
-from .tasks import Task, _quiet_transformers, register_task
-from .vision import load_images
+from .tasks import _quiet_transformers, register_task
+from .vision import ImageClassification, load_images
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -63,10 +63,9 @@ def clip_tiny(vocab_size: int, eos_token_id: int, pad_token_id: int, image_size:
 
 
 @register_task("clip_fewshot")
-class ClipFewShot(Task):
-    """Few-shot classification by CLIP similarity to class-name prompts; metric: test accuracy."""
-
-    labels: list[str] | None = None
+class ClipFewShot(ImageClassification):
+    """Few-shot classification by CLIP similarity to class-name prompts; metric: test accuracy. Batches,
+    loss and evaluation are image classification's; the data, the model and the logits are its own."""
 
     def load_data(self) -> None:
         d = self.recipe.data
@@ -123,33 +122,6 @@ class ClipFewShot(Task):
             return classify(pixel_values, self.labels)
         ids, mask = self.prompt_ids.to(pixel_values.device), self.prompt_mask.to(pixel_values.device)
         return model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values).logits_per_image
-
-    def batch(self, indices: list[int]) -> dict[str, Any]:
-        return {"pixel_values": self._inputs(self.train_x[indices]),
-                "labels": torch.tensor([self.train_y[i] for i in indices])}
-
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
-        return F.cross_entropy(self.logits(model, batch["pixel_values"]).float(), batch["labels"])
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        if not self.test_y:
-            return {}
-        was_training = model.training
-        model.eval()
-        bs, correct = self.recipe.train.eval_batch_size, 0
-        for s in range(0, len(self.test_y), bs):
-            x = self.move({"x": self._inputs(self.test_x[s : s + bs])})["x"]
-            pred = self.logits(model, x).argmax(-1).cpu()
-            correct += int((pred == torch.tensor(self.test_y[s : s + bs])).sum())
-        model.train(was_training)
-        return {"test_accuracy": correct / len(self.test_y)}
-
-    def run_info(self) -> dict[str, Any]:
-        return {"labels": self.labels}
-
-    def restore_info(self, info: dict[str, Any]) -> None:
-        self.labels = list(info["labels"])
 
 
 def _method_classifier(model: nn.Module) -> Any:

@@ -268,8 +268,11 @@ class ImageClassification(Task):
         return {"pixel_values": self._inputs(self.train_x[indices]),
                 "labels": torch.tensor([self.train_y[i] for i in indices])}
 
+    def logits(self, model: nn.Module, pixel_values: Tensor) -> Tensor:
+        return logits_of(model(pixel_values))
+
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
-        return F.cross_entropy(logits_of(model(batch["pixel_values"])).float(), batch["labels"])
+        return F.cross_entropy(self.logits(model, batch["pixel_values"]).float(), batch["labels"])
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -280,7 +283,7 @@ class ImageClassification(Task):
         bs, correct = self.recipe.train.eval_batch_size, 0
         for s in range(0, len(self.test_y), bs):
             x = self.move({"x": self._inputs(self.test_x[s : s + bs])})["x"]
-            pred = logits_of(model(x)).argmax(-1).cpu()
+            pred = self.logits(model, x).argmax(-1).cpu()
             correct += int((pred == torch.tensor(self.test_y[s : s + bs])).sum())
         model.train(was_training)
         return {"test_accuracy": correct / len(self.test_y)}
