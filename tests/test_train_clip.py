@@ -76,12 +76,12 @@ def test_a_method_classifier_is_used_when_present(tmp_path):
     calls = []
 
     class WithClassifier(torch.nn.Module):
-        def classify(self, pixel_values, class_names):
-            calls.append(list(class_names))
+        def classify(self, pixel_values, class_names, tokenizer, template):
+            calls.append((list(class_names), tokenizer, template))
             return torch.zeros(pixel_values.shape[0], len(class_names))
 
     out = task.logits(WithClassifier(), task._inputs(task.test_x[:3]))
-    assert out.shape == (3, 10) and calls == [[str(i) for i in range(10)]]
+    assert out.shape == (3, 10) and calls == [([str(i) for i in range(10)], task.tokenizer, "a photo of a {}.")]
 
 
 def test_bad_fields(tmp_path):

@@ -5,7 +5,7 @@ prompts into one embedding per class, and an image's logits are ``logit_scale * 
 CLIP's zero-shot classification (Radford et al. 2021) and its few-shot adapters (CoOp, CoCoOp,
 CLIP-Adapter, Tip-Adapter). The training set is ``data.shots`` images per class (None: all), drawn by a
 seeded permutation; the loss is cross-entropy over the classes. A method that supplies its own classifier
-(``classify(pixel_values, class_names)`` on the adapted model, e.g. CoCoOp's image-conditioned prompts) is
+(``classify(pixel_values, class_names, tokenizer=, template=)`` on the adapted model, e.g. CoCoOp's image-conditioned prompts) is
 used as it is; otherwise the plain ``CLIPModel`` forward gives ``logits_per_image``, so LoRA, CLIP-Adapter
 and any method acting inside the towers train through it.
 
@@ -119,7 +119,8 @@ class ClipFewShot(ImageClassification):
         """(batch, classes): the method's own classifier when it has one, else CLIP's ``logits_per_image``."""
         classify = _method_classifier(model)
         if classify is not None:
-            return classify(pixel_values, self.labels)
+            return classify(pixel_values, self.labels, tokenizer=self.tokenizer,
+                            template=self.recipe.data.class_template)
         ids, mask = self.prompt_ids.to(pixel_values.device), self.prompt_mask.to(pixel_values.device)
         return model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values).logits_per_image
 
