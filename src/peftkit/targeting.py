@@ -35,20 +35,38 @@ LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D,
 # models without a transformers config). One table for every method.
 ROLE_TABLE: dict[str, dict[str, str | tuple[str, ...]]] = {
     "llama": {"query": "q_proj", "key": "k_proj", "value": "v_proj", "attn_out": "o_proj",
-              "ffn_gate": "gate_proj", "ffn_in": "up_proj", "ffn_out": "down_proj"},
-    "gpt2": {"qkv": "c_attn", "attn_out": "attn.c_proj", "ffn_in": "c_fc", "ffn_out": "mlp.c_proj"},
+              "ffn_gate": "gate_proj", "ffn_in": "up_proj", "ffn_out": "down_proj",
+              "attention_output": "o_proj", "ffn_output": "down_proj", "ffn": "mlp"},
+    "gpt2": {"qkv": "c_attn", "attn_out": "attn.c_proj", "ffn_in": "c_fc", "ffn_out": "mlp.c_proj",
+             "attention_output": "attn.c_proj", "ffn_output": "mlp.c_proj", "ffn": "mlp"},
     "bert": {"query": "query", "key": "key", "value": "value", "attn_out": "attention.output.dense",
-             "ffn_in": "intermediate.dense", "ffn_out": "output.dense"},
-    "t5": {"query": "q", "key": "k", "value": "v", "attn_out": "o", "ffn_in": "wi", "ffn_out": "wo"},
+             "ffn_in": "intermediate.dense", "ffn_out": "output.dense",
+             # the FFN is split over intermediate + output (see SPLIT_FFN): "ffn" names its output Linear
+             "attention_output": "attention.output.dense", "ffn_output": "output.dense", "ffn": "output.dense"},
+    "t5": {"query": "q", "key": "k", "value": "v", "attn_out": "o", "ffn_in": "wi", "ffn_out": "wo",
+           "attention_output": "o", "ffn_output": "wo", "ffn": "DenseReluDense"},
     # transformers 5 renamed ViT's projections; both spellings are listed, the present one is used
     "vit": {"query": ("query", "q_proj"), "key": ("key", "k_proj"), "value": ("value", "v_proj"),
             "attn_out": ("attention.output.dense", "o_proj"), "ffn_in": ("intermediate.dense", "fc1"),
-            "ffn_out": ("output.dense", "fc2")},
+            "ffn_out": ("output.dense", "fc2"), "attention_output": ("attention.output.dense", "o_proj"),
+            "ffn_output": ("output.dense", "fc2"), "ffn": "mlp",
+            # whole-block roles (VPT): the module returning [CLS] + patch tokens, the list of blocks
+            "vision_embeddings": "embeddings", "vision_layers": ("encoder.layer", "layers")},
     "clip": {"query": "q_proj", "key": "k_proj", "value": "v_proj", "attn_out": "out_proj",
-             "ffn_in": "fc1", "ffn_out": "fc2"},
+             "ffn_in": "fc1", "ffn_out": "fc2", "attention_output": "out_proj", "ffn_output": "fc2", "ffn": "mlp",
+             # vision tower blocks (VPT), text token embedding (CoOp), projected features (CLIP-/Tip-Adapter)
+             "vision_embeddings": ("vision_model.embeddings", "embeddings"),
+             "vision_layers": ("vision_model.encoder.layers", "encoder.layers"),
+             "text_token_embedding": "embeddings.token_embedding",
+             "image_features": "visual_projection", "text_features": "text_projection"},
     "unet": {"query": "to_q", "key": "to_k", "value": "to_v", "attn_out": "to_out.0",
-             "ffn_in": "ff.net.0.proj", "ffn_out": "ff.net.2"},
+             "ffn_in": "ff.net.0.proj", "ffn_out": "ff.net.2",
+             "attention_output": "to_out.0", "ffn_output": "ff.net.2", "ffn": "ff"},
 }
+# Families whose FFN is not one module but two siblings, (output module, input module): BERT's
+# ``intermediate`` (d -> d_ff, activation) and ``output`` (d_ff -> d, dropout, residual, LayerNorm). A module
+# parallel to the whole FFN wraps the output Linear and reads the FFN input at the input Linear's input.
+SPLIT_FFN: dict[str, tuple[str, str]] = {"bert": ("output.dense", "intermediate.dense")}
 # families that share a table with another
 FAMILY_ALIASES = {
     "mistral": "llama", "qwen2": "llama", "gemma": "llama", "phi3": "llama",
@@ -113,6 +131,31 @@ def role_names(model: nn.Module, named: list[tuple[str, nn.Module]], roles: Role
         present = [o for o in options if any(p == o or p.endswith("." + o) for p in paths)]
         names.extend(present[:1] or options[:1])
     return names
+
+
+def role_paths(model: nn.Module, named: list[tuple[str, nn.Module]], role: str) -> list[str]:
+    """Full paths of the modules playing ``role`` on ``model``'s architecture ([] when it has none).
+
+    The most specific table entry wins: a path that a longer entry of another role also matches belongs to
+    that role (BERT's ``attention.output.dense`` is the attention output, not the FFN's ``output.dense``).
+    """
+    family = model_family(model)
+    if family is None:
+        return []
+    table = ROLE_TABLE[family]
+    entry = table.get(role)
+    if entry is None:
+        return []
+    options = (entry,) if isinstance(entry, str) else entry
+    paths = [n for n, _ in named if n]
+    present = [o for o in options if any(p == o or p.endswith("." + o) for p in paths)][:1]
+    others = [o for r, e in table.items() if r != role for o in ((e,) if isinstance(e, str) else e)]
+    out = []
+    for p in paths:
+        hit = [o for o in present if p == o or p.endswith("." + o)]
+        if hit and not any(len(o) > len(hit[0]) and (p == o or p.endswith("." + o)) for o in others):
+            out.append(p)
+    return out
 
 
 def default_targets(
