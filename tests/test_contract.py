@@ -123,7 +123,8 @@ def test_disable_gives_base(wrapped, family, case):
         base_out = family.run(copy.deepcopy(model).unload())  # the frozen base holds the residual by design
     with model.disable_adapter():
         torch.testing.assert_close(family.run(model), base_out, atol=1e-6, rtol=1e-5)
-    assert not torch.allclose(family.run(model), base_out)
+    out = family.run(model)  # prompt methods may lengthen the output (one position per virtual token)
+    assert out.shape != base_out.shape or not torch.allclose(out, base_out)
 
 
 def test_save_load_round_trip(wrapped, family, case, tmp_path):

@@ -38,20 +38,29 @@ class CheckpointError(ValueError):
     """An adapter file is unreadable or does not fit the model."""
 
 
-def adapter_tensors(tuner: TunerModel, adapter_name: str) -> dict[str, Tensor]:
-    """Checkpoint key -> live tensor for one adapter (its weights, saved modules and trained biases)."""
+def adapter_tensors(tuner: TunerModel, adapter_name: str, for_save: bool = False) -> dict[str, Tensor]:
+    """Checkpoint key -> live tensor for one adapter (its weights, saved modules and trained biases).
+
+    An adapter with ``file_tensors(for_save)`` names its own keys, whole (model-level prompt adapters: PEFT's
+    ``prompt_embeddings``); what it saves may be computed (P-tuning saves its encoder's output) and differ
+    from where a load copies to (``for_save=False``)."""
     if adapter_name not in tuner.peft_config:
         raise KeyError(f"no adapter named {adapter_name!r}; adapters: {sorted(tuner.peft_config)}")
     out: dict[str, Tensor] = {}
     for path, adapter in tuner.adapters(adapter_name):
+        if hasattr(adapter, "file_tensors"):
+            out.update(adapter.file_tensors(for_save))
+            continue
         for param, suffix in adapter.checkpoint_keys.items():
             out[f"{PREFIX}{path}.{suffix}"] = getattr(adapter, param)
+    # PEFT's prompt-learning models have no tuner between the PeftModel and the user's model: "base_model.<path>"
+    prefix = SHARED_PREFIX if tuner.peft_config[adapter_name].is_prompt_learning else PREFIX
     for path, wrapper in tuner.saved_modules():
         if adapter_name in wrapper.modules_to_save:
             for key, value in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
-                out[f"{PREFIX}{path}.{key}"] = value
+                out[f"{prefix}{path}.{key}"] = value
     for key, param in tuner.bias_parameters(adapter_name).items():
-        out[PREFIX + key] = param
+        out[prefix + key] = param
     if get_method(tuner.peft_config[adapter_name]).adapter_cls.saves_shared(tuner.peft_config[adapter_name]):
         out.update(shared_tensors(tuner, adapter_name))
     return out
@@ -69,7 +78,7 @@ def shared_tensors(tuner: TunerModel, adapter_name: str) -> dict[str, Tensor]:
 def state_dict_for_save(tuner: TunerModel, adapter_name: str) -> dict[str, Tensor]:
     """Detached tensors by file key. Sharded (FSDP ``DTensor``) ones are gathered whole: a collective, so under
     FSDP every rank calls this, in the same order (rank 0 writes the file)."""
-    return {k: _whole(v.detach()) for k, v in adapter_tensors(tuner, adapter_name).items()}
+    return {k: _whole(v.detach()) for k, v in adapter_tensors(tuner, adapter_name, for_save=True).items()}
 
 
 def _whole(t: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .config import PeftConfig, TaskType
+from . import prompting
 from .layers import Adapter, AdapterLayer, SharedState, adapter_layers
 from .registry import get_method
 from .targeting import Conv1D
@@ -181,8 +182,9 @@ class TunerModel(nn.Module):
             built.append((path, base, cls(base, config, path, init=init, **extra)))
         if shared is not None:
             self.shared_state[adapter_name] = shared
+        layer_cls = getattr(cls, "layer_cls", AdapterLayer)  # a method may need its own wrapper (e.g. attention)
         for path, base, adapter in built:
-            layer = wrappers[path] if isinstance(wrappers[path], AdapterLayer) else AdapterLayer(base)
+            layer = wrappers[path] if isinstance(wrappers[path], AdapterLayer) else layer_cls(base)
             if layer is not wrappers[path]:
                 _set_submodule(self.model, path, layer)
             layer.add(adapter_name, adapter)
@@ -193,6 +195,8 @@ class TunerModel(nn.Module):
                     wrapper = ModulesToSaveWrapper(module)
                     _set_submodule(self.model, path, wrapper)
                 wrapper.add(adapter_name)
+        if getattr(cls, "rewrites_inputs", False):  # model-level (prompt) adapters rewrite the call's inputs
+            prompting.install(self.model)
         self.peft_config[adapter_name] = config
         if not self.active_adapters:
             self.set_adapter(adapter_name)
@@ -315,6 +319,7 @@ class TunerModel(nn.Module):
             # the active trained copy replaces the original, as in Hugging Face PEFT
             active = wrapper.active_adapter
             _set_submodule(self.model, path, wrapper.modules_to_save[active] if active else wrapper.original_module)
+        prompting.uninstall(self.model)
         self.peft_config.clear()
         self.shared_state.clear()
         self.hook_state.clear()
