@@ -1,0 +1,22 @@
+"""AdaptFormer (Chen et al. 2022, "AdaptFormer: Adapting Vision Transformers for Scalable Visual
+Recognition", arXiv 2205.13535): a bottleneck module parallel to each block's MLP,
+
+    x' = MLP(LN(x)) + s Up(ReLU(Down(LN(x)))) + x,
+
+Down (m, d), Up (d, m), m = 64, s = 0.1, Up and both biases zero-initialised (so the model starts at the
+base), Down Kaiming-uniform. Parameters per block 2dm + m + d. On ViT / CLIP the MLP is one module whose
+input is already LN(x); on BERT-like models the split FFN is handled as for the parallel adapter
+(``bottleneck.py``). The adapter math is the bottleneck adapter's ``parallel`` mode; only the defaults differ.
+"""
+
+from __future__ import annotations
+
+from .bottleneck import _register
+
+AdaptFormerConfig = _register(
+    "adaptformer", "arXiv 2205.13535 (Chen et al. 2022)",
+    {"positions": ["ffn"], "mode": "parallel", "bottleneck_size": 64, "scaling": 0.1, "init_weights": "lora"},
+    {"bottleneck_size": 4},
+    "AdaptFormer: ``MLP(LN(x)) + s Up(ReLU(Down(LN(x))))``, m = 64, s = 0.1, Up zero-init.",
+    modalities=("vision", "vision-language", "text"),
+)

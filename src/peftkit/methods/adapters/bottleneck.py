@@ -1,0 +1,349 @@
+"""Bottleneck adapters: small networks inserted in sequence after a sublayer, or in parallel with it.
+
+- Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP" (arXiv 1902.00751): two adapters per
+  layer, after the attention output projection and after the FFN output projection, before the residual
+  and LayerNorm: ``h <- h + W_up f(W_down h + b_d) + b_u``, near-identity init (std 1e-2); the LayerNorms
+  train too (``train_layernorms``).
+- Pfeiffer et al. 2021, "AdapterFusion" (arXiv 2005.00247): one adapter per layer, after the FFN output;
+  AdapterHub's defaults: reduction factor 16, ReLU.
+- He et al. 2022, "Towards a Unified View of Parameter-Efficient Transfer Learning" (arXiv 2110.04366):
+  parallel adapter ``FFN(x) + s W_up ReLU(W_down x)``, s = 4 (scaled PA), down Kaiming, up and biases zero.
+
+Shapes, for a target with input width ``d_in`` and output width ``d``, bottleneck ``m``:
+``W_down`` (m, d_in), ``b_d`` (m,), ``W_up`` (d, m), ``b_u`` (d,). In sequence the adapter reads the
+target's output (d_in = d); in parallel it reads the target's input: parameters per adapter
+``m (d_in + 1) + d (m + 1)`` = ``2dm + m + d`` when d_in = d.
+
+Where an adapter sits is a role of the per-architecture table (``peftkit.targeting.ROLE_TABLE``):
+"attention_output" and "ffn_output" are output Linears (an adapter in sequence adds to their output, which
+the model then passes through dropout, residual and LayerNorm, as in Houlsby's figure 2); "ffn" is the FFN
+block as a whole (Llama/GPT-2/T5/ViT/CLIP: one MLP module whose input and output the parallel adapter reads).
+BERT/RoBERTa split the FFN over ``intermediate`` and ``output`` (``SPLIT_FFN``): a parallel adapter there is
+two cooperating pieces of one adapter, a *tap* on ``intermediate.dense`` that holds the parameters and
+computes ``s W_up f(W_down x)`` from the FFN input x, and an *add* on ``output.dense`` that adds that to
+the FFN output before BertOutput's dropout, residual and LayerNorm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...config import ConfigError, PeftConfig
+from ...layers import Adapter, layer_dims
+from ...registry import register_method
+from ...targeting import (
+    LINEAR_TYPES, SPLIT_FFN, NotApplicableError, TargetError, find_targets, model_family, role_paths,
+)
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu, "silu": F.silu, "tanh": torch.tanh,
+               "identity": lambda t: t}
+ROLES = ("attention_output", "ffn_output", "ffn")
+
+
+@dataclasses.dataclass
+class BottleneckConfig(PeftConfig):
+    """A bottleneck adapter (Houlsby / Pfeiffer / parallel adapter; the three registered names differ only
+    in their defaults).
+
+    Args:
+        positions: roles the adapter attaches to ("attention_output", "ffn_output", "ffn"), resolved through
+            the architecture's role table. Ignored when ``target_modules`` is set.
+        target_modules: explicit module names / dotted suffixes / a full-match regex (any module with a
+            Linear inside; in sequence the target must be a Linear / GPT-2 Conv1D).
+        exclude_modules, layers_to_transform, layers_pattern: as for every method.
+        mode: "sequential" (``h + s A(h)`` on the target's output h) or "parallel" (``out + s A(x)``, x the
+            target's input).
+        bottleneck_size: m. When None, ``d / reduction_factor`` (rounded down, at least 1).
+        reduction_factor: d / m, used when ``bottleneck_size`` is None.
+        non_linearity: f: "relu", "gelu", "swish" (= "silu"), "tanh" or "identity".
+        scaling: s, the factor on the adapter's output (4 for He et al.'s scaled parallel adapter).
+        residual: in sequence, add the adapter's input back (``h + s A(h)``); False gives ``s A(h)``.
+        init_weights: "bert": every weight N(0, 0.01^2), biases 0 (near identity, Houlsby); "lora": down
+            Kaiming-uniform, up and biases 0 (exactly the base at init, He et al.).
+        dropout: dropout on the adapter's input.
+        train_layernorms: also train every LayerNorm of the model (Houlsby), through ``modules_to_save``.
+        split_ffn: (output module, input module) names of an FFN split over two siblings; filled from the
+            role table when ``positions`` has "ffn" on BERT-like models, settable for other models.
+        modules_to_save: modules trained in full and saved with the adapter.
+    """
+
+    PEFT_TYPE: ClassVar[str] = "BOTTLENECK"
+
+    positions: list[str] = dataclasses.field(default_factory=lambda: ["attention_output", "ffn_output"])
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    mode: str = "sequential"
+    bottleneck_size: int | None = 64
+    reduction_factor: float | None = None
+    non_linearity: str = "relu"
+    scaling: float = 1.0
+    residual: bool = True
+    init_weights: str = "bert"
+    dropout: float = 0.0
+    train_layernorms: bool = False
+    split_ffn: list[str] | None = None
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.positions, str):
+            self.positions = [self.positions]
+        bad = [p for p in self.positions if p not in ROLES]
+        if bad:
+            raise ConfigError(f"{type(self).__name__}.positions: unknown role(s) {bad}; expected some of {ROLES}")
+        self._check(self.mode in ("sequential", "parallel"), "mode", '"sequential" or "parallel"')
+        self._check(self.bottleneck_size is None or (isinstance(self.bottleneck_size, int)
+                                                     and self.bottleneck_size > 0), "bottleneck_size",
+                    "a positive int or None")
+        self._check(self.bottleneck_size is not None or (self.reduction_factor or 0) > 0, "reduction_factor",
+                    "a positive number when bottleneck_size is None")
+        self._check(self.non_linearity in ACTIVATIONS, "non_linearity", f"one of {sorted(ACTIVATIONS)}")
+        self._check(self.init_weights in ("bert", "lora"), "init_weights", '"bert" or "lora"')
+        self._check(0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)")
+        self._check(self.split_ffn is None or len(self.split_ffn) == 2, "split_ffn",
+                    "None or [output module, input module]")
+
+    def size(self, d: int) -> int:
+        """The bottleneck m for a target of width d."""
+        if self.bottleneck_size is not None:
+            return self.bottleneck_size
+        return max(1, int(d // self.reduction_factor))
+
+
+class _Stash:
+    """What a split-FFN tap hands to its add piece: the adapter's output for the current forward."""
+
+    def __init__(self) -> None:
+        self.value: Tensor | None = None
+
+
+# tap pieces built by an injection and not yet claimed by their add piece, by (config id, layer prefix)
+_PENDING: dict[tuple[int, str], _Stash] = {}
+
+
+def adapter_factory(base: nn.Module) -> dict[str, Any]:
+    """Device and dtype for an adapter's parameters: the base's, but float32 when the base is half precision."""
+    ref = next(iter(base.parameters()), None)
+    if ref is None:
+        return {}
+    half = ref.dtype in (torch.float16, torch.bfloat16) or not ref.is_floating_point()
+    return {"device": ref.device, "dtype": torch.float32 if half else ref.dtype}
+
+
+def _first_last_linear(module: nn.Module) -> tuple[nn.Module, nn.Module]:
+    linears = [m for m in module.modules() if isinstance(m, LINEAR_TYPES)]
+    if not linears:
+        raise TargetError(f"{type(module).__name__} has no Linear inside; a bottleneck adapter needs its width")
+    return linears[0], linears[-1]
+
+
+def block_dims(module: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of a Linear, or of a block (first Linear's input, last Linear's output)."""
+    if isinstance(module, LINEAR_TYPES):
+        return layer_dims(module)
+    first, last = _first_last_linear(module)
+    return layer_dims(last)[0], layer_dims(first)[1]
+
+
+def _piece(config: BottleneckConfig, path: str) -> str:
+    """"seq", "par", "tap" (split FFN input) or "add" (split FFN output) for the module at ``path``."""
+    if config.mode == "sequential":
+        return "seq"
+    if config.split_ffn:
+        out_name, in_name = config.split_ffn
+        if path == in_name or path.endswith("." + in_name):
+            return "tap"
+        if path == out_name or path.endswith("." + out_name):
+            return "add"
+    return "par"
+
+
+class BottleneckAdapter(Adapter):
+    """``h + s W_up f(W_down h)`` in sequence, ``out + s W_up f(W_down x)`` in parallel (see the module doc)."""
+
+    supported_layers = LINEAR_TYPES
+    default_roles = ("attention_output", "ffn_output")
+    checkpoint_keys: ClassVar[dict[str, str]] = {
+        "down_weight": "adapter_down.weight", "down_bias": "adapter_down.bias",
+        "up_weight": "adapter_up.weight", "up_bias": "adapter_up.bias",
+    }
+
+    def __init__(self, base: nn.Module, config: BottleneckConfig, key: str = "", init: bool = True) -> None:
+        super().__init__()
+        self.piece = _piece(config, key)
+        self.scaling = config.scaling
+        self.residual = config.residual
+        self.act = config.non_linearity
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        prefix = key[: len(key) - len(config.split_ffn[self.piece == "tap"])] if self.piece in ("tap", "add") else ""
+        if self.piece == "add":
+            stash = _PENDING.pop((id(config), prefix), None)
+            if stash is None:
+                raise TargetError(f"{key}: no FFN input module {prefix + config.split_ffn[1]!r} to pair with")
+            self.stash = stash
+            self.checkpoint_keys = {}
+            return
+        if self.piece == "tap":
+            self.stash = _PENDING[(id(config), prefix)] = _Stash()
+        d_in, d_out = self.dims(base, config, key)
+        m = config.size(d_out)
+        kw = adapter_factory(base)
+        self.down_weight = nn.Parameter(torch.zeros(m, d_in, **kw))  # (m, d_in)
+        self.down_bias = nn.Parameter(torch.zeros(m, **kw))  # (m,)
+        self.up_weight = nn.Parameter(torch.zeros(d_out, m, **kw))  # (d, m)
+        self.up_bias = nn.Parameter(torch.zeros(d_out, **kw))  # (d,)
+        if init:
+            self.reset(config.init_weights)
+
+    @torch.no_grad()
+    def reset(self, scheme: str) -> None:
+        if scheme == "bert":
+            for w in (self.down_weight, self.up_weight):
+                w.normal_(0.0, 1e-2)
+        else:
+            nn.init.kaiming_uniform_(self.down_weight, a=math.sqrt(5))
+            self.up_weight.zero_()
+        self.down_bias.zero_()
+        self.up_bias.zero_()
+
+    @staticmethod
+    def dims(base: nn.Module, config: BottleneckConfig, key: str) -> tuple[int, int]:
+        """(d_in, d) of the adapter on ``base``: its input width and output width."""
+        d_out, d_in = block_dims(base)
+        piece = _piece(config, key)
+        if piece == "seq":
+            return d_out, d_out
+        if piece == "tap":  # reads and returns the FFN's width: the input Linear's input
+            return d_in, d_in
+        return d_in, d_out
+
+    @classmethod
+    def param_count(cls, base: nn.Module, config: BottleneckConfig, key: str = "") -> int:
+        """Closed form per adapter: ``m (d_in + 1) + d (m + 1)`` (= 2dm + m + d when d_in = d); 0 on a
+        split FFN's add piece (its tap holds the parameters)."""
+        if _piece(config, key) == "add":
+            return 0
+        d_in, d = cls.dims(base, config, key)
+        m = config.size(d)
+        return m * (d_in + 1) + d * (m + 1)
+
+    # -- targeting ---------------------------------------------------------------------------------------
+    @classmethod
+    def prepare_config(cls, model: nn.Module, named: list[tuple[str, nn.Module]], config: BottleneckConfig) -> None:
+        family = model_family(model)
+        if (config.mode == "parallel" and config.target_modules is None and "ffn" in config.positions
+                and config.split_ffn is None and family in SPLIT_FFN):
+            config.split_ffn = list(SPLIT_FFN[family])
+        if config.train_layernorms:
+            norms = sorted({n.rsplit(".", 1)[-1] for n, m in named
+                            if n and type(m).__name__.endswith(("LayerNorm", "RMSNorm"))})
+            config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or []), *norms]))
+
+    @classmethod
+    def select_targets(
+        cls, model: nn.Module, named: list[tuple[str, nn.Module]], config: BottleneckConfig
+    ) -> list[str]:
+        modules = dict(named)
+        if config.target_modules is not None:
+            paths = find_targets(model, named, config, (), (nn.Module,))
+        else:
+            if model_family(model) is None:
+                raise NotApplicableError(f"{type(model).__name__} has no entry in peftkit's role table; set "
+                                  f"target_modules to module paths instead of positions {config.positions}")
+            found: set[str] = set()
+            for role in config.positions:
+                hits = role_paths(model, named, role)
+                if not hits:
+                    raise NotApplicableError(
+                        f"{type(config).__name__}.positions: {model_family(model)} models have no {role!r} module")
+                found.update(hits)
+            paths = find_targets(model, named, dataclasses.replace(config, target_modules=sorted(found)), (),
+                                 (nn.Module,))
+        if config.mode == "sequential":
+            bad = [p for p in paths if not isinstance(modules[p], LINEAR_TYPES)]
+            if bad:
+                raise TargetError(f"{bad[0]!r} is a {type(modules[bad[0]]).__name__}; an adapter in sequence wraps "
+                                  f"a Linear / Conv1D (mode='parallel' wraps blocks)")
+        for p in paths:
+            block_dims(modules[p])  # a clear error for a block without a Linear, before any change
+        if config.split_ffn:  # each FFN output gets its tap on the sibling input module, placed before it
+            out_name, in_name = config.split_ffn
+            with_taps = []
+            for p in paths:
+                if _piece(config, p) == "add":
+                    tap = p[: len(p) - len(out_name)] + in_name
+                    if tap not in modules:
+                        raise TargetError(f"split_ffn: {p!r} has no sibling FFN input module {tap!r}")
+                    with_taps.append(tap)
+                with_taps.append(p)
+            paths = list(dict.fromkeys(with_taps))
+        return paths
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def bottleneck(self, h: Tensor) -> Tensor:
+        """``s (W_up f(W_down h + b_d) + b_u)``, h (..., d_in) -> (..., d)."""
+        dt = self.down_weight.dtype
+        z = F.linear(self.dropout(h.to(dt)), self.down_weight, self.down_bias)  # (..., m)
+        z = F.linear(ACTIVATIONS[self.act](z), self.up_weight, self.up_bias)  # (..., d)
+        return self.scaling * z
+
+    def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
+        if self.piece == "seq":
+            z = self.bottleneck(out).to(out.dtype)
+            return out + z if self.residual else z
+        if self.piece == "par":
+            return out + self.bottleneck(x).to(out.dtype)
+        if self.piece == "tap":
+            self.stash.value = self.bottleneck(x)
+            return out
+        z, self.stash.value = self.stash.value, None
+        if z is None:
+            raise RuntimeError("split-FFN parallel adapter: the FFN input module did not run before its output")
+        return out + z.to(out.dtype)
+
+
+def _register(name: str, paper: str, defaults: dict[str, Any], example: dict[str, Any], doc: str,
+              modalities: tuple[str, ...] = ("text", "vision", "vision-language", "generation")) -> type:
+    """Register a bottleneck variant: a config subclass with ``defaults`` and an adapter subclass."""
+    fields = [(k, type(v) if v is not None else Any, dataclasses.field(
+        default_factory=(lambda v=v: list(v))) if isinstance(v, list) else dataclasses.field(default=v))
+        for k, v in defaults.items()]
+    stem = "AdaptFormer" if name == "adaptformer" else name.title().replace("_", "")
+    config_cls = dataclasses.make_dataclass(f"{stem}Config", fields, bases=(BottleneckConfig,))
+    config_cls.PEFT_TYPE = name.upper()
+    config_cls.__doc__ = f"{doc}\n\n{BottleneckConfig.__doc__}"
+    config_cls.__module__ = __name__
+    adapter_cls = type(f"{stem}Adapter", (BottleneckAdapter,),
+                       {"__doc__": doc, "__module__": __name__})
+    register_method(
+        name, config=config_cls, category="additive", modalities=modalities,
+        mergeable=False, param_formula="m (d_in + 1) + d (m + 1) per adapter (2dm + m + d in sequence)",
+        position="bottleneck modules after / beside sublayers", changes_structure=True,
+        starts_at_base=True, paper=paper, examples={name: example},
+    )(adapter_cls)
+    return config_cls
+
+
+HoulsbyConfig = _register(
+    "houlsby", "arXiv 1902.00751 (Houlsby et al. 2019)",
+    {"positions": ["attention_output", "ffn_output"], "bottleneck_size": 64, "init_weights": "bert"},
+    {"bottleneck_size": 4, "init_weights": "lora"},
+    "Houlsby adapter: after the attention output and the FFN output, ``h + W_up f(W_down h)``, m = 64.")
+PfeifferConfig = _register(
+    "pfeiffer", "arXiv 2005.00247 (Pfeiffer et al. 2021)",
+    {"positions": ["ffn_output"], "bottleneck_size": None, "reduction_factor": 16.0, "init_weights": "bert"},
+    {"reduction_factor": 8.0, "init_weights": "lora"},
+    "Pfeiffer adapter: after the FFN output only, reduction factor 16, ReLU.")
+ParallelAdapterConfig = _register(
+    "parallel_adapter", "arXiv 2110.04366 (He et al. 2022)",
+    {"positions": ["ffn"], "mode": "parallel", "bottleneck_size": 512, "scaling": 4.0, "init_weights": "lora"},
+    {"bottleneck_size": 4},
+    "Scaled parallel adapter beside the FFN: ``FFN(x) + s W_up ReLU(W_down x)``, s = 4, m = 512, up zero-init.")
