@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .routing import routed_forward
 from .targeting import Conv1D, find_targets
 
 
@@ -28,13 +29,17 @@ class Adapter(nn.Module):
     """One named adapter on one base layer.
 
     Subclasses implement ``forward(base, x, out)`` (return the layer output with the adapter applied,
-    given the running output ``out``) and, when mergeable, ``delta_weight(base)`` in the base weight's
+    given the running output ``out``, which the adapter owns: it may accumulate into it in place, so a
+    caller that reads ``out`` afterwards passes a copy) and, when mergeable, ``delta_weight(base)`` in the base weight's
     layout, or ``merge``/``unmerge`` for methods that are not additive (e.g. DoRA, OFT).
     ``checkpoint_keys`` maps each parameter name to its key suffix in the Hugging Face PEFT file layout.
     """
 
     checkpoint_keys: ClassVar[dict[str, str]] = {}
     supported_layers: ClassVar[tuple[type, ...]] = ()
+    # False for adapters that change the layer output's shape (VPT inserts tokens): a mixed batch
+    # (``adapter_names``) cannot route their rows, and says so instead of failing on shapes
+    supports_routing: ClassVar[bool] = True
     default_roles: ClassVar[tuple[str, ...]] = ("query", "value")
 
     @classmethod
@@ -59,6 +64,17 @@ class Adapter(nn.Module):
         """A term the forward adds to the model's loss when it computes one (e.g. AdaLoRA's penalty)."""
         return None
 
+    def requires_grad_(self, requires_grad: bool = True) -> "Adapter":
+        """As ``nn.Module.requires_grad_``, without the generic recursive walk (the tuner calls it for every
+        adapter of every layer whenever the trainable set changes, e.g. on each adapter load)."""
+        for p in self._parameters.values():
+            if p is not None:
+                p.requires_grad_(requires_grad)
+        for m in self._modules.values():
+            if m is not None:
+                m.requires_grad_(requires_grad)
+        return self
+
     def before_load(self) -> None:
         """Called on each adapter before a state dict is validated and copied in (e.g. AdaLoRA drops the
         ranks its files leave out)."""
@@ -70,6 +86,18 @@ class Adapter(nn.Module):
         """Optional fast path: base and adapter output in one pass, or None to decline.
 
         Called when this is the single unmerged active adapter and the layer got only ``x``.
+        """
+        return None
+
+    @classmethod
+    def batched_forward(
+        cls, adapters: list["Adapter"], base: nn.Module, x: Tensor, out: Tensor, index: Tensor, cache: dict
+    ) -> Tensor | None:
+        """Optional mixed-batch path: ``out`` with row i passed through ``adapters[index[i]]``, all rows at
+        once; ``index[i] == len(adapters)`` means no adapter of this method (the row stays as it is).
+
+        ``cache``: a dict owned by the layer for stacked tensors (``routing.cached_stack``). Return None to
+        decline; the layer then loops over the adapters, one ``forward`` on each one's rows.
         """
         return None
 
@@ -187,18 +215,8 @@ class AdapterLayer(nn.Module):
 
     def _routed_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """A mixed batch: row i goes through adapter ``routing[i]`` ("__base__" or an adapter this layer
-        does not hold: the base alone)."""
-        names = self.routing
-        if x.shape[0] != len(names):
-            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} rows")
-        out = self.base_layer(x, *args, **kwargs)
-        for name in dict.fromkeys(names):
-            if name not in self.adapters:
-                continue
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            sub = self.adapters[name](self.base_layer, x.index_select(0, rows), out.index_select(0, rows))
-            out = out.index_copy(0, rows, sub)
-        return out
+        does not hold: the base alone). See ``routing.py``."""
+        return routed_forward(self, x, *args, **kwargs)
 
     # -- adapters --------------------------------------------------------------------------------------
     def add(self, name: str, adapter: Adapter) -> None:
@@ -226,6 +244,11 @@ class AdapterLayer(nn.Module):
         """Fold adapters into the base parameters (in place, so tied weights stay tied)."""
         names = self.active_adapters if adapter_names is None else adapter_names
         base = self.base_layer
+        if _quantized(base):  # dequantize, merge, re-quantize and report the error (peftkit.quant)
+            from .quant import merge_quantized
+
+            merge_quantized(self, list(names), safe_merge)
+            return
         for name in names:
             if name not in self.adapters:
                 continue
@@ -274,6 +297,10 @@ class AdapterLayer(nn.Module):
     def unmerge(self, adapter_names: list[str] | None = None) -> None:
         """Undo merges, most recent first; restores the base parameters bit for bit."""
         names = list(self.merged_adapters) if adapter_names is None else adapter_names
+        if _quantized(self.base_layer):
+            from .quant import unmerge_quantized
+
+            return unmerge_quantized(self, names)
         for name in reversed(list(self.merged_adapters)):
             if name not in names:
                 continue
@@ -308,13 +335,41 @@ def layer_dims(base: nn.Module) -> tuple[int, int]:
         return base.embedding_dim, base.num_embeddings
     if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return base.out_channels, base.in_channels
+    if isinstance(base, nn.Linear):  # a quantized Linear's packed weight has another shape
+        return base.out_features, base.in_features
     w = base.weight
     return (w.shape[1], w.shape[0]) if is_transposed(base) else (w.shape[0], w.shape[1])
 
 
+def _quantized(base: nn.Module) -> bool:
+    """A bitsandbytes 4-/8-bit base (its weight is packed; see peftkit.quant)."""
+    return type(getattr(base, "weight", None)).__name__ in ("Params4bit", "Int8Params")
+
+
 def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
-    """Every wrapper in ``model`` with its path."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+    """Every wrapper in ``model`` with its path, in ``named_modules`` order.
+
+    The walk does not enter a wrapper's adapters (only its base layer), so it costs the same however
+    many adapters are loaded (``named_modules`` would visit every adapter of every layer).
+    """
+    out: list[tuple[str, AdapterLayer]] = []
+    seen: set[int] = set()
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        if isinstance(module, AdapterLayer):
+            out.append((prefix, module))
+            children = [("base_layer", module.base_layer)]
+        else:
+            children = module._modules.items()
+        for name, child in children:
+            if child is not None:
+                walk(f"{prefix}.{name}" if prefix else name, child)
+
+    walk("", model)
+    return out
 
 
 _scratch = threading.local()

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import merging
 from .config import PeftConfig, TaskType
 from .registry import get_method
 from .signature import ForwardWithBaseSignature
@@ -238,6 +239,9 @@ class PeftModel(nn.Module):
             _restore_flags(flags)
             raise
         return ckpt.LoadResult([], [])
+
+    # LoRA adapter arithmetic with PEFT's signature; the math and the differences from PEFT: merging.py
+    add_weighted_adapter = merging.add_weighted_adapter
 
 
 def _restore_flags(flags: dict[nn.Parameter, bool]) -> None:

@@ -225,3 +225,12 @@ def test_clip_vision_model_alone():
     with torch.no_grad():
         out = model(pixel_values=torch.randn(2, 3, 32, 32))
     assert out.last_hidden_state.shape == (2, 1 + 5 + 16, 32)
+
+
+def test_mixed_batches_are_refused_with_a_clear_error():
+    family = FAMILY["vit"]
+    model = get_peft_model(family.model(), VPTConfig(num_virtual_tokens=3, deep=True)).eval()
+    with pytest.raises(ValueError, match=r"adapter_names: adapter\(s\) \['default'\] \(VPTPrompt\) change the shape"):
+        model(pixel_values=torch.randn(2, 3, 32, 32), adapter_names=["default", "__base__"])
+    plain = model(pixel_values=torch.randn(2, 3, 32, 32)).logits  # the failed call left nothing behind
+    assert plain.shape == (2, 3)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..config import ConfigError, PeftConfig
 from ..layers import Adapter, layer_dims
 from ..registry import register_method
+from ..routing import cached_stack, row_view
 from ..targeting import role_names
 
 try:
@@ -110,7 +111,8 @@ class IA3Adapter(Adapter):
         else:
             shape = (1, n) if self.feedforward else (n, 1)
         w = base.weight
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        # low-precision and quantized (peftkit.quant) bases keep fp32 vectors
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) or not w.is_floating_point() else w.dtype
         self.ia3_l = nn.Parameter(torch.ones(shape, device=w.device, dtype=dtype))
         if init and not config.init_ia3_weights:
             with torch.no_grad():
@@ -151,6 +153,35 @@ class IA3Adapter(Adapter):
         if self.conv:
             extra = base._conv_forward(h, w, None)
         elif self.transposed:
+            extra = h @ w
+        else:
+            extra = F.linear(h, w)
+        return out + extra.to(out.dtype)
+
+    @classmethod
+    def batched_forward(
+        cls, adapters: list["IA3Adapter"], base: nn.Module, x: Tensor, out: Tensor, index: Tensor, cache: dict
+    ) -> Tensor | None:
+        """Mixed batch: the vectors stacked (n + 1, c) with a slot of ones for rows without an adapter here,
+        gathered per row; output scaling multiplies ``out``, input scaling adds ``W ((l - 1) x)``."""
+        first = adapters[0]
+        if cls.forward is not IA3Adapter.forward:
+            return None
+        if any(a.feedforward != first.feedforward or a.ia3_l.dtype != first.ia3_l.dtype for a in adapters):
+            return None
+        params = [a.ia3_l for a in adapters]
+        (L,) = cached_stack(cache, "ia3", params, lambda: (torch.cat(
+            [p.reshape(1, -1) for p in params] + [params[0].new_ones(1, params[0].numel())]),))
+        rows = L.index_select(0, index)  # (batch, c)
+        if not first.feedforward:
+            scale = row_view(rows, out.dim(), 1 if first.conv else out.dim() - 1)
+            return (out.to(scale.dtype) * scale).to(out.dtype)
+        scale = row_view(rows - 1, x.dim(), 1 if first.conv else x.dim() - 1)
+        h = (x.to(scale.dtype) * scale).to(x.dtype)
+        w = base.weight
+        if first.conv:
+            extra = base._conv_forward(h, w, None)
+        elif first.transposed:
             extra = h @ w
         else:
             extra = F.linear(h, w)

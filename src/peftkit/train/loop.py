@@ -29,6 +29,7 @@ from torch import nn
 
 from ..io import atomic_write_text
 from ..model import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from .models import quantize_base
 from .recipe import Recipe, build_peft_config
 from .distributed import (
     full_training_state,
@@ -85,7 +86,7 @@ class Trainer:
             self.log(note)
         torch.manual_seed(r.train.seed)
         random.seed(r.train.seed)
-        base = self.task.load_model()
+        base = quantize_base(self.task.load_model(), r.model_quant)
         if torch.cuda.is_available():
             self.task.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(self.task.device)
@@ -192,7 +193,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         ranks = state.get("rng_ranks")
         set_rng_state(ranks[self.rank] if ranks and len(ranks) == self.world else state["rng"])
-        self.metrics.truncate_after(step)
+        if self.rank == 0:  # the only writer: ranks rewriting the file at once could empty it
+            self.metrics.truncate_after(step)
         self.log(f"resumed from {path} (step {step})")
         return step, float(state["loss_sum"]), int(state["loss_count"])
 

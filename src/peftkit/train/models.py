@@ -12,6 +12,10 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class ModelError(ValueError):
@@ -67,3 +71,15 @@ def resolve_model(name: str) -> str:
     if os.path.exists(name):
         raise ModelError(f"model: {name} is a file; expected a model folder, a model id or one of {sorted(BUILTIN)}")
     return name  # a Hugging Face model id: from_pretrained downloads it when online
+
+
+def quantize_base(model: "nn.Module", quant: str) -> "nn.Module":
+    """The recipe's ``model_quant``: "none", or the base's Linear layers packed to "4bit" / "8bit" (QLoRA).
+
+    Task heads stay in full precision (they are trained in full as ``modules_to_save``)."""
+    if quant == "none":
+        return model
+    from ..quant import prepare_model_for_kbit_training, quantize_model
+
+    quantize_model(model, 4 if quant == "4bit" else 8)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

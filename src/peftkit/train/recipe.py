@@ -79,6 +79,7 @@ class Recipe:
     """A whole run. ``peft`` holds the config fields of ``method`` (a registered method name)."""
 
     model: str = "minilm"
+    model_quant: str = "none"  # "4bit" (NF4, double quant: QLoRA) or "8bit" base via bitsandbytes (peftkit.quant)
     task: str = "seq_cls"  # seq_cls, causal_lm, image_cls, clip_fewshot, diffusion
     method: str = "lora"
     peft: dict[str, Any] = field(
@@ -98,6 +99,7 @@ class Recipe:
 TASKS = ("seq_cls", "causal_lm", "image_cls", "clip_fewshot", "diffusion")
 CHOICES = {
     "task": TASKS,
+    "model_quant": ("none", "4bit", "8bit"),
     "data.bad_rows": ("fail", "skip"),
     "train.schedule": ("linear", "cosine", "constant"),
     "train.strategy": ("ddp", "fsdp"),

@@ -9,14 +9,14 @@ from typing import Any, ClassVar
 
 from ...config import ConfigError, PeftConfig
 
-_INIT_NAMES = ("gaussian", "pissa", "olora")
+_INIT_NAMES = ("gaussian", "pissa", "olora", "loftq")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 # Hugging Face PEFT fields that peftkit reads (so its configs load without warnings) but does not
 # implement. Any value other than the default is rejected with a clear error instead of being ignored.
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "megatron_config": None, "megatron_core": "megatron.core", "trainable_token_indices": None,
-    "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None,
+    "eva_config": None, "corda_config": None, "lora_ga_config": None,
     "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
     "monteclora_config": None, "layer_replication": None, "target_parameters": None, "use_bdlora": None,
     "arrow_config": None, "kasa_config": None, "lora_bias": False, "ensure_weight_tying": False,
@@ -39,7 +39,10 @@ class LoraConfig(PeftConfig):
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023).
         modules_to_save: modules trained in full and saved with the adapter (e.g. a classifier head).
         init_lora_weights: True (Kaiming A, zero B), False (both random: not the identity),
-            "gaussian", "pissa", "pissa_niter_N" (randomised SVD, N iterations) or "olora".
+            "gaussian", "pissa", "pissa_niter_N" (randomised SVD, N iterations), "olora" or "loftq".
+        loftq_config: LoftQ's options with ``init_lora_weights="loftq"`` (Li et al. 2023, arXiv 2310.08659):
+            ``{"loftq_bits": 4 or 8, "loftq_iter": N}`` (default 4 bits, 1 iteration). The base weight
+            becomes the quantized Q; quantize the model afterwards (``peftkit.quant.quantize_model``).
         layers_to_transform / layers_pattern: keep only these layer indices.
         rank_pattern / alpha_pattern: per-module overrides of r / lora_alpha, keyed by regex.
         use_dora: weight-decomposed LoRA (Liu et al. 2024, arXiv 2402.09353).
@@ -94,8 +97,9 @@ class LoraConfig(PeftConfig):
         check(
             isinstance(init, bool) or init in _INIT_NAMES or bool(_PISSA_NITER.fullmatch(str(init))),
             "init_lora_weights",
-            "True, False, 'gaussian', 'pissa', 'pissa_niter_N' or 'olora'",
+            "True, False, 'gaussian', 'pissa', 'pissa_niter_N', 'olora' or 'loftq'",
         )
+        self._check_loftq()
         for key, value in self.rank_pattern.items():
             if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 raise ConfigError(f"LoraConfig.rank_pattern[{key!r}]: expected an integer > 0, got {value!r}")
@@ -113,6 +117,26 @@ class LoraConfig(PeftConfig):
             value = getattr(self, name)
             if value != default and not (default == {} and value is None):
                 raise ConfigError(f"LoraConfig.{name}={value!r} is not supported by peftkit (only {default!r})")
+
+    def _check_loftq(self) -> None:
+        cfg = self.loftq_config or {}
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"LoraConfig.loftq_config: expected a dict, got {cfg!r}")
+        if cfg and self.init_lora_weights != "loftq":
+            raise ConfigError("LoraConfig.loftq_config: only used with init_lora_weights='loftq'")
+        unknown = set(cfg) - {"loftq_bits", "loftq_iter"}
+        if unknown:
+            raise ConfigError(f"LoraConfig.loftq_config: unknown keys {sorted(unknown)} (loftq_bits, loftq_iter)")
+        if cfg.get("loftq_bits", 4) not in (4, 8):
+            raise ConfigError(f"LoraConfig.loftq_config['loftq_bits']: expected 4 or 8, got {cfg['loftq_bits']!r}")
+        it = cfg.get("loftq_iter", 1)
+        if not (isinstance(it, int) and not isinstance(it, bool) and it >= 1):
+            raise ConfigError(f"LoraConfig.loftq_config['loftq_iter']: expected an integer >= 1, got {it!r}")
+
+    @property
+    def loftq_options(self) -> dict[str, int]:
+        cfg = self.loftq_config or {}
+        return {"bits": cfg.get("loftq_bits", 4), "iters": cfg.get("loftq_iter", 1)}
 
     @property
     def pissa_niter(self) -> int | None:

@@ -80,3 +80,35 @@ def olora_factors(w: Tensor, r: int) -> tuple[Tensor, Tensor]:
     """OLoRA (Büyükakyüz 2024): A = R[:r], B = Q[:, :r] from the QR decomposition of W."""
     Q, R = torch.linalg.qr(w)
     return R[:r].contiguous(), Q[:, :r].contiguous()
+
+
+def quantize_dequantize(w: Tensor, bits: int) -> Tensor:
+    """``w`` after a round trip through bitsandbytes' storage format: 4-bit NF4 (blocks of 64, double
+    quantization, as QLoRA) or 8-bit row-wise absmax (LLM.int8's ``Int8Params``)."""
+    if bits == 8:
+        scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+        return torch.round(w / scale).clamp(-127, 127) * scale
+    from ...quant import require_bnb
+
+    bnbf = require_bnb().functional
+    packed, state = bnbf.quantize_4bit(w.float().contiguous(), blocksize=64, compress_statistics=True, quant_type="nf4")
+    return bnbf.dequantize_4bit(packed, state).float()
+
+
+def loftq_factors(w: Tensor, r: int, scaling: float, bits: int = 4, iters: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """LoftQ (Li et al. 2023, arXiv 2310.08659): alternate ``Q = qdq(W - s B A)`` and the rank-r SVD of
+    ``W - Q``, so that ``Q + s B A`` approximates ``W`` better than ``Q`` alone.
+
+    Returns ``A`` (r, d_in), ``B`` (d_out, r) and ``Q`` (the dequantized weight the base must hold: it
+    re-quantizes to itself in the same format). ``s B A = U_r S_r V_r^T``; ``sqrt(S_r / s)`` goes to each side.
+    """
+    w = w.float()
+    A = w.new_zeros(r, w.shape[1])
+    B = w.new_zeros(w.shape[0], r)
+    q = w
+    for _ in range(iters):
+        q = quantize_dequantize(w - scaling * (B @ A), bits)
+        U, S, Vh = torch.linalg.svd(w - q, full_matrices=False)
+        root = torch.sqrt(S[:r] / scaling)
+        A, B = root[:, None] * Vh[:r], U[:, :r] * root[None, :]
+    return A, B, q

@@ -83,3 +83,24 @@ class ScaleShift(torch.autograd.Function):
                 grad_scale += torch.linalg.vecdot(g[i : i + ScaleShift.BLOCK], t[i : i + ScaleShift.BLOCK], dim=0)
         grad_shift = g.sum(0) if ctx.has_shift and ctx.needs_input_grad[2] else None
         return grad_t, grad_scale, grad_shift
+
+
+def stack_lora(adapters: list) -> tuple[Tensor, Tensor]:
+    """Stacked ``A`` (n + 1, r_max, d_in) and ``s B^T`` (n + 1, r_max, d_out) of linear LoRA adapters
+    (objects with ``lora_A``, ``lora_B``, ``scaling``), ranks zero-padded to the largest; the last slot is
+    all zeros (rows without an adapter). Differentiable when autograd is on."""
+    r_max = max(a.lora_A.shape[0] for a in adapters)
+    A0, B0 = adapters[0].lora_A, adapters[0].lora_B
+    d_in, d_out = A0.shape[1], B0.shape[0]
+    zA, zB = A0.new_zeros(r_max, d_in), B0.new_zeros(r_max, d_out)
+    if torch.is_grad_enabled() and any(a.lora_A.requires_grad or a.lora_B.requires_grad for a in adapters):
+        As = torch.stack([torch.cat([a.lora_A, zA[a.lora_A.shape[0]:]], 0) for a in adapters] + [zA])
+        Bt = torch.stack([torch.cat([a.lora_B.t() * a.scaling, zB[a.lora_A.shape[0]:]], 0) for a in adapters] + [zB])
+        return As, Bt
+    As = A0.new_zeros(len(adapters) + 1, r_max, d_in)
+    Bt = B0.new_zeros(len(adapters) + 1, r_max, d_out)
+    for k, a in enumerate(adapters):
+        r = a.lora_A.shape[0]
+        As[k, :r] = a.lora_A
+        Bt[k, :r] = a.lora_B.t() * a.scaling
+    return As, Bt

@@ -103,6 +103,7 @@ class VPTPrompt(Adapter):
 
     checkpoint_keys: ClassVar[dict[str, str]] = {"vpt_prompt": "vpt_prompt"}
     supported_layers = (nn.Module,)  # whole blocks, chosen by role (prepare_config), never by layer type
+    supports_routing = False  # the embeddings output grows by p tokens: rows cannot mix with other adapters
 
     def __init__(self, base: nn.Module, config: VPTConfig, key: str = "", init: bool = True) -> None:
         super().__init__()
