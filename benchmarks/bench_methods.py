@@ -8,7 +8,9 @@ Same config (field names are shared) on the same model: all-MiniLM-L6-v2 with a 
 64 tokens, targets query and value (the method's own default for (IA)3; every LayerNorm for LN tuning).
 Step time: forward + backward + AdamW step, 3 timed steps after a warm-up step, per repetition; the two
 libraries alternate within each repetition (order swapped every repetition); the median over repetitions is
-reported. Memory: a fresh subprocess per (library, method) builds the model, wraps it, then trains 3 steps
+reported. (`peftkit bench --models minilm --vs-peft` is the general harness: same model, batch and interleaving, with
+the registry's configs; this script keeps the q/v configs and JSON layout of docs/bench_methods.json and reuses
+its model, peft mapping and step code.) Memory: a fresh subprocess per (library, method) builds the model, wraps it, then trains 3 steps
 while a thread samples RSS every millisecond; reported are the peak RSS while training and its growth over
 the RSS after set-up (what the method's activations, gradients and optimizer state add), with ratios.
 """
@@ -51,38 +53,60 @@ SELECTIVE = {
 }
 
 
+def _spec(cls_name: str):
+    from peftkit import list_methods
+
+    return next(spec for spec in list_methods() if spec.config_cls.__name__ == cls_name)
+
+
 def build(lib_name: str, method: str, seed: int = 0, table: dict = METHODS):
+    """The MiniLM of `peftkit bench` wrapped by one library; the peft side maps through peftkit.bench."""
     import torch
 
-    lib = U.load_lib(lib_name)
-    model = U.build_minilm(seed)
+    from peftkit import get_peft_model
+    from peftkit.bench.grid import MODELS
+    from peftkit.bench.peft_side import load_peft, peft_model
+
+    model = MODELS["minilm"].build(seed)
     torch.manual_seed(seed)
     if table[method] is None:  # full fine-tuning
         return model.train()
     cls_name, kwargs = table[method]
-    config = getattr(lib, cls_name)(task_type="SEQ_CLS", **kwargs)
-    model = lib.get_peft_model(model, config)
+    spec, kwargs = _spec(cls_name), {"task_type": "SEQ_CLS", **kwargs}
+    if lib_name == "peft":
+        model = peft_model(load_peft(), spec, model, kwargs)
+    else:
+        model = get_peft_model(model, spec.config_cls(**kwargs))
     if hasattr(model, "prepare_selection"):
         model.prepare_selection()  # FISH with criterion="random" selects without data; a no-op otherwise
     model.train()
     return model
 
 
+def _batch(model, a):
+    from peftkit.bench.grid import MODELS
+
+    return MODELS["minilm"].batch(model, a.batch, a.seq)
+
+
 def step_times(a) -> dict:
+    """Interleaved step times (the loop of `peftkit bench`, kept here for this script's JSON layout)."""
     import torch
+
+    from peftkit.bench import measure as M
 
     samples: dict[str, dict[str, list[float]]] = {m: {lib: [] for lib in LIBS} for m in a.methods}
     for method in a.methods:
         models = {lib: build(lib, method) for lib in LIBS}
-        opts = {lib: U.make_optimizer(m) for lib, m in models.items()}
-        batch = U.make_batch(models["peft"], a.batch, a.seq)
+        opts = {lib: M.make_optimizer(m) for lib, m in models.items()}
+        batch = _batch(models["peft"], a)
         for lib in LIBS:  # warm-up
-            U.train_step(models[lib], opts[lib], batch)
+            M.train_step(models[lib], opts[lib], batch)
         for rep in range(a.reps):
             order = LIBS if rep % 2 == 0 else LIBS[::-1]
             for lib in order:
                 samples[method][lib].append(
-                    U.time_calls(lambda: U.train_step(models[lib], opts[lib], batch), a.steps))
+                    M.time_calls(lambda m=models[lib], o=opts[lib]: M.train_step(m, o, batch), a.steps))
         del models, opts
         torch.manual_seed(0)
     return samples
@@ -98,9 +122,11 @@ def child_memory(a) -> dict:
     import gc
     import threading
 
+    from peftkit.bench import measure as M
+
     model = build(a._lib, a._method, table=SELECTIVE if a._selective else METHODS)
-    opt = U.make_optimizer(model)
-    batch = U.make_batch(model, a.batch, a.seq)
+    opt = M.make_optimizer(model)
+    batch = _batch(model, a)
     gc.collect()
     setup = _rss_mb()
     peak, done = [setup], threading.Event()
@@ -113,7 +139,7 @@ def child_memory(a) -> dict:
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     for _ in range(3):
-        U.train_step(model, opt, batch)
+        M.train_step(model, opt, batch)
     done.set()
     thread.join()
     return {"setup_mb": setup, "train_peak_mb": max(peak[0], _rss_mb())}

