@@ -3,11 +3,38 @@
 from .config import ConfigError, PeftConfig, TaskType
 from .layers import Adapter, AdapterLayer
 from .methods.adalora import AdaLoraConfig
+from .methods.adapters import (
+    AdaptFormerConfig,
+    Average,
+    BottleneckConfig,
+    CompacterConfig,
+    CompacterPlusPlusConfig,
+    CompositionConfig,
+    Fuse,
+    HoulsbyConfig,
+    HybridConfig,
+    MamConfig,
+    Parallel,
+    ParallelAdapterConfig,
+    PfeifferConfig,
+    Stack,
+    UniPeltConfig,
+)
 from .methods.fourierft import FourierFTConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.lycoris import LoHaConfig, LoKrConfig
 from .methods.oft import BOFTConfig, OFTConfig
+from .methods.prompt import (
+    AdaptionPromptConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptLearningConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+    PTuningV2Config,
+)
 from .methods.selective import (
     BitFitConfig,
     ChildTuningConfig,
@@ -24,6 +51,11 @@ from .methods.selective import (
 )
 from .methods.ssf import SSFConfig
 from .methods.vera import VeraConfig
+from .methods.vision import build_cache, classify, set_tokenizer
+from .methods.vision.clip_adapter import ClipAdapterConfig
+from .methods.vision.coop import CoCoOpConfig, CoOpConfig
+from .methods.vision.tip_adapter import TipAdapterConfig
+from .methods.vision.vpt import VPTConfig
 from .model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -37,7 +69,9 @@ from .model import (
     inject_adapter_in_model,
     set_peft_model_state_dict,
 )
+from .hotswap import hotswap_adapter
 from .optim import create_loraplus_optimizer
+from .quant import prepare_model_for_kbit_training, quantize_model
 from .registry import MethodSpec, get_method, list_methods, register_method
 from .tuner import TunerModel
 
@@ -54,5 +88,12 @@ __all__ = [
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "SSFConfig", "TaskType", "TunerModel", "VeraConfig", "create_loraplus_optimizer", "get_method", "get_peft_model",
     "get_peft_model_state_dict", "inject_adapter_in_model", "list_methods", "register_method",
-    "set_peft_model_state_dict",
+    "set_peft_model_state_dict", "prepare_model_for_kbit_training", "quantize_model", "hotswap_adapter",
+    "AdaptionPromptConfig", "PrefixTuningConfig", "PromptEncoderConfig", "PromptEncoderReparameterizationType",
+    "PromptLearningConfig", "PromptTuningConfig", "PromptTuningInit", "PTuningV2Config",
+    "ClipAdapterConfig", "CoCoOpConfig", "CoOpConfig", "TipAdapterConfig", "VPTConfig",
+    "build_cache", "classify", "set_tokenizer",
+    "AdaptFormerConfig", "Average", "BottleneckConfig", "CompacterConfig", "CompacterPlusPlusConfig",
+    "CompositionConfig", "Fuse", "HoulsbyConfig", "HybridConfig", "MamConfig", "Parallel", "ParallelAdapterConfig",
+    "PfeifferConfig", "Stack", "UniPeltConfig",
 ]
