@@ -205,3 +205,20 @@ def test_default_init_identical_to_peft_under_the_same_seed():
     assert ref_state.keys() == our_state.keys() and len(ref_state) == 16
     for key in ref_state:
         assert torch.equal(ref_state[key], our_state[key]), key
+
+
+def test_hadamard_delta_gradients_and_saved_tensors():
+    """The hand-written backward equals autograd's (gradcheck), and only the four rank-r factors are kept
+    for backward, not the two (d_out, d_in) products."""
+    from peftkit.methods.lycoris import functional as YF
+
+    g = torch.Generator().manual_seed(4)
+    factors = [torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+               for s in ((6, 2), (2, 5), (6, 2), (2, 5))]
+    assert torch.autograd.gradcheck(lambda a, b, c, d: YF.hadamard_delta(a, b, c, d, 0.7), factors)
+    torch.testing.assert_close(YF.hadamard_delta(*factors, 0.7),
+                               (factors[0] @ factors[1]) * (factors[2] @ factors[3]) * 0.7, atol=0, rtol=0)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        YF.hadamard_delta(*factors, 0.7)
+    assert sorted(saved) == sorted([(6, 2), (2, 5), (6, 2), (2, 5)])

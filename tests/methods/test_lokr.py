@@ -113,6 +113,21 @@ def test_kron_matvec_equals_multiplying_by_the_kronecker_product():
     torch.testing.assert_close(y, x @ torch.kron(w1, w2).t(), atol=1e-12, rtol=1e-12)
 
 
+def test_kron_matvec_gradients_and_saved_tensors():
+    """The hand-written backward equals autograd's through the formed Kronecker product (gradcheck), and
+    only the input and the two factors are kept for backward (no per-token intermediate)."""
+    g = torch.Generator().manual_seed(2)
+    w1 = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 7, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(YF.kron_matvec, (x, w1, w2))
+    assert torch.autograd.gradcheck(lambda a, b: YF.kron_matvec(x.detach(), a, b), (w1, w2))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        YF.kron_matvec(x, w1, w2).sum()
+    assert sorted(saved) == sorted([x.numel(), w1.numel(), w2.numel()])
+
+
 def test_cp_rebuild_matches_peft():
     g = torch.Generator().manual_seed(2)
     t, wa, wb = torch.randn(2, 2, 3, 3, generator=g), torch.randn(2, 4, generator=g), torch.randn(2, 5, generator=g)

@@ -44,8 +44,38 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 
 def hadamard_delta(w1_a: Tensor, w1_b: Tensor, w2_a: Tensor, w2_b: Tensor, scale: float) -> Tensor:
-    """LoHa: ``((w1_a @ w1_b) * (w2_a @ w2_b)) * scale``, a (d_out, d_in) matrix."""
-    return (w1_a @ w1_b) * (w2_a @ w2_b) * scale
+    """LoHa: ``((w1_a @ w1_b) * (w2_a @ w2_b)) * scale``, a (d_out, d_in) matrix.
+
+    For backward only the four factors are kept (the two rank-r products are recomputed), not two
+    (d_out, d_in) matrices, as PEFT's ``HadaWeight`` does."""
+    return _HadamardDelta.apply(w1_a, w1_b, w2_a, w2_b, scale)
+
+
+class _HadamardDelta(torch.autograd.Function):
+    """``D = s (A1 B1) * (A2 B2)``; with G = dL/dD: ``dA1 = (s G * P2) B1^T``, ``dB1 = A1^T (s G * P2)``, and
+    the same for the second pair with P1 (P_i = A_i B_i)."""
+
+    @staticmethod
+    def forward(ctx, w1_a: Tensor, w1_b: Tensor, w2_a: Tensor, w2_b: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(w1_a, w1_b, w2_a, w2_b)
+        ctx.scale = scale
+        return (w1_a @ w1_b) * (w2_a @ w2_b) * scale
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        w1_a, w1_b, w2_a, w2_b = ctx.saved_tensors
+        g = g * ctx.scale
+        n1a, n1b, n2a, n2b = ctx.needs_input_grad[:4]
+        grads: list[Tensor | None] = [None] * 4
+        if n1a or n1b:
+            g1 = g * (w2_a @ w2_b)
+            grads[0] = g1 @ w1_b.t() if n1a else None
+            grads[1] = w1_a.t() @ g1 if n1b else None
+        if n2a or n2b:
+            g2 = g * (w1_a @ w1_b)
+            grads[2] = g2 @ w2_b.t() if n2a else None
+            grads[3] = w2_a.t() @ g2 if n2b else None
+        return (*grads, None)
 
 
 def cp_rebuild(t: Tensor, w_a: Tensor, w_b: Tensor) -> Tensor:
@@ -72,17 +102,55 @@ def kron_matvec(x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
     """``x @ kron(W1, W2)^T`` without forming the Kronecker product: ``W1 X W2^T`` per row of ``x``.
 
     ``x`` is (..., c d) with ``W1`` (a, c) and ``W2`` (b, d); the result is (..., a b). Costs
-    n (a c d + a b d) instead of n (a b c d) multiply-adds.
+    n (a c d + a b d) instead of n (a b c d) multiply-adds. For backward only ``x`` and the factors are kept
+    (the intermediate ``X W2^T`` is recomputed), so training holds no more per-token memory than a product
+    with the formed ``d_out x d_in`` delta would.
     """
-    a, c = w1.shape
-    b, d = w2.shape
     lead = x.shape[:-1]
+    y = _KronMatvec.apply(x.reshape(-1, x.shape[-1]), w1, w2)
+    return y.reshape(*lead, y.shape[-1])
+
+
+def _kron_forward(x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
     # plain 2-D GEMMs only: batched matmul picks its kernel by requires_grad, which would make the
     # result depend (in the last bit) on whether the adapter is trainable
+    a, c = w1.shape
+    b, d = w2.shape
     z = F.linear(x.reshape(-1, d), w2)  # (n c, b)
     z = z.view(-1, c, b).transpose(1, 2).reshape(-1, c)  # (n b, c)
     y = F.linear(z, w1).view(-1, b, a).transpose(1, 2)  # (n, a, b)
-    return y.reshape(*lead, a * b)
+    return y.reshape(-1, a * b)
+
+
+class _KronMatvec(torch.autograd.Function):
+    """``Y[n] = W1 X[n] W2^T`` with X[n] (c, d) and Y[n] (a, b); gradients, with G[n] = dL/dY[n] (a, b):
+    ``dX[n] = W1^T G[n] W2``, ``dW1 = sum_n G[n] W2 X[n]^T``, ``dW2 = sum_n (W1^T G[n])^T X[n]``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, w1, w2)
+        return _kron_forward(x, w1, w2)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # type: ignore[override]
+        x, w1, w2 = ctx.saved_tensors
+        a, c = w1.shape
+        b, d = w2.shape
+        n = x.shape[0]
+        need_x, need_w1, need_w2 = ctx.needs_input_grad
+        g = g.reshape(n, a, b)
+        grad_x = grad_w1 = grad_w2 = None
+        if need_x or need_w1:
+            t = F.linear(g.reshape(n * a, b), w2.t()).view(n, a, d)  # G[n] W2
+            if need_x:  # W1^T (G[n] W2), as (n, d, a) @ W1 -> (n, d, c) -> (n, c, d)
+                gx = F.linear(t.transpose(1, 2).reshape(n * d, a), w1.t()).view(n, d, c)
+                grad_x = gx.transpose(1, 2).reshape(n, c * d)
+            if need_w1:  # sum_n (G[n] W2) X[n]^T
+                grad_w1 = t.permute(1, 0, 2).reshape(a, n * d) @ x.view(n, c, d).transpose(1, 2).reshape(n * d, c)
+        if need_w2:  # sum_n (W1^T G[n])^T X[n]: (n, b, c) stacked over n, times X
+            h = F.linear(g.transpose(1, 2).reshape(n * b, a), w1.t()).view(n, b, c)
+            grad_w2 = h.permute(1, 0, 2).reshape(b, n * c) @ x.reshape(n * c, d)
+        return grad_x, grad_w1, grad_w2
 
 
 def lokr_uses_full(r: int, dims: tuple[int, int]) -> bool:
