@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .data import DataError
 from .models import minilm_dir, resolve_model
 from .tasks import _quiet_transformers, register_task
-from .vision import ImageClassification, load_images
+from .vision import ImageClassification
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -71,20 +71,13 @@ class ClipFewShot(ImageClassification):
         d = self.recipe.data
         if "{}" not in d.class_template:
             raise DataError(f"data.class_template: {d.class_template!r} has no {{}} for the class name")
-        x, y, names = load_images(d.train, d.train_rows)
-        keep = few_shot_indices(y, d.shots, self.recipe.train.seed)
-        self.train_x, self.train_y = x[keep], [y[i] for i in keep]
-        if self.labels is not None and self.labels != names:
-            raise DataError(f"{d.train}: its classes {names} are not the run's labels {self.labels}")
-        self.labels = names
-        self.test_x, self.test_y = torch.zeros(0, 1, 1, dtype=torch.uint8), []
-        if d.test:
-            self.test_x, self.test_y, test_names = load_images(d.test, d.test_rows)
-            if test_names != names:
-                raise DataError(f"{d.test}: its classes {test_names} differ from {d.train}'s {names}")
+        super().load_data()
+        keep = few_shot_indices(self.train_y, d.shots, self.recipe.train.seed)
+        self.train_x, self.train_y = self.train_x[keep], [self.train_y[i] for i in keep]
         self.n_train = len(self.train_y)
         if d.shots is not None:
-            self.notes.append(f"clip_fewshot: {d.shots} shots x {len(names)} classes = {self.n_train} training images")
+            self.notes.append(f"clip_fewshot: {d.shots} shots x {len(self.labels)} classes = {self.n_train} "
+                              "training images")
 
     def load_model(self) -> nn.Module:
         from transformers import AutoTokenizer
