@@ -265,3 +265,31 @@ def test_prompt_tuning_routes_rows(family):
     torch.testing.assert_close(mixed[0, 3:], alone["default"][0, 3:], atol=1e-5, rtol=0)
     torch.testing.assert_close(mixed[1, 3:], base[1], atol=1e-5, rtol=0)
     torch.testing.assert_close(mixed[2, 3:], alone["short"][2, 1:], atol=1e-5, rtol=0)
+
+
+def test_adaption_prompt_caches_its_keys_and_values_outside_autograd(monkeypatch):
+    """Decoding steps reuse the prompts' projected keys / values; an in-place change of the prompt (an
+    optimizer step, a load) recomputes them, and results equal the uncached computation."""
+    from peftkit.methods.prompt.adaption_prompt import AdaptionPromptAdapter
+
+    model = peftkit.get_peft_model(FAMILY["llama"].model(), AdaptionPromptConfig(adapter_len=4, adapter_layers=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)  # open the gates
+    model.eval()
+    ids = torch.randint(0, 99, (2, 6))
+    calls = []
+    original = AdaptionPromptAdapter._project
+    monkeypatch.setattr(AdaptionPromptAdapter, "_project", lambda self, *a: calls.append(1) or original(self, *a))
+    with torch.no_grad():
+        first = model(input_ids=ids).logits
+        assert model(input_ids=ids).logits.equal(first) and len(calls) == 2  # one per adapted layer, then cached
+        for p in model.parameters():
+            if p.requires_grad:
+                p.mul_(1.5)
+        changed = model(input_ids=ids).logits
+    assert len(calls) == 4 and not torch.allclose(changed, first)
+    with torch.enable_grad():
+        uncached = model(input_ids=ids).logits
+    torch.testing.assert_close(changed, uncached.detach(), atol=1e-6, rtol=1e-5)

@@ -156,6 +156,21 @@ class AdaptionPromptAdapter(Adapter):
         return q.view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
 
     def _keys_values(self, base: nn.Module, embed_dim: int) -> tuple[Tensor, Tensor]:
+        """The prompts' keys and values (1, heads, adapter_len, head_dim). Without autograd (inference,
+        every decoding step) they are computed once and cached, keyed on the version counters of the
+        prompt and the projections, so an optimizer step, a load or a merge recomputes them."""
+        if torch.is_grad_enabled():
+            return self._project(base, embed_dim)
+        projs = [getattr(base, n) for n in (self.k_name, self.v_name) if n is not None]
+        tensors = [self.adaption_prompt] + [p for m in projs for p in m.parameters()]
+        key = tuple((id(t), t._version, t.device, t.dtype) for t in tensors)
+        cached = self.__dict__.get("_kv_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self._project(base, embed_dim))
+            self.__dict__["_kv_cache"] = cached
+        return cached[1]
+
+    def _project(self, base: nn.Module, embed_dim: int) -> tuple[Tensor, Tensor]:
         prompt = self.adaption_prompt
         if self.v_name is None:  # fused projection: (query, key, value)
             _, key, value = getattr(base, self.k_name)(prompt).split(embed_dim, dim=2)
