@@ -157,11 +157,11 @@ def saved_tensor_bytes(model, batch) -> dict:
 
 # ----------------------------------------------------------------------------- memory
 def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
+    # the bench package's reader, imported on use: this module must not import torch / peftkit before
+    # setup_env has put the working tree first on sys.path
+    from peftkit.bench.measure import status_kb
+
+    return status_kb(field)
 
 
 def rss_kb() -> int:

