@@ -210,3 +210,48 @@ def test_half_precision_base_gets_float32_adapters(config_cls):
     out = family.run(model.eval())
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, base, atol=0, rtol=0)
+
+
+# -- original_ln_before (AdapterHub's Pfeiffer / SeqBn placement) -----------------------------------------------
+def test_original_ln_before_reads_the_normalised_output_and_adds_before_the_layernorm():
+    torch.manual_seed(0)
+    model = get_peft_model(_tiny_bert(), PfeifferConfig(bottleneck_size=4, reduction_factor=None,
+                                                        original_ln_before=True)).eval()
+    layer = model.get_base_model().bert.encoder.layer[0]
+    norm = layer.output.LayerNorm  # the adapter sits on the FFN's LayerNorm, not on its output Linear
+    adapter = norm.adapters["default"]
+    assert not hasattr(layer.output.dense, "adapters")
+    with torch.no_grad():
+        adapter.up_weight.normal_()
+        inter, r = torch.randn(2, 5, 37), torch.randn(2, 5, 32)
+        h = layer.output.dense(inter)
+        y = norm.base_layer(h + r)
+        a = F.linear(F.relu(F.linear(y, adapter.down_weight, adapter.down_bias)), adapter.up_weight, adapter.up_bias)
+        torch.testing.assert_close(layer.output(inter, r), norm.base_layer(h + r + a), atol=1e-6, rtol=1e-5)
+    assert trainable(model) == 2 * (4 * 33 + 32 * 5)
+
+
+def test_original_ln_before_round_trip_and_starts_at_base(tmp_path):
+    family = FAMILY["bert"]
+    base = family.run(family.model())
+    config = PfeifferConfig(bottleneck_size=4, reduction_factor=None, original_ln_before=True, init_weights="lora")
+    model = get_peft_model(family.model(), config).eval()
+    torch.testing.assert_close(family.run(model), base, atol=0, rtol=0)
+    nudge_trainable(model, 0.05)
+    with torch.no_grad():
+        expected = family.run(model)
+    assert not torch.allclose(expected, base)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(family.model(), tmp_path).eval()
+    assert loaded.peft_config["default"].original_ln_before is True
+    with torch.no_grad():
+        torch.testing.assert_close(family.run(loaded), expected, atol=0, rtol=0)
+
+
+def test_original_ln_before_needs_a_post_ln_model():
+    with pytest.raises(NotApplicableError, match="original_ln_before.*post-LN"):
+        get_peft_model(FAMILY["llama"].model(), PfeifferConfig(original_ln_before=True))
+    with pytest.raises(ConfigError, match="original_ln_before"):
+        ParallelAdapterConfig(original_ln_before=True)
+    with pytest.raises(ConfigError, match="original_ln_before"):
+        PfeifferConfig(original_ln_before=True, train_layernorms=True)

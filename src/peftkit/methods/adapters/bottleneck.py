@@ -22,12 +22,19 @@ BERT/RoBERTa split the FFN over ``intermediate`` and ``output`` (``SPLIT_FFN``):
 two cooperating pieces of one adapter, a *tap* on ``intermediate.dense`` that holds the parameters and
 computes ``s W_up f(W_down x)`` from the FFN input x, and an *add* on ``output.dense`` that adds that to
 the FFN output before BertOutput's dropout, residual and LayerNorm.
+
+``original_ln_before`` (AdapterHub's option of that name, on in its Pfeiffer / ``SeqBnConfig``): on a post-LN
+model (BERT/RoBERTa) the adapter reads the sublayer's *normalised* output ``y = LN(h + r)`` (h the sublayer
+output, r its residual input) and its output joins the same residual sum, normalised again by the same
+LayerNorm: ``LN(h + r + s A(y))``. The wrapped module is then the LayerNorm beside the role's output Linear
+(its input is ``h + r``), a "ln" piece.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -68,6 +75,11 @@ class BottleneckConfig(PeftConfig):
             Kaiming-uniform, up and biases 0 (exactly the base at init, He et al.).
         dropout: dropout on the adapter's input.
         train_layernorms: also train every LayerNorm of the model (Houlsby), through ``modules_to_save``.
+        original_ln_before: in sequence on a post-LN model, read the sublayer's output after its residual and
+            LayerNorm and add back before that LayerNorm: ``LN(h + r + s A(LN(h + r)))`` (AdapterHub's
+            ``original_ln_before=True`` with ``residual_before_ln=True``, its Pfeiffer/SeqBn default). Wraps the
+            LayerNorm beside each targeted output Linear; models without one (pre-LN: Llama, GPT-2, T5, ViT)
+            raise NotApplicableError.
         split_ffn: (output module, input module) names of an FFN split over two siblings; filled from the
             role table when ``positions`` has "ffn" on BERT-like models, settable for other models.
         modules_to_save: modules trained in full and saved with the adapter.
@@ -89,6 +101,7 @@ class BottleneckConfig(PeftConfig):
     init_weights: str = "bert"
     dropout: float = 0.0
     train_layernorms: bool = False
+    original_ln_before: bool = False
     split_ffn: list[str] | None = None
     modules_to_save: list[str] | None = None
 
@@ -110,6 +123,11 @@ class BottleneckConfig(PeftConfig):
         self._check(0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)")
         self._check(self.split_ffn is None or len(self.split_ffn) == 2, "split_ffn",
                     "None or [output module, input module]")
+        if self.original_ln_before:
+            self._check(self.mode == "sequential" and self.residual, "original_ln_before",
+                        'False unless mode="sequential" and residual=True')
+            self._check(not self.train_layernorms, "original_ln_before",
+                        "False with train_layernorms=True (the LayerNorm hosts the adapter)")
 
     def size(self, d: int) -> int:
         """The bottleneck m for a target of width d."""
@@ -138,6 +156,16 @@ def adapter_factory(base: nn.Module) -> dict[str, Any]:
     return {"device": ref.device, "dtype": torch.float32 if half else ref.dtype}
 
 
+def norm_width(module: nn.Module) -> int:
+    """d of a LayerNorm-like module (its normalised width)."""
+    shape = getattr(module, "normalized_shape", None)
+    return int(shape[-1]) if shape else int(module.weight.shape[-1])
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
 def _first_last_linear(module: nn.Module) -> tuple[nn.Module, nn.Module]:
     linears = [m for m in module.modules() if isinstance(m, LINEAR_TYPES)]
     if not linears:
@@ -154,9 +182,10 @@ def block_dims(module: nn.Module) -> tuple[int, int]:
 
 
 def _piece(config: BottleneckConfig, path: str) -> str:
-    """"seq", "par", "tap" (split FFN input) or "add" (split FFN output) for the module at ``path``."""
+    """"seq", "ln" (in sequence, hosted by the sublayer's LayerNorm: ``original_ln_before``), "par", "tap" (split
+    FFN input) or "add" (split FFN output) for the module at ``path``."""
     if config.mode == "sequential":
-        return "seq"
+        return "ln" if getattr(config, "original_ln_before", False) else "seq"
     if config.split_ffn:
         out_name, in_name = config.split_ffn
         if path == in_name or path.endswith("." + in_name):
@@ -217,8 +246,10 @@ class BottleneckAdapter(Adapter):
     @staticmethod
     def dims(base: nn.Module, config: BottleneckConfig, key: str) -> tuple[int, int]:
         """(d_in, d) of the adapter on ``base``: its input width and output width."""
-        d_out, d_in = block_dims(base)
         piece = _piece(config, key)
+        if piece == "ln":
+            return norm_width(base), norm_width(base)
+        d_out, d_in = block_dims(base)
         if piece == "seq":
             return d_out, d_out
         if piece == "tap":  # reads and returns the FFN's width: the input Linear's input
@@ -274,6 +305,8 @@ class BottleneckAdapter(Adapter):
                                   f"a Linear / Conv1D (mode='parallel' wraps blocks)")
         for p in paths:
             block_dims(modules[p])  # a clear error for a block without a Linear, before any change
+        if config.original_ln_before:
+            paths = [_sibling_norm(modules, p) for p in paths]
         if config.split_ffn:  # each FFN output gets its tap on the sibling input module, placed before it
             out_name, in_name = config.split_ffn
             with_taps = []
@@ -295,19 +328,39 @@ class BottleneckAdapter(Adapter):
         z = F.linear(ACTIVATIONS[self.act](z), self.up_weight, self.up_bias)  # (..., d)
         return self.scaling * z
 
-    def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
-        if self.piece == "seq":
-            z = self.bottleneck(out).to(out.dtype)
-            return out + z if self.residual else z
-        if self.piece == "par":
-            return out + self.bottleneck(x).to(out.dtype)
+    def forward(self, base: nn.Module, x: Tensor, out: Tensor, gate: Callable[[Tensor], Tensor] | None = None
+                ) -> Tensor:
+        """``gate``: a hybrid's gate, a function of the adapter's input that scales its output (UniPELT)."""
+        if self.piece == "add":
+            z, self.stash.value = self.stash.value, None
+            if z is None:
+                raise RuntimeError("split-FFN parallel adapter: the FFN input module did not run before its output")
+            return out + z.to(out.dtype)
+        h = out if self.piece in ("seq", "ln") else x  # the adapter's input
+        z = self.bottleneck(h)
+        if gate is not None:
+            z = z * gate(h)
         if self.piece == "tap":
-            self.stash.value = self.bottleneck(x)
+            self.stash.value = z
             return out
-        z, self.stash.value = self.stash.value, None
-        if z is None:
-            raise RuntimeError("split-FFN parallel adapter: the FFN input module did not run before its output")
-        return out + z.to(out.dtype)
+        z = z.to(out.dtype)
+        if self.piece == "ln":  # x = h + r, the LayerNorm's input; out = LN(x)
+            return base(x + z)
+        if self.piece == "seq" and not self.residual:
+            return z
+        return out + z
+
+
+def _sibling_norm(modules: dict[str, nn.Module], path: str) -> str:
+    """The LayerNorm beside the output Linear at ``path`` (post-LN models: BERT's ``output.LayerNorm``)."""
+    parent = path.rpartition(".")[0]
+    norms = [n for n, m in modules.items() if n.rpartition(".")[0] == parent and n != path and _is_norm(m)]
+    if len(norms) != 1:
+        raise NotApplicableError(
+            f"original_ln_before: {path!r} has {'no' if not norms else 'more than one'} LayerNorm beside it "
+            f"({norms}); the option needs a post-LN model (BERT/RoBERTa), where the sublayer's residual and "
+            "LayerNorm follow its output Linear")
+    return norms[0]
 
 
 def _register(name: str, paper: str, defaults: dict[str, Any], example: dict[str, Any], doc: str,

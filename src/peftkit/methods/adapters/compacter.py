@@ -7,7 +7,12 @@ W (d_out, d_in), A_i (n, n) "slow" rule matrices shared by every PHM layer of th
 projections of every layer, as in AdapterHub's ``shared_phm_rule``), s_i (d_out/n,), t_i (d_in/n,) per layer.
 Then, as for the Houlsby adapter, ``h <- h + W_up f(W_down h + b_d) + b_u`` with m = d / reduction_factor
 (AdapterHub: n = 4, reduction 32, GELU). Compacter sits after the attention output and the FFN output;
-Compacter++ only after the FFN output.
+Compacter++ only after the FFN output. AdapterHub's Compacter++ takes its placement from the Pfeiffer adapter
+(``original_ln_before=True``); the option is the bottleneck adapter's, off by default here.
+
+AdapterHub's PHM layer computes ``x H`` with ``H = sum_i kron(C_i, W_i)`` (d_in, d_out), ``W_i = l_i r_i``
+(``W_left`` (n, d_in/n, 1), ``W_right`` (n, 1, d_out/n)): the same weight as here with ``A_i = C_i^T``,
+``s_i = r_i``, ``t_i = l_i`` (tests/methods/test_adapterhub_parity.py maps the keys).
 
 Parameters per adapter: down (d + m) + m, up (m + d) + d, i.e. 3(d + m); plus n^3 once for the shared
 rule. n must divide d and m. (AdapterHub 1.3.0 counts the same on RoBERTa-base: 57,088 / 28,576.)
@@ -30,7 +35,7 @@ from torch import Tensor, nn
 
 from ...registry import register_method
 from ...targeting import TargetError
-from .bottleneck import ACTIVATIONS, BottleneckAdapter, BottleneckConfig, adapter_factory
+from .bottleneck import ACTIVATIONS, BottleneckAdapter, BottleneckConfig, _piece, adapter_factory
 
 # rule matrices built by the owner layer of an injection, for the other layers of it, by config id
 _RULES: dict[int, nn.Parameter] = {}
@@ -88,7 +93,7 @@ class CompacterAdapter(BottleneckAdapter):
 
     def __init__(self, base: nn.Module, config: CompacterConfig, key: str = "", init: bool = True) -> None:
         nn.Module.__init__(self)
-        self.piece = "seq"
+        self.piece = _piece(config, key)  # "seq", or "ln" with original_ln_before
         self.scaling, self.residual, self.act = config.scaling, config.residual, config.non_linearity
         self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         d, _ = self.dims(base, config, key)

@@ -7,15 +7,28 @@ alone; on every targeted layer one hybrid adapter runs the parts present there, 
     out <- out + g_i (part_i(x, out) - out),    g_i = sigmoid(W_g x_i + b_g) if gated else 1,
 
 W_g (1, d) per part per layer, x_i the part's input (the layer's output for an adapter in sequence, the layer's
-input otherwise). A prompt part (prefix tuning) lives on the input embedding and rewrites the call's inputs
-through the engine's prompt hook (``peftkit.prompting``); it is not gated (UniPELT's prefix gate sits inside
-the attention softmax, which the KV-cache route does not reach).
+input otherwise); a bottleneck adapter's gate scales the adapter's own output inside it (the same formula,
+and right where the adapter joins the residual before a LayerNorm: ``original_ln_before``).
+``gate_pooling="mean"`` averages g_i over the sequence (one gate per example: UniPELT's code and AdapterHub,
+padding included), "token" keeps one per position.
+
+A prompt part (prefix tuning) lives on the input embedding and rewrites the call's inputs through the engine's
+prompt hook (``peftkit.prompting``): the prefix ``P_K, P_V`` of every attention layer goes in through the KV
+cache, built once per call. Gated, it gets UniPELT's prefix gate: per attention layer l,
+``G_P = mean_seq sigmoid(W_gp x_l + b_gp)`` (one scalar per example, as in AdapterHub; a per-token gate cannot
+scale keys that every query shares) from that layer's attention input x_l, and the layer attends over
+``[G_P P_K; K], [G_P P_V; V]``. The gate ``Linear(d, 1)`` sits on the layer's query projection (its input is
+x_l, and it runs before the attention reads the cache): when the call built a fresh prefix it rewrites the
+cache entry of its layer from the ungated prefix, ``G_P P``. Decoding steps reuse the cache, gated by the
+prompt's pass.
 
 - MAM adapter (He et al. 2022, "Towards a Unified View of Parameter-Efficient Transfer Learning", arXiv
   2110.04366): prefix tuning on attention (l = 30) + scaled parallel adapter on the FFN (m = 512, s = 4).
 - UniPELT (Mao et al. 2022, arXiv 2110.07577): bottleneck adapter (reduction 16) + prefix (10) + LoRA
-  (r = 8, alpha = 2), each scaled by a learned gate sigmoid(W_g x). Here one gate per part per wrapped layer
-  (UniPELT shares one LoRA gate between W_q and W_v of a layer).
+  (r = 8, alpha = 2), each scaled by a learned gate sigmoid(W_g x): one gate per part per wrapped layer (W_q
+  and W_v each have their own LoRA gate, as in AdapterHub), one prefix gate per attention layer. Outputs equal
+  AdapterHub's UniPELT with its weights copied across (tests/methods/test_adapterhub_parity.py; conventions
+  in docs/compatibility.md).
 
 Prefix tuning needs a model with a KV-cache interface (decoders, T5); on others drop the part
 (``parts={... without "prefix_tuning"}``) or get_peft_model raises NotApplicableError.
@@ -24,6 +37,8 @@ Prefix tuning needs a model with a KV-cache interface (decoders, T5); on others 
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -31,13 +46,13 @@ from torch import Tensor, nn
 
 from ...config import ConfigError, PeftConfig
 from ...layers import Adapter
-from ...prompting import PromptAdapter
+from ...prompting import PromptAdapter, cache_length, is_encoder_decoder, pop_cache
 from ...registry import get_method, register_method
-from ...targeting import Conv1D, NotApplicableError, TargetError, model_family
-from .bottleneck import adapter_factory, block_dims
+from ...targeting import Conv1D, NotApplicableError, TargetError, model_family, role_paths
+from .bottleneck import BottleneckAdapter, adapter_factory, block_dims, norm_width
 
-# part configs of an injection in progress, by hybrid config id: (part name -> config, path -> part names)
-_PLAN: dict[int, tuple[dict[str, PeftConfig], dict[str, list[str]]]] = {}
+# injections in progress, by hybrid config id
+_PLAN: dict[int, "_Plan"] = {}
 
 
 @dataclasses.dataclass
@@ -46,7 +61,10 @@ class HybridConfig(PeftConfig):
 
     Args:
         parts: registered method name -> its config kwargs (e.g. ``{"lora": {"r": 8}, "pfeiffer": {}}``).
-        gated: scale each layer part by a learned gate ``sigmoid(W_g x)`` (UniPELT).
+        gated: scale each part by a learned gate ``sigmoid(W_g x)`` (UniPELT); a prefix part's gate scales its
+            keys and values per layer.
+        gate_pooling: "token" (one gate per position) or "mean" (the positions' mean: one per example, as
+            UniPELT's code and AdapterHub). A prefix gate is always the mean.
         modules_to_save: modules trained in full and saved with the adapter.
     """
 
@@ -54,6 +72,7 @@ class HybridConfig(PeftConfig):
 
     parts: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     gated: bool = False
+    gate_pooling: str = "token"
     modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -62,10 +81,13 @@ class HybridConfig(PeftConfig):
             raise ConfigError(
                 f"{type(self).__name__}.parts: expected {{method name: config kwargs}}, got {self.parts!r}")
         for name, kwargs in self.parts.items():
-            self.part_config(name)  # validates the method name and its kwargs now
             if not isinstance(kwargs, dict):
                 raise ConfigError(f"{type(self).__name__}.parts[{name!r}]: expected a dict of config kwargs")
+            self.part_config(name)  # validates the method name and its kwargs now
+        # a copy: injection fills in each part (architecture defaults, paths), never the caller's dicts
+        self.parts = {name: dict(kwargs) for name, kwargs in self.parts.items()}
         self._check(isinstance(self.gated, bool), "gated", "True or False")
+        self._check(self.gate_pooling in ("token", "mean"), "gate_pooling", '"token" or "mean"')
 
     def part_config(self, name: str) -> PeftConfig:
         try:
@@ -75,7 +97,7 @@ class HybridConfig(PeftConfig):
         if spec.category in ("hybrid", "selective") or spec.adapter_cls.uses_shared_state:
             raise ConfigError(f"{type(self).__name__}.parts[{name!r}]: a {spec.category} method"
                               f"{' with shared state' if spec.adapter_cls.uses_shared_state else ''} cannot be a part")
-        kwargs = {k: v for k, v in self.parts[name].items() if k not in ("peft_type", "_paths")}
+        kwargs = {k: v for k, v in self.parts[name].items() if k != "peft_type" and not k.startswith("_")}
         try:
             config = spec.config_cls(**kwargs)
         except TypeError as err:
@@ -97,7 +119,8 @@ class MamConfig(HybridConfig):
 
 @dataclasses.dataclass
 class UniPeltConfig(HybridConfig):
-    """UniPELT: gated bottleneck adapter (reduction 16) + prefix (10 tokens) + LoRA (r = 8, alpha = 2 on q, v)."""
+    """UniPELT: gated bottleneck adapter (reduction 16) + gated prefix (10 tokens) + gated LoRA (r = 8, alpha = 2
+    on q, v); gates averaged over the sequence."""
 
     PEFT_TYPE: ClassVar[str] = "UNIPELT"
 
@@ -106,16 +129,71 @@ class UniPeltConfig(HybridConfig):
         "prefix_tuning": {"num_virtual_tokens": 10},
         "lora": {"r": 8, "lora_alpha": 2}})
     gated: bool = True
+    gate_pooling: str = "mean"
 
 
 def _gate_width(part_cfg: PeftConfig, base: nn.Module) -> int:
     """A gate reads the part's input: the layer's output for an adapter in sequence, the layer's input otherwise."""
+    if getattr(part_cfg, "original_ln_before", False):
+        return norm_width(base)
     d_out, d_in = block_dims(base)
     return d_out if getattr(part_cfg, "mode", None) == "sequential" else d_in
 
 
+def _gets_gate(name: str, part_cfg: PeftConfig, base: nn.Module, key: str) -> bool:
+    """A layer part of a gated hybrid gets a gate where it holds parameters (a split FFN's add piece holds none)."""
+    cls = get_method(name).adapter_cls
+    return not issubclass(cls, PromptAdapter) and cls.param_count(base, part_cfg, key) > 0
+
+
+class _PrefixStash:
+    """A gated prefix's cache entries of the current call: layer index -> (cache layer, ungated keys, values),
+    filled by the prefix part when the call built a fresh prefix, read by the gates on the query projections."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, tuple[Any, Tensor, Tensor]] = {}
+
+
+class _Plan:
+    """An injection in progress: the part configs, the parts on each path, the prefix gates' hosts (query
+    projection path -> attention layer index) and the stash they share with the prefix part."""
+
+    def __init__(self, configs: dict[str, PeftConfig]) -> None:
+        self.configs = configs
+        self.paths: dict[str, list[str]] = {}
+        self.prefix_gates: dict[str, int] = {}
+        self.stash = _PrefixStash()
+
+
+_CROSS_ATTENTION = re.compile(r"cross|encdec|encoder_attn", re.IGNORECASE)
+
+
+def _prefix_gate_hosts(model: nn.Module, named: list[tuple[str, nn.Module]]) -> dict[str, int]:
+    """Query projection path -> index of its attention layer in the prefix cache: every self-attention layer,
+    the decoder's only on an encoder-decoder model (where the prefix is)."""
+    paths = role_paths(model, named, "query") or role_paths(model, named, "qkv")
+    modules = dict(named)
+    if is_encoder_decoder(model):
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        prefix = next((n + "." for n, m in named if m is decoder), None)
+        paths = [p for p in paths if prefix and p.startswith(prefix) and not _CROSS_ATTENTION.search(p)]
+    hosts = {}
+    for p in paths:
+        idx = getattr(modules.get(p.rpartition(".")[0]), "layer_idx", None)
+        if not isinstance(idx, int):
+            found = re.search(r"\.(\d+)\.", p)
+            idx = int(found.group(1)) if found else None
+        if idx is None:
+            raise TargetError(f"prefix gate: no attention layer index for {p!r}")
+        hosts[p] = idx
+    if not hosts:
+        raise NotApplicableError(f"the prefix gate sits on the attention query projections, and {type(model).__name__} "
+                                 "has none in peftkit's role table; set gated=False or drop the prefix part")
+    return hosts
+
+
 class HybridAdapter(Adapter):
-    """The parts of a hybrid present on one layer, with their gates."""
+    """The parts of a hybrid present on one layer, with their gates (and, on a query projection, the prefix's)."""
 
     supported_layers = (nn.Module,)
     rewrites_inputs: ClassVar[bool] = True  # a prefix part rewrites the call's inputs (engine hook, idempotent)
@@ -124,30 +202,44 @@ class HybridAdapter(Adapter):
         if not args:  # copy / pickle
             return super().__new__(cls)
         config, key = args[1], args[2] if len(args) > 2 else kwargs.get("key", "")
-        names = _PLAN[id(config)][1].get(key, [])
+        names = _PLAN[id(config)].paths.get(key, [])
         prompt = any(issubclass(get_method(n).adapter_cls, PromptAdapter) for n in names)
         return super().__new__(_with_prompt(cls) if prompt and not issubclass(cls, PromptAdapter) else cls)
 
     def __init__(self, base: nn.Module, config: HybridConfig, key: str = "", init: bool = True) -> None:
         super().__init__()
-        configs, plan = _PLAN[id(config)]
+        plan = _PLAN[id(config)]
+        names = plan.paths[key]
         self.parts = nn.ModuleDict()
         self.gates = nn.ModuleDict()
+        self.pooling = config.gate_pooling
+        self.prefix_layer: int | None = None  # on a query projection: the attention layer whose prefix it gates
+        self.prefix_gate = ""  # ... and the name of that gate (the prefix part's)
+        self.prefix_stash: _PrefixStash | None = None
         keys: dict[str, str] = {}
-        if len(plan[key]) > 1 and any(issubclass(get_method(n).adapter_cls, PromptAdapter) for n in plan[key]):
-            raise TargetError(f"{key}: a prompt part cannot share its layer with other parts ({plan[key]})")
-        for name in plan[key]:
-            part_cfg = configs[name]
+        if len(names) > 1 and any(issubclass(get_method(n).adapter_cls, PromptAdapter) for n in names):
+            raise TargetError(f"{key}: a prompt part cannot share its layer with other parts ({names})")
+        for name in names:
+            part_cfg = plan.configs[name]
             if isinstance(base, Conv1D) and getattr(part_cfg, "fan_in_fan_out", True) is False:
                 part_cfg.fan_in_fan_out = True  # as the tuner does for a plain adapter on GPT-2's Conv1D
             part = get_method(name).adapter_cls(base, part_cfg, key, init=init)
             self.parts[name] = part
-            if not isinstance(part, PromptAdapter):
-                keys.update({f"{name}|{p}": f"{name}.{s}" for p, s in part.checkpoint_keys.items()})
-                if config.gated:
-                    self.gates[name] = nn.Linear(_gate_width(part_cfg, base), 1, **adapter_factory(base))
-                    keys.update({f"{name}|gate.{w}": f"{name}.gate.{w}" for w in ("weight", "bias")})
+            if isinstance(part, PromptAdapter):
+                self.prefix_stash = plan.stash if config.gated else None
+                continue
+            keys.update({f"{name}|{p}": f"{name}.{s}" for p, s in part.checkpoint_keys.items()})
+            if config.gated and _gets_gate(name, part_cfg, base, key):
+                self._add_gate(name, _gate_width(part_cfg, base), base, keys)
+        if key in plan.prefix_gates:  # UniPELT's prefix gate G_P = sigmoid(W_gp x) on this attention layer
+            prompt = next(n for n, c in plan.configs.items() if issubclass(get_method(n).adapter_cls, PromptAdapter))
+            self._add_gate(prompt, block_dims(base)[1], base, keys)
+            self.prefix_layer, self.prefix_gate, self.prefix_stash = plan.prefix_gates[key], prompt, plan.stash
         self.checkpoint_keys = keys
+
+    def _add_gate(self, name: str, width: int, base: nn.Module, keys: dict[str, str]) -> None:
+        self.gates[name] = nn.Linear(width, 1, **adapter_factory(base))  # W_g (1, d), b_g (1,)
+        keys.update({f"{name}|gate.{w}": f"{name}.gate.{w}" for w in ("weight", "bias")})
 
     def __getattr__(self, name: str) -> Any:
         if "|" in name:  # checkpoint access: "<part>|<its parameter>" or "<part>|gate.weight"
@@ -159,14 +251,17 @@ class HybridAdapter(Adapter):
 
     @classmethod
     def param_count(cls, base: nn.Module, config: HybridConfig, key: str = "") -> int:
-        """The parts' own closed forms on this layer, plus ``d + 1`` per gate."""
+        """The parts' own closed forms on this layer, plus ``d + 1`` per gate (a prefix part's gates: ``d + 1`` on
+        each attention layer's query projection)."""
         total = 0
         for name in sorted(config.parts):
             spec, part_cfg = get_method(name), config.part_config(name)
+            if config.gated and key in config.parts[name].get("_gate_paths", []):
+                total += block_dims(base)[1] + 1
             if key not in config.parts[name].get("_paths", []):
                 continue
             total += spec.adapter_cls.param_count(base, part_cfg, key)
-            if config.gated and not issubclass(spec.adapter_cls, PromptAdapter):
+            if config.gated and _gets_gate(name, part_cfg, base, key):
                 total += _gate_width(part_cfg, base) + 1
         return total
 
@@ -179,17 +274,19 @@ class HybridAdapter(Adapter):
             if getattr(part_cfg, "modules_to_save", None):
                 extra = [*(config.modules_to_save or []), *part_cfg.modules_to_save]
                 config.modules_to_save = list(dict.fromkeys(extra))
-        _PLAN[id(config)] = (configs, {})
+        _PLAN[id(config)] = _Plan(configs)
 
     @classmethod
     def select_targets(cls, model: nn.Module, named: list[tuple[str, nn.Module]], config: HybridConfig) -> list[str]:
         if id(config) not in _PLAN:
             cls.prepare_config(model, named, config)
-        configs, plan = _PLAN[id(config)]
-        plan.clear()
-        for name, part_cfg in configs.items():
+        plan = _PLAN[id(config)]
+        plan.paths.clear()
+        plan.prefix_gates = {}
+        for name, part_cfg in plan.configs.items():
+            spec = get_method(name)
             try:
-                paths = get_method(name).adapter_cls.select_targets(model, named, part_cfg)
+                paths = spec.adapter_cls.select_targets(model, named, part_cfg)
             except NotApplicableError:
                 raise
             except TargetError as err:
@@ -197,27 +294,61 @@ class HybridAdapter(Adapter):
                     raise NotApplicableError(f"{type(config).__name__}.parts[{name!r}]: {err}") from None
                 raise TargetError(f"{type(config).__name__}.parts[{name!r}]: {err}") from None
             for p in paths:
-                plan.setdefault(p, []).append(name)
+                plan.paths.setdefault(p, []).append(name)
             # the filled-in part config (architecture defaults, split FFN, owners) is what gets saved
             saved = {k: v for k, v in part_cfg.to_dict().items() if k not in PeftConfig.__dataclass_fields__}
             config.parts[name] = {**saved, "_paths": paths}
-        order = [p for p, _ in named if p in plan]
+            if config.gated and issubclass(spec.adapter_cls, PromptAdapter):
+                plan.prefix_gates = _prefix_gate_hosts(model, named)
+                config.parts[name]["_gate_paths"] = list(plan.prefix_gates)
+                for p in plan.prefix_gates:
+                    plan.paths.setdefault(p, [])
+        order = [p for p, _ in named if p in plan.paths]
         return order
 
     # -- forward -----------------------------------------------------------------------------------------
+    def gate(self, name: str, t: Tensor, pool: bool = False) -> Tensor:
+        """``sigmoid(W_g t + b_g)``, (..., 1); averaged over the positions (all but the first and last dims)
+        with ``gate_pooling="mean"`` or ``pool``."""
+        lin = self.gates[name]
+        g = torch.sigmoid(lin(t.to(lin.weight.dtype)))
+        if (pool or self.pooling == "mean") and g.dim() > 2:
+            g = g.mean(dim=tuple(range(1, g.dim() - 1)), keepdim=True)
+        return g
+
+    def gate_prefix(self, x: Tensor) -> None:
+        """Gate this attention layer's prefix in the call's cache: ``[G_P P; rest]`` (x: the attention input)."""
+        entry = self.prefix_stash.layers.get(self.prefix_layer) if self.prefix_stash is not None else None
+        if entry is None:  # no fresh prefix in this call (disabled, or a decoding step)
+            return
+        layer, keys, values = entry
+        g = self.gate(self.prefix_gate, x, pool=True).reshape(-1, 1, 1, 1).to(keys.dtype)  # (batch, 1, 1, 1)
+        n = keys.shape[-2]
+        # the entry holds the prefix alone, or [prefix; new] when the layer runs again (checkpoint replay)
+        layer.keys = torch.cat([keys * g, layer.keys[..., n:, :]], dim=-2)
+        layer.values = torch.cat([values * g, layer.values[..., n:, :]], dim=-2)
+
     def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
+        if self.prefix_layer is not None:
+            self.gate_prefix(x)
         for name, part in self.parts.items():
             if isinstance(part, PromptAdapter):
                 continue
-            # a gated part gets a copy: an adapter may accumulate into the running output in place (LoRA
-            # does when autograd is off), and the gate reads ``out`` again
-            new = part(base, x, out.clone() if name in self.gates else out)
-            if name in self.gates:
+            if name not in self.gates:
+                out = part(base, x, out)
+            elif isinstance(part, BottleneckAdapter):  # the gate scales the adapter's output inside it
+                out = part(base, x, out, gate=self._gate_fn(name))
+            else:
+                # a gated part gets a copy: an adapter may accumulate into the running output in place (LoRA
+                # does when autograd is off), and the gate reads ``out`` again
+                new = part(base, x, out.clone())
                 src = out if getattr(part, "piece", "") == "seq" else x
-                g = torch.sigmoid(self.gates[name](src.to(self.gates[name].weight.dtype))).to(out.dtype)
-                new = out + g * (new - out)
-            out = new
+                g = self.gate(name, src).to(out.dtype)
+                out = out + g * (new - out)
         return out
+
+    def _gate_fn(self, name: str) -> Callable[[Tensor], Tensor]:
+        return lambda t: self.gate(name, t)
 
 
 class _PromptPart(PromptAdapter):
@@ -228,7 +359,17 @@ class _PromptPart(PromptAdapter):
         return next(p for p in self.parts.values() if isinstance(p, PromptAdapter))
 
     def rewrite(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return self._prompt().rewrite(model, kwargs)
+        stash = self.prefix_stash
+        if stash is None:
+            return self._prompt().rewrite(model, kwargs)
+        fresh = cache_length(pop_cache(dict(kwargs))) == 0  # the prefix part builds a new prefix cache
+        kwargs = self._prompt().rewrite(model, kwargs)
+        stash.layers = {}
+        if fresh:  # the gates on the query projections scale these entries (HybridAdapter.gate_prefix)
+            cache = kwargs["cache"]
+            cache = getattr(cache, "self_attention_cache", cache)
+            stash.layers = {i: (layer, layer.keys, layer.values) for i, layer in enumerate(cache.layers)}
+        return kwargs
 
     def file_tensors(self, for_save: bool) -> dict[str, Tensor]:
         name = next(n for n, p in self.parts.items() if isinstance(p, PromptAdapter))
@@ -252,7 +393,8 @@ def _with_prompt(cls: type) -> type:
 _META = dict(category="hybrid", modalities=("text", "vision", "vision-language", "generation"), mergeable=False,
              changes_structure=True, starts_at_base=True)
 
-register_method("hybrid", config=HybridConfig, param_formula="sum of the parts' closed forms (+ d + 1 per gate)",
+register_method("hybrid", config=HybridConfig,
+                param_formula="sum of the parts' closed forms (+ d + 1 per gate; a prefix: per attention layer)",
                 position="the parts' positions", paper="peftkit: configs made of other configs", **_META)(HybridAdapter)
 
 
@@ -268,7 +410,8 @@ register_method("mam", config=MamConfig, param_formula="prefix n 2 L d + paralle
                 position="KV prefix on attention + parallel adapter beside the FFN", paper="arXiv 2110.04366 (MAM)",
                 examples={"mam-no-prefix": {"parts": {"parallel_adapter": {"bottleneck_size": 4, "scaling": 4.0}}}},
                 **_META)(MamAdapter)
-register_method("unipelt", config=UniPeltConfig, param_formula="gated adapter + prefix + LoRA (+ d + 1 per gate)",
+register_method("unipelt", config=UniPeltConfig,
+                param_formula="gated adapter + prefix + LoRA (+ d + 1 per gate, prefix gate per attention layer)",
                 position="adapter after FFN, KV prefix, LoRA on q / v, each gated", paper="arXiv 2110.07577 (UniPELT)",
                 examples={"unipelt-no-prefix": {"parts": {"pfeiffer": {"bottleneck_size": 4, "reduction_factor": None,
                                                                        "init_weights": "lora"}, "lora": {"r": 2}}}},
