@@ -211,3 +211,39 @@ def test_load_rollback_restores_plain_modules(family, saved):
     with pytest.raises(CheckpointError):
         PeftModel.from_pretrained(base, folder)
     assert not any(isinstance(m, AdapterLayer) for m in base.modules())
+
+
+def test_loading_builds_adapters_on_meta_and_adopts_the_file_tensors(family, saved, monkeypatch):
+    """Adapters start on the meta device (nothing allocated, no init) and are materialized once from the
+    file: aligned memory of their own, equal to the file's values."""
+    import peftkit.checkpoint as ckpt
+    import peftkit.model as pm_module
+
+    folder, expected = saved
+    read = {}
+    real_read = ckpt.read_weights
+
+    def spy(path):
+        state, source = real_read(path)
+        read.update(state)
+        return state, source
+
+    monkeypatch.setattr(pm_module.ckpt, "read_weights", spy)
+    made_on_meta = []
+    real_build = peftkit.tuner._build
+
+    def build(cls, base, config, path, init, meta, extra):
+        adapter = real_build(cls, base, config, path, init, meta, extra)
+        made_on_meta.append(meta and hasattr(adapter, "load_device"))
+        return adapter
+
+    monkeypatch.setattr(peftkit.tuner, "_build", build)
+    model = PeftModel.from_pretrained(family.model(), folder)
+    assert made_on_meta and all(made_on_meta)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    loaded = layer.adapters["default"].lora_A
+    assert torch.equal(loaded, read[key]) and loaded.data_ptr() != read[key].data_ptr()
+    assert loaded.data_ptr() % 64 == 0
+    assert not any(p.is_meta for p in model.parameters())
+    torch.testing.assert_close(family.run(model), expected, rtol=0, atol=0)

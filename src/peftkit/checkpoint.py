@@ -20,7 +20,7 @@ from collections import namedtuple
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from .io import atomic_write
 from .registry import get_method
@@ -120,8 +120,28 @@ def load_state(tuner: TunerModel, adapter_name: str, state: dict[str, Tensor], s
     for _, adapter in tuner.adapters(adapter_name):
         adapter.before_load()  # a no-op but for layouts that differ from the live one (AdaLoRA's pruned ranks)
     targets = validate(tuner, adapter_name, state, source)
+    owners = _meta_owners(tuner, adapter_name)
     for key, value in state.items():
-        targets[key].copy_(value)
+        target = targets[key]
+        if target.is_meta:  # built on meta for this load: materialized once, from the file's tensor. A copy:
+            # safetensors' tensors are views of one buffer, not 64-byte aligned, and SIMD kernels round
+            # differently on unaligned data. Swapped in place, so every reference to the parameter sees it.
+            value = value.to(device=owners[id(target)], dtype=target.dtype, memory_format=torch.contiguous_format,
+                             copy=True)
+            torch.utils.swap_tensors(target, nn.Parameter(value, requires_grad=target.requires_grad))
+        else:
+            target.copy_(value)
+
+
+def _meta_owners(tuner: TunerModel, adapter_name: str) -> dict[int, torch.device]:
+    """id of each meta parameter of the adapter -> the device it loads to (its base layer's)."""
+    out = {}
+    for _, adapter in tuner.adapters(adapter_name):
+        for name in adapter.checkpoint_keys:
+            t = getattr(adapter, name, None)
+            if isinstance(t, Tensor) and t.is_meta:
+                out[id(t)] = adapter.load_device
+    return out
 
 
 def save_adapter(tuner: TunerModel, adapter_name: str, folder: str, safe_serialization: bool = True) -> None:

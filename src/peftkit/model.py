@@ -37,7 +37,8 @@ class PeftModel(nn.Module):
     ) -> None:
         super().__init__()
         self.base_model = TunerModel(model)
-        self.base_model.inject(peft_config, adapter_name, init=_init)
+        # loading (_init=False): adapters start on the meta device and take the file's tensors
+        self.base_model.inject(peft_config, adapter_name, init=_init, meta=not _init)
 
     def _forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """Run the model; ``adapter_names`` (one per batch row, "__base__" for none) mixes adapters in a batch."""
@@ -231,7 +232,7 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         state, source = ckpt.read_weights(folder)
         flags = {p: p.requires_grad for p in self.parameters()}
-        self.base_model.inject(config, adapter_name, init=False)
+        self.base_model.inject(config, adapter_name, init=False, meta=True)
         try:
             ckpt.load_state(self.base_model, adapter_name, state, source)
         except BaseException:

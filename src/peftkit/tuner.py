@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
 
 from .config import PeftConfig, TaskType
 from . import prompting
@@ -154,8 +156,12 @@ class TunerModel(nn.Module):
                     yield path, adapter
 
     # -- injection -------------------------------------------------------------------------------------
-    def inject(self, config: PeftConfig, adapter_name: str, init: bool = True) -> None:
-        """Attach adapter ``adapter_name`` to every module ``config`` targets."""
+    def inject(self, config: PeftConfig, adapter_name: str, init: bool = True, meta: bool = False) -> None:
+        """Attach adapter ``adapter_name`` to every module ``config`` targets.
+
+        ``meta`` (loading): each layer's adapter is built on the meta device, so nothing is allocated until
+        ``checkpoint.load_state`` gives its parameters the loaded tensors; an adapter holding a tensor that
+        the file does not carry (rebuilt from its config) is built on the base layer's device instead."""
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; pick another name or delete it first")
         spec = get_method(config)
@@ -179,7 +185,7 @@ class TunerModel(nn.Module):
             base = modules[path]
             if isinstance(base, Conv1D) and not getattr(config, "fan_in_fan_out", True):
                 config.fan_in_fan_out = True  # GPT-2's Conv1D stores its weight transposed
-            built.append((path, base, cls(base, config, path, init=init, **extra)))
+            built.append((path, base, _build(cls, base, config, path, init, meta, extra)))
         if shared is not None:
             self.shared_state[adapter_name] = shared
         layer_cls = getattr(cls, "layer_cls", AdapterLayer)  # a method may need its own wrapper (e.g. attention)
@@ -325,3 +331,31 @@ class TunerModel(nn.Module):
         self.hook_state.clear()
         self.active_adapters = []
         return self.model
+
+
+class _OnMeta(TorchFunctionMode):
+    """Tensor constructors make meta tensors, even those given the base weight's device explicitly."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func in _device_constructors():
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def _build(cls: type, base: nn.Module, config: PeftConfig, path: str, init: bool, meta: bool,
+           extra: dict[str, Any]) -> nn.Module:
+    """One layer's adapter; with ``meta`` on the meta device when every tensor it holds comes from the file."""
+    if meta and not init and not hasattr(cls, "file_tensors"):
+        try:
+            with _OnMeta():
+                adapter = cls(base, config, path, init=False, **extra)
+        except (NotImplementedError, RuntimeError):  # a constructor that reads data (AdaLoRA's rank state)
+            return cls(base, config, path, init=init, **extra)
+        from_file = {id(getattr(adapter, name)) for name in adapter.checkpoint_keys if hasattr(adapter, name)}
+        held = [t for t in (*adapter.parameters(), *adapter.buffers()) if t.is_meta]
+        if all(id(t) in from_file for t in held):
+            ref = next(base.parameters(), None)
+            adapter.load_device = ref.device if ref is not None and not ref.is_meta else torch.device("cpu")
+            return adapter
+    return cls(base, config, path, init=init, **extra)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import TaskType
+from .losses import supervised_lm_loss, supervised_tokens
 from .data import DataError, Table, check_columns, encode_labels, label_set, read_table
 from .models import resolve_model
 from .recipe import Recipe
@@ -228,6 +229,9 @@ class InstructionTuning(Task):
     def batch(self, indices: list[int]) -> dict[str, Any]:
         return self._encode([self.train_rows[i] for i in indices])
 
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
+        return supervised_lm_loss(model, batch)  # logits for the response tokens only
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         if not self.test_rows:
@@ -238,8 +242,9 @@ class InstructionTuning(Task):
         bs = max(1, self.recipe.train.batch_size)
         for s in range(0, len(self.test_rows), bs):
             batch = self.move(self._encode(self.test_rows[s : s + bs]))
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            total += float(model(**batch).loss) * n
+            n = supervised_tokens(batch["labels"])
+            if n:
+                total += float(supervised_lm_loss(model, batch)) * n
             tokens += n
         model.train(was_training)
         loss = total / max(tokens, 1)
