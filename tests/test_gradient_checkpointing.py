@@ -4,7 +4,7 @@ reentrant kind with input gradients enabled (what ``prepare_model_for_kbit_train
 
 GPT-2 and T5 are here for the prompt methods: GPT-2's backbone hands its checkpointed blocks no KV cache, and
 T5's decoder blocks read their cross-attention keys/values from the cache, so a key/value prefix (prefix tuning,
-P-tuning v2) has to reach them another way than on Llama or BERT (``peftkit.prompting.prefix_kv``)."""
+P-tuning v2) has to reach them another way than on Llama or BERT (``peftkit.prompt_cache.prefix_kv``)."""
 
 from __future__ import annotations
 

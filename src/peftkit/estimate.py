@@ -54,9 +54,10 @@ def load_config(model: str) -> Any:
         return AutoConfig.for_model(spec.pop("model_type"), max_position_embeddings=2048, **spec)
     from .train.models import BUILTIN, resolve_model
 
-    if model not in BUILTIN and not _is_dir(model):
-        raise ValueError(f"estimate: unknown model {model!r}; expected one of {sorted(BUILTIN)}, "
-                         f"{sorted(CONFIGS)} or a local model folder")
+    text = sorted(k for k in BUILTIN if not k.startswith("clip"))  # the estimate covers language models
+    if model not in text and not _is_dir(model):
+        raise ValueError(f"estimate: unknown model {model!r}; expected one of {text}, "
+                         f"{sorted(CONFIGS)} or a local folder of a language model")
     return AutoConfig.from_pretrained(resolve_model(model))
 
 

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ...prompting import prefix_kv
+from ...prompt_cache import prefix_kv
 from ...registry import register_method
 from .base import KVPrompt, PromptLearningConfig
 
