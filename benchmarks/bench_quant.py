@@ -8,9 +8,12 @@ Each run is a fresh subprocess (one at a time) that reports its own peak RSS (``
   before the next exists, so it never holds the fp32 model; lm_head stays fp32 (as transformers keeps it)
   and the frozen input embedding is bf16 (QLoRA keeps unquantized weights in its bf16 compute dtype).
 - ``smollm2``: the real SmolLM2-135M-Instruct, LoRA r=8 on q/k/v/o, on examples/data/agnews_instruct
-  (loss on the response only), batch 2, 30 steps; both runs read the fp32 safetensors one tensor at a time
-  into the parameters (no memory map), the 4-bit run packing each Linear as it goes (lm_head is tied to
-  the embedding and stays fp32).
+  (loss on the response only), batch 2, 30 steps, both runs with activation checkpointing and logits for
+  the response tokens only (``peftkit.train.losses``); both read the fp32 safetensors one tensor at a time
+  into the parameters (no memory map). The 4-bit run is QLoRA's set-up: each Linear packed to NF4 as it
+  is read, bf16 compute, the unquantized weights (the embedding, tied to lm_head, and the norms) in bf16.
+  Besides the raw peaks, the children report the RSS just before the weights exist (libraries, tokenizer,
+  data, the model's code): the ratio above it is the memory the two runs themselves take.
 
     .venv/bin/python benchmarks/bench_quant.py [--only llama-1b smollm2] [--json docs/bench_quant.json]
 """
@@ -31,10 +34,12 @@ LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_
 
 
 
-def _materialize(model, fill, quant: bool, skip=()):
+def _materialize(model, fill, quant: bool, skip=(), leave=(), dtype=None):
     """Give every meta parameter of ``model`` its value in place (``fill(name, param)``), one module at a
     time, packing each ``nn.Linear`` to 4-bit right after its weight exists (unless its name is in
-    ``skip``): at most one fp32 layer exists beside the packed ones, and no temporaries of its size."""
+    ``skip``): at most one fp32 layer exists beside the packed ones, and no temporaries of its size.
+    Modules named in ``leave`` stay on meta (a tied lm_head, tied after); ``dtype``: QLoRA's compute dtype,
+    for the packed layers and every weight left unquantized."""
     import torch
     from torch import nn
 
@@ -42,7 +47,7 @@ def _materialize(model, fill, quant: bool, skip=()):
 
     for name, module in list(model.named_modules()):
         own = list(module.named_parameters(recurse=False))
-        if not own or all(p.device.type != "meta" for _, p in own):
+        if not own or all(p.device.type != "meta" for _, p in own) or name in leave:
             continue
         if type(module) is nn.Linear:
             with torch.device("meta"):
@@ -52,13 +57,17 @@ def _materialize(model, fill, quant: bool, skip=()):
                 for pname, p in lin.named_parameters():
                     fill(f"{name}.{pname}", p)
             if quant and name not in skip:
-                lin = quantize_linear(lin, 4)
+                lin = quantize_linear(lin, 4, compute_dtype=dtype or torch.float32)
+            elif dtype is not None:
+                lin.to(dtype)
             _replace(model, name, lin)
         else:
             module.to_empty(device="cpu", recurse=False)
             with torch.no_grad():
                 for pname, _ in own:
                     fill(f"{name}.{pname}", getattr(module, pname))
+                    if dtype is not None:
+                        setattr(module, pname, nn.Parameter(getattr(module, pname).to(dtype), requires_grad=False))
 
 
 def run_llama_1b(quant: bool, steps: int = 3, quantize_head: bool = False) -> dict:
@@ -76,25 +85,31 @@ def run_llama_1b(quant: bool, steps: int = 3, quantize_head: bool = False) -> di
 
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
+    pre_weights = _rss_mb()
     _materialize(model, fill, quant, skip=() if quantize_head else ("lm_head",))
     model.model.rotary_emb = LlamaRotaryEmbedding(config)  # its buffers were built on meta
     if quant:  # QLoRA keeps the weights it does not quantize in bf16: here the (frozen) input embedding
         model.model.embed_tokens.to(torch.bfloat16)
-    return _train_lm(model, config, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"), steps,
-                     batch=1, seq=32)
+    out = _train_lm(model, config, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"), steps,
+                    batch=1, seq=32)
+    return {**out, "pre_weights_mb": round(pre_weights, 1)}
 
 
-def _train_lm(model, config, lora, steps, batch, seq, batches=None) -> dict:
+def _train_lm(model, config, lora, steps, batch, seq, batches=None, lean: bool = False) -> dict:
+    """``lean``: activation checkpointing per decoder layer and logits for the supervised tokens only."""
     import time
 
     import torch
 
     from peftkit import get_peft_model
+    from peftkit.train.losses import supervised_lm_loss
 
     before = _rss_mb()
     pm = get_peft_model(model, lora)
     attach_mb = _rss_mb() - before  # no second copy of the base: about the adapter's own size
     pm.train()
+    if lean:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=5e-4)
     gen = torch.Generator().manual_seed(1)
     losses, t0 = [], time.perf_counter()
@@ -104,7 +119,7 @@ def _train_lm(model, config, lora, steps, batch, seq, batches=None) -> dict:
             inputs = {"input_ids": ids, "labels": ids}
         else:
             inputs = batches[step % len(batches)]
-        loss = pm(**inputs).loss
+        loss = supervised_lm_loss(pm, inputs) if lean else pm(**inputs).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -130,8 +145,10 @@ def run_smollm2(quant: bool, steps: int = 30) -> dict:
     folder = smollm2_dir()
     config = AutoConfig.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)
+    batches = _agnews_batches(tok, batch=2, n=steps)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    pre_weights = _rss_mb()  # libraries, tokenizer, data and the model's code: the same in both runs
     # read each tensor straight into its parameter with plain file reads: a memory map (safe_open) would put
     # the whole 540 MB file into this process's RSS while loading, for both runs
     with open(os.path.join(folder, "model.safetensors"), "rb") as fh:
@@ -145,16 +162,19 @@ def run_smollm2(quant: bool, steps: int = 30) -> dict:
             fh.seek(8 + n + start)
             fh.readinto(memoryview(p.detach().numpy()).cast("B")[: end - start])
 
-        _materialize(model, fill, quant, skip=("lm_head",))
+        # QLoRA: NF4 storage, bf16 compute, the unquantized weights (embedding = tied lm_head, norms) in bf16
+        if quant:  # oneDNN's bf16 matmul keeps a primitive (~1.7 MB) per new input shape: with each step's own
+            torch.backends.mkldnn.enabled = False  # length, RSS grew ~8 MB a step; without it, ~8x slower steps
+        _materialize(model, fill, quant, skip=("lm_head",), leave=("lm_head",) if config.tie_word_embeddings else (),
+                     dtype=torch.bfloat16 if quant else None)
     model.tie_weights()
     emb = model.model.rotary_emb
     model.model.rotary_emb = type(emb)(config)
-    batches = _agnews_batches(tok, batch=2, n=steps)
     out = _train_lm(model, config, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
                                                                                     "o_proj"]),
-                    steps, 2, 0, batches)
+                    steps, 2, 0, batches, lean=True)
     first, last = sum(out["losses"][:5]) / 5, sum(out["losses"][-5:]) / 5
-    out.update(first5=round(first, 4), last5=round(last, 4))
+    out.update(first5=round(first, 4), last5=round(last, 4), pre_weights_mb=round(pre_weights, 1))
     return out
 
 
@@ -230,6 +250,10 @@ def main() -> None:
         fp, q4 = child(name, "fp32"), child(name, "4bit")
         ratio, above = q4["peak_mb"] / fp["peak_mb"], (q4["peak_mb"] - base) / (fp["peak_mb"] - base)
         results[name] = {"fp32": fp, "4bit": q4, "ratio": round(ratio, 3), "ratio_above_runtime": round(above, 3)}
+        if "pre_weights_mb" in fp:  # the run's own allocations: above the RSS just before the weights exist
+            results[name]["ratio_training"] = round((q4["peak_mb"] - q4["pre_weights_mb"])
+                                                    / (fp["peak_mb"] - fp["pre_weights_mb"]), 3)
+            print(f"{name}: above the RSS before the weights: {results[name]['ratio_training']}")
         lf = fp.get("first5"), fp.get("last5")
         lq = q4.get("first5"), q4.get("last5")
         losses = f"{lf[0]} -> {lf[1]} / {lq[0]} -> {lq[1]}" if lf[0] else f"{fp['losses']} / {q4['losses']}"
