@@ -89,6 +89,8 @@ def main() -> None:
         model.set_adapter("a0")
         cases[f"{lib} mixed"] = lambda m=model: m(input_ids=ids, adapter_names=names)
         cases[f"{lib} single"] = lambda m=model: m(input_ids=ids)
+    base = tiny_llama().eval()  # no adapter at all: what any implementation's mixed batch costs at least
+    cases["base model"] = lambda: base(input_ids=ids)
     samples: dict[str, list[float]] = {k: [] for k in cases}
     keys = list(cases)
     with torch.no_grad():
@@ -107,9 +109,12 @@ def main() -> None:
         "peftkit_mixed_over_single": med["peftkit mixed"] / med["peftkit single"],
         "peft_mixed_over_single": med["peft mixed"] / med["peft single"],
         "peftkit_mixed_over_peft_mixed": med["peftkit mixed"] / med["peft mixed"],
+        # a floor for any implementation: ">= 2 x peft's throughput" needs this ratio <= 0.5
+        "base_over_peft_mixed": med["base model"] / med["peft mixed"],
         "samples_s": samples,
     }
-    for k in ("peftkit_mixed_over_single", "peft_mixed_over_single", "peftkit_mixed_over_peft_mixed"):
+    for k in ("peftkit_mixed_over_single", "peft_mixed_over_single", "peftkit_mixed_over_peft_mixed",
+              "base_over_peft_mixed"):
         print(f"  {k:30s} {result[k]:.2f}")
     if args.json:
         with open(args.json, "w") as f:
