@@ -244,6 +244,12 @@ def report_train(a, t, checks, r=U.ratio):
         rows.append([NAMES[n], m[p], m[o], r(m[o], m[p]), t[p]["trainable_params"], t[o]["trainable_params"]])
     rows.append(["LoRA / full FT", r(m["peft_lora"], m["full"]), r(m["ours_lora"], m["full"]), None, None, None])
     rows.append(["DoRA / LoRA", r(m["peft_dora"], m["peft_lora"]), r(m["ours_dora"], m["ours_lora"]), None, None, None])
+    for side in ("peft", "ours"):  # the two ran back to back in each repetition: their ratio drifts less
+        paired = sorted(d / l for d, l in zip(t[f"{side}_dora"]["samples"], t[f"{side}_lora"]["samples"]))
+        t[f"{side}_dora"]["dora_over_lora_per_rep"] = paired
+    pp, po = t["peft_dora"]["dora_over_lora_per_rep"], t["ours_dora"]["dora_over_lora_per_rep"]
+    rows.append(["DoRA / LoRA per rep, median (min-max)", f"{U.median(pp):.3f} ({pp[0]:.3f}-{pp[-1]:.3f})",
+                 f"{U.median(po):.3f} ({po[0]:.3f}-{po[-1]:.3f})", None, None, None])
     check(checks, "train LoRA step ours/peft", r(m["ours_lora"], m["peft_lora"]), "<=", 0.95)
     check(checks, "train DoRA/LoRA step (ours)", r(m["ours_dora"], m["ours_lora"]), "<=", 1.09)
     return table(f"Training step, s/step (median of {a.reps} reps x {a.steps} steps)",

@@ -189,6 +189,75 @@ def test_delta_is_scaled_svd_form_and_forward_matches_merge():
                                nn.functional.conv2d(img, conv.weight + c.delta_weight(conv), conv.bias, padding=1))
 
 
+@pytest.mark.parametrize("conv1d", [False, True])  # True: GPT-2's Conv1D (weight stored (d_in, d_out))
+def test_fused_forward_is_the_svd_formula_and_its_gradients(conv1d):
+    """The one-pass path (LoRA's kernel on ``Q diag(lambda)``) against the composed formula, in float64:
+    the same output and the same gradients for P, lambda, Q and the input."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = Conv1D(5, 6) if conv1d else nn.Linear(6, 5)
+    nn.init.normal_(base.bias)
+    base = base.double().requires_grad_(False)
+    a = AdaLoraAdapter(base, AdaLoraConfig(init_r=3, target_r=2, lora_alpha=6, total_step=10,
+                                           init_lora_weights=False)).double()
+    x = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    weight = base.weight.T if conv1d else base.weight
+    runs = {}
+    for path in ("fused", "formula"):
+        for t in (x, a.lora_A, a.lora_E, a.lora_B):
+            t.grad = None
+        if path == "fused":
+            out = a.fused_forward(base, x)
+        else:  # eq. 3 with PEFT's scale, written out
+            delta = a.lora_B @ (a.lora_A * a.lora_E) * 6 / (3 + 1e-5)
+            out = x @ (weight + delta).T + base.bias
+        out.pow(2).sum().backward()
+        runs[path] = [out.detach()] + [t.grad.clone() for t in (x, a.lora_A, a.lora_E, a.lora_B)]
+    for fused, formula in zip(runs["fused"], runs["formula"]):
+        torch.testing.assert_close(fused, formula, atol=1e-12, rtol=1e-10)
+    # the generic path (a base output given) agrees too
+    torch.testing.assert_close(a(base, x, base(x)), runs["formula"][0], atol=1e-12, rtol=1e-10)
+
+
+def test_training_step_allocates_no_activation_sized_temporaries():
+    """Forward + backward of an adapted Linear creates one (tokens x d_out) tensor, the output, as LoRA
+    does: no product, scaled and divided copies of the update, no separate base output."""
+    from .test_lora_functional import _full_size_outputs
+
+    torch.manual_seed(0)
+    n, d_in, d_out = 64, 12, 20
+    model = peftkit.get_peft_model(nn.Sequential(nn.Linear(d_in, d_out)),
+                                   AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["0"])).train()
+    x, g = torch.randn(n, d_in, requires_grad=True), torch.randn(n, d_out)
+    assert _full_size_outputs(lambda: model(x).backward(g), (n, d_out)) == 1
+
+
+def test_importance_averages_update_in_place_with_peft_s_arithmetic():
+    """The sensitivity / uncertainty averages keep their tensors from step to step (no per-step
+    allocations) and hold exactly PEFT's out-of-place expressions (same operations, same roundings)."""
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    a = AdaLoraAdapter(base, AdaLoraConfig(init_r=3, target_r=2, total_step=10, init_lora_weights=False))
+    alloc = RankAllocator(AdaLoraConfig(init_r=3, target_r=2, total_step=10), {"m": 3})
+    b1, b2 = alloc.beta1, alloc.beta2
+    ipt_avg, unc_avg, ptrs = {}, {}, None
+    for step in range(3):
+        for name in ("lora_A", "lora_E", "lora_B"):
+            getattr(a, name).grad = torch.randn(getattr(a, name).shape)
+        alloc.update_ipt({"m": a})
+        for name in ("lora_A", "lora_E", "lora_B"):  # PEFT's RankAllocator.update_ipt, written out
+            p = getattr(a, name)
+            ipt = (p * p.grad).abs().detach()
+            ipt_avg[name] = b1 * ipt_avg.get(name, torch.zeros_like(p)) + (1 - b1) * ipt
+            unc_avg[name] = b2 * unc_avg.get(name, torch.zeros_like(p)) + (1 - b2) * (ipt - ipt_avg[name]).abs()
+            assert torch.equal(alloc.exp_avg_ipt[("m", name)], ipt_avg[name]), (step, name)
+            assert torch.equal(alloc.exp_avg_unc[("m", name)], unc_avg[name]), (step, name)
+        now = [t.data_ptr() for d in (alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc) for t in d.values()]
+        assert ptrs is None or now == ptrs
+        ptrs = now
+
+
 def test_unsupported_layers_are_declared():
     assert not issubclass(nn.Embedding, AdaLoraAdapter.supported_layers)
     with pytest.raises(ValueError, match="grouped"):

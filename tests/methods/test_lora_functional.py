@@ -86,3 +86,96 @@ def test_lora_linear_function_gradients_are_exact(separate_input, transposed, bi
     base = x @ w if transposed else x @ w.t()
     expected = base + (0 if b is None else b) + 0.7 * ((x if xd is None else xd) @ A.t()) @ B.t()
     torch.testing.assert_close(fn(x, xd, w, b, A, B), expected)
+
+
+@pytest.mark.parametrize("separate_input", [False, True])  # True: dropout gave the adapter its own input
+@pytest.mark.parametrize("transposed", [False, True])  # True: GPT-2 Conv1D weight layout (d_in, d_out)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [3, 9])  # fewer / more rows than d_in: the scale folds into g or into W0
+def test_dora_linear_function_is_the_formula_and_its_gradients(separate_input, transposed, bias, rows):
+    from peftkit.methods.lora.kernels import DoraLinear
+
+    torch.manual_seed(0)
+    d = dict(dtype=torch.float64, requires_grad=True)
+    x = torch.randn(rows, 5, **d)
+    xd = torch.randn(rows, 5, **d) if separate_input else None
+    w = torch.randn(5, 4, **d) if transposed else torch.randn(4, 5, **d)
+    b = torch.randn(4, **d) if bias else None
+    A, B, scale = torch.randn(3, 5, **d), torch.randn(4, 3, **d), torch.rand(4, **d) + 0.5
+
+    def fn(x, xd, w, b, A, B, scale):
+        return DoraLinear.apply(x, xd, w, b, A, B, scale, 0.7, transposed)
+
+    assert torch.autograd.gradcheck(fn, (x, xd, w, b, A, B, scale))
+    base = x @ w if transposed else x @ w.t()
+    lora = 0.7 * ((x if xd is None else xd) @ A.t()) @ B.t()
+    expected = scale * (base + lora) + (0 if b is None else b)  # the bias once, outside the scale
+    torch.testing.assert_close(fn(x, xd, w, b, A, B, scale), expected)
+
+
+def _full_size_outputs(fn, shape):
+    """How many fresh tensors of ``shape``'s size (or larger) the ops under ``fn`` allocate (views of an
+    argument's storage and in-place results are not counted)."""
+    import math
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    size = math.prod(shape)
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            seen = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                    if isinstance(t, torch.Tensor)}
+            out = func(*args, **kwargs)
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.numel() >= size and t.untyped_storage().data_ptr() not in seen:
+                    Count.n += 1
+            return out
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def test_dora_step_forms_one_activation_sized_tensor_more_than_lora():
+    """DoRA's training step over LoRA's: the pre-scale output ``u`` (kept for the magnitude gradient) and
+    nothing else of (tokens x d_out) size: no ``g * scale``, no ``(1 - scale) b`` shift pass, no copy."""
+    from torch import nn
+
+    import peftkit
+
+    torch.manual_seed(0)
+    n, d_in, d_out = 600, 24, 40  # n > d_in: the input gradient scales W0, not g; n > one row block
+    x = torch.randn(n, d_in, requires_grad=True)
+    g = torch.randn(n, d_out)
+    counts = {}
+    for dora in (False, True):
+        model = peftkit.get_peft_model(nn.Sequential(nn.Linear(d_in, d_out)),
+                                       peftkit.LoraConfig(r=4, target_modules=["0"], use_dora=dora)).train()
+        counts[dora] = _full_size_outputs(lambda m=model: m(x).backward(g), (n, d_out))
+    assert counts[False] == 1  # LoRA: the layer output, accumulated in place
+    assert counts[True] == counts[False] + 1
+
+
+def test_dora_norm_is_recomputed_in_every_training_forward():
+    """In training the norm follows the weights even when they change behind autograd's back (``.data``)."""
+    from torch import nn
+
+    import peftkit
+
+    torch.manual_seed(0)
+    model = peftkit.get_peft_model(nn.Sequential(nn.Linear(6, 5)),
+                                   peftkit.LoraConfig(r=2, target_modules=["0"], use_dora=True,
+                                                      init_lora_weights=False)).train()
+    x = torch.randn(4, 6)
+    model(x)
+    (_, adapter), = model.base_model.adapters("default")
+    adapter.lora_B.data.mul_(3)  # no version bump
+    base = model.get_base_model()[0].base_layer
+    v = base.weight + adapter.scaling * adapter.lora_B @ adapter.lora_A
+    expected = (adapter.magnitude / v.norm(dim=1))[None, :] * (x @ v.t()) + base.bias
+    torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=1e-6)

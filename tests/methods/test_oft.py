@@ -185,16 +185,77 @@ def test_shared_block_applies_one_block_everywhere():
     torch.testing.assert_close(OF.block_apply(x, r), x @ torch.block_diag(r[0], r[0], r[0]))
 
 
+@pytest.mark.parametrize("rotate_input", [None, True, False])  # None: the smaller side (here the input)
 @pytest.mark.parametrize("shared", [False, True])
-def test_rotated_linear_kernel_gradients(shared):
+def test_rotated_linear_kernel_gradients(shared, rotate_input):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(5, 12, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(7, 12, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
     blocks = torch.randn(1, 1 if shared else 3, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda *t: RotatedLinear.apply(*t, [None]), (x, w, bias, blocks))
+    assert torch.autograd.gradcheck(lambda *t: RotatedLinear.apply(*t, [None], rotate_input), (x, w, bias, blocks))
     r = torch.block_diag(*([blocks[0, 0]] * 3 if shared else blocks[0]))
-    torch.testing.assert_close(RotatedLinear.apply(x, w, bias, blocks, [None]), x @ r @ w.t() + bias)
+    torch.testing.assert_close(RotatedLinear.apply(x, w, bias, blocks, [None], rotate_input), x @ r @ w.t() + bias)
+
+
+def _bmm_shapes(fn) -> list[tuple[int, ...]]:
+    """The first operand's shape of every batched matmul the ops under ``fn`` run."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.bmm.default, torch.ops.aten.bmm.out):
+                shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return shapes
+
+
+@pytest.mark.parametrize(("rows", "d_out", "rotated"), [(96, 40, "weight"), (80, 200, "input"), (8, 200, "weight")])
+def test_training_rotates_the_side_with_fewer_rows(rows, d_out, rotated):
+    """The forward rotates W (d_out rows) or x (token rows), whichever is smaller; with autograd on and
+    fewer than MIN_INPUT_ROWS tokens, W (the merged layer's rounding). Either way the same values."""
+    from peftkit.methods.oft.layer import MIN_INPUT_ROWS
+
+    assert 8 < MIN_INPUT_ROWS <= 80
+    torch.manual_seed(0)
+    base = nn.Linear(32, d_out).double()
+    a = OFTAdapter(base, OFTConfig(oft_block_size=16, init_weights=False)).double().train()
+    x = torch.randn(rows, 32, dtype=torch.float64, requires_grad=True)
+    # one block-diagonal product over 2 blocks of 16 (the Cayley series runs as baddbmm)
+    assert _bmm_shapes(lambda: a.fused_forward(base, x)) == [(2, d_out if rotated == "weight" else rows, 16)]
+    out = a.fused_forward(base, x)
+    dense = torch.block_diag(*a._blocks()[0])
+    torch.testing.assert_close(out, x @ dense @ base.weight.t() + base.bias)
+    g = torch.randn_like(out)
+    (grad_x, grad_r), (ref_x, ref_r) = (
+        torch.autograd.grad(y, (x, a.oft_R), g)
+        for y in (out, x @ torch.block_diag(*a._blocks()[0]) @ base.weight.t() + base.bias))
+    torch.testing.assert_close(grad_x, ref_x)
+    torch.testing.assert_close(grad_r, ref_r)
+
+
+def test_eval_without_autograd_reuses_the_rotation_until_the_parameters_change():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 16)
+    a = OFTAdapter(base, OFTConfig(oft_block_size=4, init_weights=False)).eval()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        first = a._forward_blocks()
+        assert a._forward_blocks() is first  # kept
+        out = a.fused_forward(base, x)
+        a.oft_R.mul_(0.5)  # an in-place update (optimizer step, load) recomputes
+        assert a._forward_blocks() is not first
+        torch.testing.assert_close(a._forward_blocks(), a._blocks())
+        assert not torch.allclose(a.fused_forward(base, x), out)
+    assert a._forward_blocks().requires_grad  # autograd on, trainable: the graph, never the kept copy
+    a.train()
+    with torch.no_grad():
+        assert a._forward_blocks() is not a._forward_blocks()  # training: recomputed on every call
 
 
 # -- adapter ----------------------------------------------------------------------------------------------

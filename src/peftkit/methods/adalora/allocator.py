@@ -69,9 +69,9 @@ def orthogonality_penalty(factors: Iterable[tuple[Tensor, Tensor]]) -> Tensor | 
     total: Tensor | int = 0
     count = 0
     for A, B in factors:
-        for cov in (A @ A.T, B.T @ B):  # (r, r) each
-            eye = torch.eye(*cov.size(), out=torch.empty_like(cov))
-            total = total + torch.norm(cov - eye, p="fro")
+        for cov in (A @ A.T, B.T @ B):  # (r, r) each; mm's backward keeps its inputs, not cov
+            cov.diagonal().sub_(1)  # cov - I without an identity matrix
+            total = total + torch.linalg.vector_norm(cov)
             count += 1
     return total / count if count else None
 
@@ -97,6 +97,7 @@ class RankAllocator:
         self.ipt: dict[tuple[str, str], Tensor] = {}
         self.exp_avg_ipt: dict[tuple[str, str], Tensor] = {}
         self.exp_avg_unc: dict[tuple[str, str], Tensor] = {}
+        self._scratch: dict[tuple[str, str], Tensor] = {}  # one work buffer per factor
 
     def budget_schedule(self, step: int) -> tuple[int, bool]:
         c = self.config
@@ -116,12 +117,16 @@ class RankAllocator:
                     )
                 key = (path, name)
                 if key not in self.ipt:
+                    self.ipt[key] = torch.empty_like(p)
                     self.exp_avg_ipt[key] = torch.zeros_like(p)
                     self.exp_avg_unc[key] = torch.zeros_like(p)
-                self.ipt[key] = (p * p.grad).abs().detach()
-                self.exp_avg_ipt[key] = self.beta1 * self.exp_avg_ipt[key] + (1 - self.beta1) * self.ipt[key]
-                unc = (self.ipt[key] - self.exp_avg_ipt[key]).abs()
-                self.exp_avg_unc[key] = self.beta2 * self.exp_avg_unc[key] + (1 - self.beta2) * unc
+                    self._scratch[key] = torch.empty_like(p)
+                # in place, in PEFT's operation order (the same roundings): no per-step allocations
+                ipt, avg, unc, tmp = self.ipt[key], self.exp_avg_ipt[key], self.exp_avg_unc[key], self._scratch[key]
+                torch.mul(p, p.grad, out=ipt).abs_()  # I_t
+                avg.mul_(self.beta1).add_(torch.mul(ipt, 1 - self.beta1, out=tmp))  # Ibar_t
+                torch.sub(ipt, avg, out=tmp).abs_()  # |I_t - Ibar_t|
+                unc.mul_(self.beta2).add_(tmp.mul_(1 - self.beta2))  # Ubar_t
 
     def _element_score(self, key: tuple[str, str]) -> Tensor:
         return self.exp_avg_ipt[key] * self.exp_avg_unc[key]  # s(w), eq. (7)

@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 from ...layers import Adapter, layer_dims
 from ...registry import register_method
+from ..lora.kernels import LoraLinear
+from ..lora.layer import _has_hooks
 from .allocator import Mask, RankAllocator, orthogonality_penalty
 from .config import AdaLoraConfig
 
@@ -32,6 +34,7 @@ except ImportError:  # pragma: no cover
     Conv1D = None  # type: ignore[assignment,misc]
 
 _CONV1D = (Conv1D,) if Conv1D is not None else ()
+_OWNED_OUTPUT = (nn.Linear, *_CONV1D)  # base layers whose output ``fused_forward`` computes itself
 
 
 def pattern_mask(rank_pattern: dict[str, Mask] | None, path: str) -> Mask | None:
@@ -91,6 +94,8 @@ class AdaLoraAdapter(Adapter):
             setattr(self, name, nn.Parameter(value.to(device=w.device, dtype=dtype)))
         self.register_buffer("ranknum", torch.full((1,), float(config.init_r), device=w.device, dtype=dtype),
                              persistent=False)
+        # alpha / (ranknum + 1e-5) as a number (ranknum never changes): the forward's one scale, no device sync
+        self.delta_scale = self.scaling / float(torch.full((1,), float(config.init_r), dtype=dtype) + 1e-5)
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else None
 
     @classmethod
@@ -147,19 +152,37 @@ class AdaLoraAdapter(Adapter):
             return (delta * self.scaling / (self.ranknum + 1e-5)).reshape(base.weight.shape)
         return (delta.T if self.fan_in_fan_out else delta) * self.scaling / (self.ranknum + 1e-5)
 
+    def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
+        """Base and adapter in one pass for a plain Linear / GPT-2 Conv1D base: LoRA's kernel with
+        ``A = Q diag(lambda)`` and scale ``alpha / (ranknum + 1e-5)``. The update accumulates into the fresh
+        base output and the low-rank input gradient into the base one, so no (tokens x d_out) temporaries
+        (the composed form makes three: the product, its scaled and its divided copy)."""
+        transposed = type(base) is not nn.Linear
+        if self.is_conv or type(base) not in _OWNED_OUTPUT or transposed != self.fan_in_fan_out:
+            return None
+        w, A = base.weight, self.lora_A
+        if x.dtype != w.dtype or A.dtype != w.dtype or _has_hooks(base) or torch.is_autocast_enabled(x.device.type):
+            return None
+        x2d = x.reshape(-1, A.shape[1])
+        xd = self.dropout(x2d) if self.dropout is not None else None
+        out = LoraLinear.apply(x2d, xd, w, base.bias, A * self.lora_E, self.lora_B, self.delta_scale, transposed)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
     def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
         A, E, B = self.lora_A, self.lora_E, self.lora_B
         if x.dtype != A.dtype:
             x = x.to(A.dtype)
         if self.dropout is not None:
             x = self.dropout(x)
-        ranknum = self.ranknum + 1e-5
         if self.is_conv:
-            kernel = (B @ (A * E) * self.scaling / ranknum).reshape(base.weight.shape)
+            kernel = (B @ (A * E) * self.scaling / (self.ranknum + 1e-5)).reshape(base.weight.shape)
             delta = F.conv2d(x, kernel, stride=base.stride, padding=base.padding, dilation=base.dilation)
-        else:
-            delta = (x @ (A * E).T @ B.T) * self.scaling / ranknum
-        return out + delta.to(out.dtype)
+            return out + delta.to(out.dtype)
+        h = F.linear(x, A * E)  # (..., r)
+        if out.dtype != A.dtype:
+            return out + (F.linear(h, B) * self.delta_scale).to(out.dtype)
+        out2d, h2d = out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1])
+        return torch.addmm(out2d, h2d, B.t(), alpha=self.delta_scale).view(out.shape)  # out + s h B^T, one GEMM
 
     # -- training-loop hooks (called by the TunerModel for a trainable, active adapter) ---------------------
     @classmethod

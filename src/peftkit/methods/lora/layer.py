@@ -27,7 +27,7 @@ from ...registry import register_method
 from ...targeting import pattern_value
 from . import functional as LF
 from .config import LoraConfig
-from .kernels import LoraLinear, ScaleShift, stack_lora
+from .kernels import DoraLinear, LoraLinear, ScaleShift, stack_lora
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -217,8 +217,9 @@ class LoraAdapter(Adapter):
 
     def _dora_scale(self, base: nn.Module) -> Tensor:
         """``m / ||W0 + s B A||`` with the norm detached; cached while not training."""
+        training = self.training and torch.is_grad_enabled()  # read before no_grad turns it off
         with torch.no_grad():
-            if self.training and torch.is_grad_enabled():
+            if training:
                 norm = self._full_norm(base)
             else:
                 norm = self._cached("norm", (base.weight, self.lora_A, self.lora_B), lambda: self._full_norm(base))
@@ -263,9 +264,11 @@ class LoraAdapter(Adapter):
         if not torch.is_grad_enabled() and not compiling and x2d.shape[0] * (d_in + d_out) >= d_in * d_out:
             return self._merged_weight_forward(base, x2d, transposed).view(*x.shape[:-1], d_out)
         xd = self.dropout(x2d) if self.dropout is not None else None
-        out = LoraLinear.apply(x2d, xd, w, base.bias, A, self.lora_B, self.scaling, transposed)
         if self.magnitude is not None:
-            out = self._dora_rescale(base, out)
+            scale = self._dora_scale(base)
+            out = DoraLinear.apply(x2d, xd, w, base.bias, A, self.lora_B, scale, self.scaling, transposed)
+        else:
+            out = LoraLinear.apply(x2d, xd, w, base.bias, A, self.lora_B, self.scaling, transposed)
         return out.view(*x.shape[:-1], d_out)
 
     @classmethod

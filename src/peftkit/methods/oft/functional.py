@@ -31,14 +31,25 @@ Perm = tuple[Tensor, Tensor]  # (p, argsort(p)): a permutation and its inverse
 
 
 # -- Cayley parametrisation ------------------------------------------------------------------------
+_UPPER_FLAT: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _upper_flat(block_size: int, device: torch.device) -> Tensor:
+    """Positions of the strict upper triangle in a flattened b x b block (row-major), built once per size."""
+    key = (block_size, device)
+    flat = _UPPER_FLAT.get(key)
+    if flat is None:
+        rows, cols = torch.triu_indices(block_size, block_size, 1, device=device)
+        flat = _UPPER_FLAT[key] = rows * block_size + cols
+    return flat
+
+
 def skew_symmetric(vec: Tensor, block_size: int) -> Tensor:
     """(D, b (b - 1) / 2) upper-triangle entries -> (D, b, b) skew-symmetric ``Q = U - U^T``.
 
     Entries are in ``torch.triu_indices(b, b, 1)`` order (row-major), PEFT's layout of ``oft_R``.
     """
-    rows, cols = torch.triu_indices(block_size, block_size, 1, device=vec.device)
-    flat = rows * block_size + cols  # positions in a flattened b x b block
-    upper = vec.new_zeros(vec.shape[0], block_size * block_size).index_copy(1, flat, vec)
+    upper = vec.new_zeros(vec.shape[0], block_size * block_size).index_copy(1, _upper_flat(block_size, vec.device), vec)
     upper = upper.view(-1, block_size, block_size)
     return upper - upper.transpose(1, 2)
 
@@ -65,9 +76,10 @@ def cayley(q: Tensor, neumann_terms: int | None = None) -> Tensor:
     if neumann_terms <= 2:
         return eye + 2 * q if neumann_terms == 2 else eye.clone()
     # Horner: I + Q (2I + Q (2I + ... Q (2I + Q))), t - 1 batched products
-    acc = q + 2 * eye
+    two_eye = (2 * eye[0]).expand(d, b, b)  # one b x b constant, broadcast
+    acc = q + two_eye
     for _ in range(max(3, neumann_terms - 1) - 2):
-        acc = torch.baddbmm(2 * eye, q, acc)
+        acc = torch.baddbmm(two_eye, q, acc)
     return torch.baddbmm(eye, q, acc)
 
 

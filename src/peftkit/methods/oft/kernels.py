@@ -1,11 +1,12 @@
 """The autograd function of the OFT / BOFT hot path on Linear (and GPT-2 Conv1D) layers.
 
-``y = (x R) W^T + b`` is computed as ``x (W R^T)^T + b``: rotating the (d_out x n) weight costs
-``d_out n b`` multiply-adds per factor instead of ``tokens n b`` for the activations, and the forward
-pass keeps no rotated copy of the input. Backward needs ``g W`` (the input gradient of the frozen layer,
-computed anyway) and then only block-sized products per factor: ``dR_k = u_k^T (g W)_k`` and the input
-gradient ``(g W) R^T``, written in place without transposing copies. Intermediate inputs of a
-multi-factor butterfly are recomputed, not stored.
+``y = (x R) W^T + b`` rotates whichever side has fewer rows: the (d_out x n) weight (``x (W R^T)^T``,
+``d_out n b`` multiply-adds per factor) or the (tokens x n) input (``tokens n b``, as PEFT does always);
+e.g. with 512 tokens the weight of a 384 -> 384 projection, the input of a 384 -> 1536 one. Either way
+the forward pass keeps no rotated copy for backward. Backward needs ``g W`` (the input gradient of the
+frozen layer, computed anyway) and then only block-sized products per factor: ``dR_k = u_k^T (g W)_k``
+and the input gradient ``(g W) R^T``, written in place without transposing copies. Intermediate inputs
+of a multi-factor butterfly are recomputed, not stored.
 """
 
 from __future__ import annotations
@@ -21,13 +22,20 @@ from . import functional as OF
 class RotatedLinear(torch.autograd.Function):
     """``out = (x R) W^T + bias`` for 2-D ``x`` (N, n), ``W`` (d_out, n) (any strides), ``R`` butterfly.
 
-    ``blocks`` (m, D, b, b) and ``perms`` as in :func:`functional.butterfly_apply`.
+    ``blocks`` (m, D, b, b) and ``perms`` as in :func:`functional.butterfly_apply`. ``rotate_input``: rotate
+    ``x`` rather than ``W`` (default: when N < d_out).
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor, bias: Tensor | None, blocks: Tensor, perms: list) -> Tensor:
-        w_rot = OF.butterfly_apply(w, blocks, perms, transpose=True)  # W R^T, (d_out, n)
-        out = torch.addmm(bias, x, w_rot.t()) if bias is not None else x @ w_rot.t()
+    def forward(ctx: Any, x: Tensor, w: Tensor, bias: Tensor | None, blocks: Tensor, perms: list,
+                rotate_input: bool | None = None) -> Tensor:
+        if rotate_input is None:
+            rotate_input = x.shape[0] < w.shape[0]
+        if rotate_input:  # fewer tokens than output features: rotate the input
+            out = torch.nn.functional.linear(OF.butterfly_apply(x, blocks, perms), w, bias)
+        else:
+            w_rot = OF.butterfly_apply(w, blocks, perms, transpose=True)  # W R^T, (d_out, n)
+            out = torch.addmm(bias, x, w_rot.t()) if bias is not None else x @ w_rot.t()
         ctx.save_for_backward(x, w, blocks)
         ctx.perms, ctx.has_bias = perms, bias is not None
         return out
@@ -64,4 +72,4 @@ class RotatedLinear(torch.autograd.Function):
             if perm is not None:
                 grad_u = grad_u.index_select(1, perm[0])
         grad_b = g.sum(0) if ctx.has_bias and need_b else None
-        return grad_u, grad_w, grad_b, grad_r, None
+        return grad_u, grad_w, grad_b, grad_r, None, None

@@ -40,6 +40,10 @@ except ImportError:  # pragma: no cover
 _LINEAR = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
 _MODALITIES = ("text", "vision", "vision-language", "generation")
 _DEFECT_TOLERANCE = 0.5  # max |R R^T - I| above which an unmerge by inversion is not trusted
+# training on fewer tokens than this rotates the weight even when the input is smaller: a few tokens make
+# either side cheap, and the weight side rounds exactly as the merged layer (W R^T) does, which matters
+# for blocks far from orthogonal (a large Neumann-series R amplifies the difference of the two orders)
+MIN_INPUT_ROWS = 64
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -140,6 +144,24 @@ class _RotationAdapter(Adapter):
     def _blocks(self, dropout: bool = True) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _forward_blocks(self) -> Tensor:
+        """``_blocks()`` for a forward pass, kept between calls while nothing can change them: eval mode and
+        no gradient wanted for the adapter. Keyed on the parameters' storage and version (an in-place update
+        or a load recomputes) and on the grad / inference mode (an inference tensor must not reach autograd)."""
+        params = [p for p in self._parameters.values() if p is not None]
+        grad = torch.is_grad_enabled()
+        if self.training or (grad and any(p.requires_grad for p in params)):
+            return self._blocks()
+        key = (grad, torch.is_inference_mode_enabled(), *((p.data_ptr(), p._version) for p in params))
+        cached = self.__dict__.get("_blocks_cache")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_blocks_cache"] = (key, self._blocks())
+        return cached[1]
+
+    def train(self, mode: bool = True) -> "_RotationAdapter":
+        self.__dict__.pop("_blocks_cache", None)
+        return super().train(mode)
+
     # -- forward ---------------------------------------------------------------------------------------
     def _matrix(self, weight: Tensor) -> Tensor:
         """A base weight as the (rows, n) matrix whose rows the rotation acts on (a view)."""
@@ -148,7 +170,7 @@ class _RotationAdapter(Adapter):
         return weight.t() if self.transposed else weight
 
     def _rotated_conv_weight(self, base: nn.Module) -> Tensor:
-        blocks, scale = self._blocks(), self._scale()
+        blocks, scale = self._forward_blocks(), self._scale()
         w = self._matrix(base.weight).to(blocks.dtype)
         w = OF.butterfly_apply(w, blocks, self.perms, transpose=True)
         if scale is not None:
@@ -166,14 +188,14 @@ class _RotationAdapter(Adapter):
             return base._conv_forward(x.to(rotated.dtype), rotated, bias).to(x.dtype)
         if x.dtype != w.dtype or self._dtype != w.dtype or torch.is_autocast_enabled(x.device.type):
             return None  # under autocast the generic path lets autocast pick each op's dtype
-        blocks, scale = self._blocks(), self._scale()
+        blocks, scale = self._forward_blocks(), self._scale()
         x2d = x.reshape(-1, self.width)
         w = self._matrix(w)
         bias = base.bias if scale is None else None
-        if torch.is_grad_enabled() or x2d.shape[0] >= self.d_out:
-            out = RotatedLinear.apply(x2d, w, bias, blocks, self.perms)
-        else:  # a few tokens without autograd: rotating them is cheaper than rotating W
-            out = F.linear(OF.butterfly_apply(x2d, blocks, self.perms), w, bias)
+        # rotate x or W, whichever has fewer rows; with autograd on, W below MIN_INPUT_ROWS tokens
+        rows = x2d.shape[0]
+        rotate_input = rows < self.d_out and (rows >= MIN_INPUT_ROWS or not torch.is_grad_enabled())
+        out = RotatedLinear.apply(x2d, w, bias, blocks, self.perms, rotate_input)
         if scale is not None:
             out = ScaleShift.apply(out, scale, base.bias)
         return out.view(*x.shape[:-1], self.d_out)
@@ -181,7 +203,7 @@ class _RotationAdapter(Adapter):
     def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
         """The adapter given the running output: the change ``base(x R) - base(x)`` is added to ``out``
         (on an Embedding, the running output is rotated)."""
-        blocks = self._blocks()
+        blocks = self._forward_blocks()
         if self.kind == "embedding":
             flat = out.reshape(-1, self.width).to(blocks.dtype)
             return OF.butterfly_apply(flat, blocks, self.perms).view(out.shape).to(out.dtype)
