@@ -4,9 +4,10 @@ For each tiny config (GPT-2, Llama: hidden 256, 4 layers) and each method (promp
 tuning with 20 virtual tokens; LLaMA-Adapter with adapter_len 20 on Llama), greedy ``generate`` with the KV
 cache on a batch of 4 left-padded prompts. Decode time per token = (time of 1 + N new tokens - time of 1 new
 token) / N, so the prefill (where the virtual tokens are processed once) is left out. The base model is a
-separate copy with the same weights. Repetitions interleave every case (order rotated); medians.
+separate copy with the same weights. Repetitions interleave every case (order rotated); medians. On a machine
+that others load, ``--clock cpu`` times this thread's CPU time instead of wall time (steadier, not immune).
 
-    .venv/bin/python benchmarks/bench_prompt_decode.py            # --reps 7 --new 32 --threads 1
+    .venv/bin/python benchmarks/bench_prompt_decode.py            # --reps 7 --new 32 --threads 1 --clock wall
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: this thread's CPU time (time.thread_time), steadier on a machine others load")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import peftkit
@@ -91,6 +94,7 @@ def main() -> None:
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                        use_cache=True)
 
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
     samples: dict[tuple[str, str], list[float]] = {k: [] for k in cases}
     keys = list(cases)
     with torch.no_grad():
@@ -99,15 +103,15 @@ def main() -> None:
         for rep in range(args.reps):
             for key in keys[rep % len(keys):] + keys[: rep % len(keys)]:
                 model = cases[key]
-                t0 = time.perf_counter()
+                t0 = clock()
                 generate(model, 1)
-                t1 = time.perf_counter()
+                t1 = clock()
                 generate(model, 1 + args.new)
-                t2 = time.perf_counter()
+                t2 = clock()
                 samples[key].append(((t2 - t1) - (t1 - t0)) / args.new)
     med = {k: statistics.median(v) for k, v in samples.items()}
     print(f"per-token decode time, batch {args.batch}, prompt 16 (left-padded), {args.new} new tokens, "
-          f"20 virtual tokens; median of {args.reps}; threads {args.threads}")
+          f"20 virtual tokens; median of {args.reps}; threads {args.threads}; {args.clock} clock")
     print("| model | method | ms / token | / base | spread (min-max ratio) |")
     print("| --- | --- | ---: | ---: | --- |")
     rows = []

@@ -293,3 +293,37 @@ def test_adaption_prompt_caches_its_keys_and_values_outside_autograd(monkeypatch
     with torch.enable_grad():
         uncached = model(input_ids=ids).logits
     torch.testing.assert_close(changed, uncached.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_adaption_prompt_hooks_act_only_in_the_calling_thread():
+    """An adapted attention hooks its query and output projections while it runs; another thread calling those
+    projections meanwhile gets their plain outputs, and the adapted output is unchanged."""
+    import threading
+
+    model = wrap("llama", AdaptionPromptConfig(adapter_len=4, adapter_layers=1)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)  # open the gate
+    base = model.get_base_model().model.layers[-1].self_attn.base_layer
+    x, ids = torch.randn(2, 3, 32), torch.randint(0, 99, (2, 5))
+    seen = {}
+
+    def other_thread() -> None:
+        seen["q"], seen["o"] = base.q_proj(x), base.o_proj(x)
+
+    def meanwhile(module, inputs) -> None:  # runs inside the adapted attention, after its query projection
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+
+    with torch.no_grad():
+        alone = model(input_ids=ids).logits
+        handle = base.k_proj.register_forward_pre_hook(meanwhile)
+        try:
+            together = model(input_ids=ids).logits
+        finally:
+            handle.remove()
+        torch.testing.assert_close(seen["q"], base.q_proj(x), atol=1e-6, rtol=0)  # other threads: other GEMM blocking
+        torch.testing.assert_close(seen["o"], base.o_proj(x), atol=1e-6, rtol=0)
+    torch.testing.assert_close(together, alone, atol=1e-6, rtol=0)

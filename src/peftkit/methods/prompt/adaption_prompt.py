@@ -2,18 +2,29 @@
 Models with Zero-init Attention", arXiv 2303.16199).
 
 In each of the top ``adapter_layers`` attention layers, the queries also attend over ``adapter_len`` learned
-prompt tokens, on their own softmax, scaled by a gate g that starts at zero (so the model starts exactly at
-the base):  ``out = Attn(x) + W_o (g * softmax(q P_k^T / sqrt(d_h)) P_v)``, where ``P_k = W_k P``,
-``P_v = W_v P`` (the layer's own projections, no rotary embedding), and the queries carry their rotary
-embedding. Parameters per layer: the prompt P (1, adapter_len, d) and the gate (1,). Keys as in Hugging Face
-PEFT: ``<attention path>.adaption_prompt`` / ``.adaption_gate``. On GPT-2 the fused ``c_attn`` gives keys and
-values and, as in PEFT, the prompt's output is added without the output projection.
+prompt tokens P, on their own softmax, scaled by a gate g that starts at zero (so the model starts exactly at
+the base). Per head h, with the layer's own queries q_h (rotary embedding included):
+
+    out = W_o concat_h [ Attn_h(x)  +  g softmax(q_h P_k,h^T / sqrt(d_h)) P_v,h ]
+
+where ``P_k = W_k P``, ``P_v = W_v P`` are the layer's own projections of the prompt (no rotary embedding;
+grouped-query attention: each key/value head serves its group of query heads). W_o is linear, so this equals
+Hugging Face PEFT's ``W_o Attn(x) + W_o (prompt term)`` up to rounding. The term is added to the output
+projection's input and the queries are the ones the attention computed, taken from the query projection's
+output: no projection runs twice per step. With an output-projection bias, PEFT's
+second ``o_proj`` call adds the bias once more; so does this module (matching PEFT's numbers, so such a model
+does not start exactly at the base). On GPT-2 the fused ``c_attn`` gives queries, keys and values and, as in
+PEFT, the prompts' output is added after the output projection, without it.
+
+Parameters per layer: the prompt P (1, adapter_len, d) and the gate (1,). Keys as in PEFT:
+``<attention path>.adaption_prompt`` / ``.adaption_gate``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from typing import Any, ClassVar
 
 import torch
@@ -25,12 +36,12 @@ from ...layers import Adapter, AdapterLayer
 from ...registry import register_method
 from ...targeting import NotApplicableError
 
-# model_type -> (attention module name, key projection, value projection (None: fused with the key's),
-# output projection (None: not applied))
-MODEL_TABLE: dict[str, tuple[str, str, str | None, str | None]] = {
-    "llama": ("self_attn", "k_proj", "v_proj", "o_proj"),
-    "mistral": ("self_attn", "k_proj", "v_proj", "o_proj"),
-    "gpt2": ("attn", "c_attn", None, None),
+# model_type -> (attention module name, query projection, key projection, value projection (None: fused with
+# the key's, as (query, key, value)), output projection (None: the prompts' output is added after it))
+MODEL_TABLE: dict[str, tuple[str, str, str, str | None, str | None]] = {
+    "llama": ("self_attn", "q_proj", "k_proj", "v_proj", "o_proj"),
+    "mistral": ("self_attn", "q_proj", "k_proj", "v_proj", "o_proj"),
+    "gpt2": ("attn", "c_attn", "c_attn", None, None),
 }
 
 
@@ -61,31 +72,80 @@ class AdaptionPromptConfig(PeftConfig):
         return True
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
+def _params(module: nn.Module) -> list[Tensor]:
+    """The module's parameters (a plain projection's without the generic recursive walk)."""
+    if module._modules:
+        return list(module.parameters())
+    return [p for p in module._parameters.values() if p is not None]
+
+
+def _param(module: nn.Module, name: str) -> Tensor | None:
+    """``getattr(module, name, None)``; a plain projection's read from its ``_parameters``, without nn.Module's
+    attribute fallback (a wrapper, e.g. LoRA's, lends its base layer's)."""
+    return getattr(module, name, None) if module._modules else module._parameters.get(name)
 
 
 class AttentionAdapterLayer(AdapterLayer):
-    """An ``AdapterLayer`` around an attention module: called with the attention's own arguments (keywords
-    included), it adds each active adapter's term to the attention output (the first element it returns)."""
+    """An ``AdapterLayer`` around an attention module, called with the attention's own arguments (keywords
+    included). For the length of the call, a hook on the query projection keeps its output and a pre-hook on
+    the output projection adds the active adapters' prompt terms to its input, the heads' outputs (no output
+    projection: the terms are added to the attention output). The hooks act only in the calling thread."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.base_layer(*args, **kwargs)
-        names = [n for n in self.active_adapters if n in self.adapters]
+        # submodules read from ``_modules``: nn.Module's attribute fallback, at every decoding step, costs about a
+        # third of one of the adapter's matmuls each time
+        base, registered = self._modules["base_layer"], self._modules["adapters"]
+        names = [n for n in self.active_adapters if n in registered]
         if self.disable_adapters or not names:
-            return out
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            return base(*args, **kwargs)
+        if self.routing is not None:
+            names = [n for n in dict.fromkeys(self.routing) if n in names]
+        adapters = [registered[n] for n in names]
+        geometry = adapters[0]  # projection names and head sizes: the layer's, the same for every adapter
+        q_proj, o_proj = base._modules[geometry.q_name], base._modules.get(geometry.o_name)
+        thread, projected = threading.get_ident(), []
+
+        def with_prompts(x: Tensor) -> Tensor:
+            """``x`` (batch, q, heads * head_dim) plus the adapters' terms, in ``x``'s dtype."""
+            if not projected:
+                raise RuntimeError(f"adaption_prompt: {type(base).__name__} did not call its "
+                                   f"{geometry.q_name!r} projection")
+            q = geometry.queries(projected[-1], kwargs)
+            total = None
+            for name, adapter in zip(names, adapters):
+                term = adapter.attend(base, q)  # (heads, batch * q, head_dim)
+                if self.routing is not None:  # a mixed batch: only this adapter's rows get its term
+                    term = term * self._rows([name], term).repeat_interleave(x.shape[1]).view(1, -1, 1)
+                total = term if total is None else total + term
+            total = total.transpose(0, 1)  # (batch * q, heads, head_dim)
+            total = total if total.dtype == x.dtype else total.to(x.dtype)
+            return (x.reshape(total.shape) + total).reshape(x.shape)
+
+        def keep_query(module: nn.Module, inputs: tuple, out: Tensor) -> None:
+            if threading.get_ident() == thread:
+                projected.append(out)
+
+        def add_to_heads(module: nn.Module, inputs: tuple) -> tuple | None:
+            return (with_prompts(inputs[0]), *inputs[1:]) if threading.get_ident() == thread else None
+
+        hooks = [q_proj.register_forward_hook(keep_query)]
+        if o_proj is not None:
+            hooks.append(o_proj.register_forward_pre_hook(add_to_heads))
+        try:
+            out = base(*args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
         attn, rest = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, None)
-        for name in names if self.routing is None else dict.fromkeys(self.routing):
-            if name not in names:
-                continue
-            term = self.adapters[name].term(self.base_layer, hidden, kwargs)
-            if self.routing is not None:  # a mixed batch: only this adapter's rows get its term
-                rows = torch.tensor([r == name for r in self.routing], device=term.device).view(-1, 1, 1)
-                term = term * rows
-            attn = (attn + term).to(attn.dtype)
+        if o_proj is None:
+            attn = with_prompts(attn)
+        elif (bias := _param(o_proj, "bias")) is not None:  # PEFT's second o_proj call adds it once more
+            attn = attn + bias * (len(names) if self.routing is None else self._rows(names, attn).view(-1, 1, 1))
         return attn if rest is None else (attn, *rest)
+
+    def _rows(self, names: list[str], like: Tensor) -> Tensor:
+        """(batch,): 1 on the rows routed to one of ``names``, else 0."""
+        return torch.tensor([r in names for r in self.routing], dtype=like.dtype, device=like.device)
 
 
 @register_method(
@@ -108,7 +168,7 @@ class AdaptionPromptAdapter(Adapter):
     def __init__(self, base: nn.Module, config: AdaptionPromptConfig, key: str = "", init: bool = True) -> None:
         super().__init__()
         model_type = base.config.model_type
-        _, self.k_name, self.v_name, self.o_name = MODEL_TABLE[model_type]
+        _, self.q_name, self.k_name, self.v_name, self.o_name = MODEL_TABLE[model_type]
         self.adapter_len = config.adapter_len
         self.num_heads = base.config.num_attention_heads
         self.head_dim = base.head_dim
@@ -142,55 +202,67 @@ class AdaptionPromptAdapter(Adapter):
     def param_count(cls, base: nn.Module, config: AdaptionPromptConfig, key: str = "") -> int:
         return config.adapter_len * base.config.hidden_size + 1
 
-    def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:  # pragma: no cover - see term()
+    def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:  # pragma: no cover - see attend()
         raise NotImplementedError("adaption prompts act through AttentionAdapterLayer.forward")
 
-    def _queries(self, base: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
-        """(batch, heads, q, head_dim), with the rotary embedding the attention itself applies."""
-        bsz, q_len, _ = hidden.shape
-        if self.rotary:
-            q = base.q_proj(hidden).view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
-            cos, sin = kwargs["position_embeddings"]
-            return q * cos.unsqueeze(1) + _rotate_half(q) * sin.unsqueeze(1)
-        q = base.c_attn(hidden).split(base.split_size, dim=2)[0]
-        return q.view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
+    def queries(self, projected: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        """The step's queries in the layout ``attend`` takes, from the query projection's output (batch, q, ...):
+        (heads, batch * q, head_dim). With a rotary embedding (``position_embeddings``: cos, sin of shape
+        (batch or 1, q, head_dim)) the pair (q * cos, q * swap(sin)), (heads, batch * q, 2 head_dim): by halves,
+        rope(q) . k = (q * cos) . k + (q * swap(sin)) . (k2, -k1) with swap(sin) = (sin2, sin1), so the rotation
+        moves onto the prompts' keys, which are cached (``_project``)."""
+        bsz, q_len = projected.shape[:2]
+        heads, head_dim = self.num_heads, self.head_dim
+        if self.v_name is None:  # fused projection: (query, key, value)
+            projected = projected.narrow(-1, 0, heads * head_dim)
+        if not self.rotary:
+            return projected.reshape(bsz * q_len, heads, head_dim).transpose(0, 1)
+        cos, sin = kwargs["position_embeddings"]
+        half = head_dim // 2
+        cos_sin = torch.cat((cos, sin.narrow(-1, half, half), sin.narrow(-1, 0, half)), dim=-1)
+        cos_sin = cos_sin.view(-1, q_len, 1, 2, head_dim)
+        q = projected.reshape(bsz, q_len, heads, 1, head_dim) * cos_sin  # (batch, q, heads, 2, head_dim)
+        return q.reshape(bsz * q_len, heads, 2 * head_dim).transpose(0, 1)
 
-    def _keys_values(self, base: nn.Module, embed_dim: int) -> tuple[Tensor, Tensor]:
-        """The prompts' keys and values (1, heads, adapter_len, head_dim). Without autograd (inference,
-        every decoding step) they are computed once and cached, keyed on the version counters of the
-        prompt and the projections, so an optimizer step, a load or a merge recomputes them."""
+    def attend(self, base: nn.Module, q: Tensor) -> Tensor:
+        """g softmax(q P_k^T / sqrt(d_h)) P_v, (heads, batch * q, head_dim), for the queries from ``queries``."""
+        keys, values = self._keys_values(base, q.dtype)
+        scores = torch.bmm(q, keys)  # (heads, batch * q, adapter_len)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32)
+        return torch.bmm(probs if probs.dtype == q.dtype else probs.to(q.dtype), values)
+
+    def _keys_values(self, base: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The keys ``attend`` takes, (heads, head_dim or 2 head_dim, adapter_len), and ``g P_v`` (heads,
+        adapter_len, head_dim), in ``dtype``. Without autograd (inference, every decoding step) they are computed
+        once and cached, keyed on the version counters of the prompt, the gate and the projections, so an
+        optimizer step, a load or a merge recomputes them."""
         if torch.is_grad_enabled():
-            return self._project(base, embed_dim)
-        projs = [getattr(base, n) for n in (self.k_name, self.v_name) if n is not None]
-        tensors = [self.adaption_prompt] + [p for m in projs for p in m.parameters()]
-        key = tuple((id(t), t._version, t.device, t.dtype) for t in tensors)
+            return self._project(base, dtype)
+        params = self._parameters
+        tensors = [params["adaption_prompt"], params["adaption_gate"]]
+        for name in (self.k_name, self.v_name):
+            if name is not None:
+                tensors += _params(base._modules[name])
+        key = (dtype, [(id(t), t._version, t.device, t.dtype) for t in tensors])
         cached = self.__dict__.get("_kv_cache")
         if cached is None or cached[0] != key:
-            cached = (key, self._project(base, embed_dim))
+            cached = (key, self._project(base, dtype))
             self.__dict__["_kv_cache"] = cached
         return cached[1]
 
-    def _project(self, base: nn.Module, embed_dim: int) -> tuple[Tensor, Tensor]:
-        prompt = self.adaption_prompt
+    def _project(self, base: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        prompt, head_dim = self.adaption_prompt, self.head_dim  # (1, adapter_len, d)
         if self.v_name is None:  # fused projection: (query, key, value)
-            _, key, value = getattr(base, self.k_name)(prompt).split(embed_dim, dim=2)
+            _, key, value = getattr(base, self.k_name)(prompt).split(prompt.shape[-1], dim=2)
         else:
             key, value = getattr(base, self.k_name)(prompt), getattr(base, self.v_name)(prompt)
-        kv_heads = key.shape[-1] // self.head_dim
-        key = key.view(1, self.adapter_len, kv_heads, self.head_dim).transpose(1, 2)
-        value = value.view(1, self.adapter_len, kv_heads, self.head_dim).transpose(1, 2)
+        kv_heads = key.shape[-1] // head_dim
+        key = key.view(self.adapter_len, kv_heads, head_dim).permute(1, 2, 0)  # (kv_heads, head_dim, adapter_len)
+        value = value.view(self.adapter_len, kv_heads, head_dim).transpose(0, 1)
         repeat = self.num_heads // kv_heads  # grouped-query attention: each key/value head serves several
-        return key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
-
-    def term(self, base: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
-        """What the prompts add to the attention output: W_o (g * softmax(q P_k^T / sqrt(d_h)) P_v)."""
-        bsz, q_len, d = hidden.shape
-        key, value = self._keys_values(base, d)
-        q = self._queries(base, hidden, kwargs)
-        dtype = q.dtype
-        scores = torch.matmul(q, key.transpose(2, 3).to(dtype)) / math.sqrt(self.head_dim)
-        scores = self.adaption_gate * F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
-        out = torch.matmul(scores, value.to(scores.dtype)).transpose(1, 2).reshape(bsz, q_len, -1)
-        if self.o_name is not None:
-            out = getattr(base, self.o_name)(out)
-        return out
+        key = key.repeat_interleave(repeat, dim=0) / math.sqrt(head_dim)
+        if self.rotary:  # (k, (k2, -k1)): see ``queries``
+            k1, k2 = key.split(head_dim // 2, dim=1)
+            key = torch.cat((key, k2, -k1), dim=1)
+        value = self.adaption_gate * value.repeat_interleave(repeat, dim=0)
+        return key.to(dtype).contiguous(), value.to(dtype).contiguous()
