@@ -37,7 +37,6 @@ Prefix tuning needs a model with a KV-cache interface (decoders, T5); on others 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -46,10 +45,11 @@ from torch import Tensor, nn
 
 from ...config import ConfigError, PeftConfig
 from ...layers import Adapter
-from ...prompting import PromptAdapter, cache_length, is_encoder_decoder, pop_cache
+from ...prompting import PromptAdapter
 from ...registry import get_method, register_method
-from ...targeting import Conv1D, NotApplicableError, TargetError, model_family, role_paths
+from ...targeting import Conv1D, NotApplicableError, TargetError, model_family
 from .bottleneck import BottleneckAdapter, adapter_factory, block_dims, norm_width
+from .hybrid_prefix import PrefixStash, prefix_gate_hosts, with_prompt
 
 # injections in progress, by hybrid config id
 _PLAN: dict[int, "_Plan"] = {}
@@ -146,14 +146,6 @@ def _gets_gate(name: str, part_cfg: PeftConfig, base: nn.Module, key: str) -> bo
     return not issubclass(cls, PromptAdapter) and cls.param_count(base, part_cfg, key) > 0
 
 
-class _PrefixStash:
-    """A gated prefix's cache entries of the current call: layer index -> (cache layer, ungated keys, values),
-    filled by the prefix part when the call built a fresh prefix, read by the gates on the query projections."""
-
-    def __init__(self) -> None:
-        self.layers: dict[int, tuple[Any, Tensor, Tensor]] = {}
-
-
 class _Plan:
     """An injection in progress: the part configs, the parts on each path, the prefix gates' hosts (query
     projection path -> attention layer index) and the stash they share with the prefix part."""
@@ -162,34 +154,7 @@ class _Plan:
         self.configs = configs
         self.paths: dict[str, list[str]] = {}
         self.prefix_gates: dict[str, int] = {}
-        self.stash = _PrefixStash()
-
-
-_CROSS_ATTENTION = re.compile(r"cross|encdec|encoder_attn", re.IGNORECASE)
-
-
-def _prefix_gate_hosts(model: nn.Module, named: list[tuple[str, nn.Module]]) -> dict[str, int]:
-    """Query projection path -> index of its attention layer in the prefix cache: every self-attention layer,
-    the decoder's only on an encoder-decoder model (where the prefix is)."""
-    paths = role_paths(model, named, "query") or role_paths(model, named, "qkv")
-    modules = dict(named)
-    if is_encoder_decoder(model):
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-        prefix = next((n + "." for n, m in named if m is decoder), None)
-        paths = [p for p in paths if prefix and p.startswith(prefix) and not _CROSS_ATTENTION.search(p)]
-    hosts = {}
-    for p in paths:
-        idx = getattr(modules.get(p.rpartition(".")[0]), "layer_idx", None)
-        if not isinstance(idx, int):
-            found = re.search(r"\.(\d+)\.", p)
-            idx = int(found.group(1)) if found else None
-        if idx is None:
-            raise TargetError(f"prefix gate: no attention layer index for {p!r}")
-        hosts[p] = idx
-    if not hosts:
-        raise NotApplicableError(f"the prefix gate sits on the attention query projections, and {type(model).__name__} "
-                                 "has none in peftkit's role table; set gated=False or drop the prefix part")
-    return hosts
+        self.stash = PrefixStash()
 
 
 class HybridAdapter(Adapter):
@@ -204,7 +169,7 @@ class HybridAdapter(Adapter):
         config, key = args[1], args[2] if len(args) > 2 else kwargs.get("key", "")
         names = _PLAN[id(config)].paths.get(key, [])
         prompt = any(issubclass(get_method(n).adapter_cls, PromptAdapter) for n in names)
-        return super().__new__(_with_prompt(cls) if prompt and not issubclass(cls, PromptAdapter) else cls)
+        return super().__new__(with_prompt(cls) if prompt and not issubclass(cls, PromptAdapter) else cls)
 
     def __init__(self, base: nn.Module, config: HybridConfig, key: str = "", init: bool = True) -> None:
         super().__init__()
@@ -215,7 +180,7 @@ class HybridAdapter(Adapter):
         self.pooling = config.gate_pooling
         self.prefix_layer: int | None = None  # on a query projection: the attention layer whose prefix it gates
         self.prefix_gate = ""  # ... and the name of that gate (the prefix part's)
-        self.prefix_stash: _PrefixStash | None = None
+        self.prefix_stash: PrefixStash | None = None
         keys: dict[str, str] = {}
         if len(names) > 1 and any(issubclass(get_method(n).adapter_cls, PromptAdapter) for n in names):
             raise TargetError(f"{key}: a prompt part cannot share its layer with other parts ({names})")
@@ -299,7 +264,7 @@ class HybridAdapter(Adapter):
             saved = {k: v for k, v in part_cfg.to_dict().items() if k not in PeftConfig.__dataclass_fields__}
             config.parts[name] = {**saved, "_paths": paths}
             if config.gated and issubclass(spec.adapter_cls, PromptAdapter):
-                plan.prefix_gates = _prefix_gate_hosts(model, named)
+                plan.prefix_gates = prefix_gate_hosts(model, named)
                 config.parts[name]["_gate_paths"] = list(plan.prefix_gates)
                 for p in plan.prefix_gates:
                     plan.paths.setdefault(p, [])
@@ -349,45 +314,6 @@ class HybridAdapter(Adapter):
 
     def _gate_fn(self, name: str) -> Callable[[Tensor], Tensor]:
         return lambda t: self.gate(name, t)
-
-
-class _PromptPart(PromptAdapter):
-    """Mixed into a hybrid's adapter on the input embedding when it has a prompt part, so that the engine's
-    prompt hook (``peftkit.prompting.active_prompt``) finds it and the checkpoint reads its file tensors."""
-
-    def _prompt(self) -> PromptAdapter:
-        return next(p for p in self.parts.values() if isinstance(p, PromptAdapter))
-
-    def rewrite(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
-        stash = self.prefix_stash
-        if stash is None:
-            return self._prompt().rewrite(model, kwargs)
-        fresh = cache_length(pop_cache(dict(kwargs))) == 0  # the prefix part builds a new prefix cache
-        kwargs = self._prompt().rewrite(model, kwargs)
-        stash.layers = {}
-        if fresh:  # the gates on the query projections scale these entries (HybridAdapter.gate_prefix)
-            cache = kwargs["cache"]
-            cache = getattr(cache, "self_attention_cache", cache)
-            stash.layers = {i: (layer, layer.keys, layer.values) for i, layer in enumerate(cache.layers)}
-        return kwargs
-
-    def file_tensors(self, for_save: bool) -> dict[str, Tensor]:
-        name = next(n for n, p in self.parts.items() if isinstance(p, PromptAdapter))
-        return {f"{name}.{k}": v for k, v in self._prompt().file_tensors(for_save).items()}
-
-    def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
-        return HybridAdapter.forward(self, base, x, out)  # type: ignore[arg-type]
-
-
-_PROMPT_CLASSES: dict[type, type] = {}
-
-
-def _with_prompt(cls: type) -> type:
-    """``cls`` with the prompt mixin (one class per hybrid adapter class)."""
-    if cls not in _PROMPT_CLASSES:
-        _PROMPT_CLASSES[cls] = type(f"{cls.__name__}WithPrompt", (_PromptPart, cls),
-                                    {"__module__": __name__, "__doc__": cls.__doc__})
-    return _PROMPT_CLASSES[cls]
 
 
 _META = dict(category="hybrid", modalities=("text", "vision", "vision-language", "generation"), mergeable=False,
