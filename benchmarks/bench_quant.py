@@ -231,9 +231,13 @@ def main() -> None:
             return
         print(json.dumps(runtime() if name == "runtime" else RUNS[name](q == "4bit")))
         return
-    # glibc returns freed blocks above 1 MB to the OS at once (same for both runs): without it, the per-layer
-    # fp32 buffers of the 4-bit build stay in the heap behind the small packed tensors allocated after them
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MALLOC_MMAP_THRESHOLD_="1048576")
+    # glibc serves blocks from this size up with their own mapping, returned to the OS when freed (same for
+    # both runs). Smaller blocks come from the heap, which keeps what is freed: the per-layer fp32 buffers of
+    # the 4-bit build stayed behind the small packed tensors allocated after them (threshold 1 MB vs glibc's
+    # default), and the (tokens x features) temporaries of steps with different lengths fragment it (128 KB
+    # vs 1 MB: about 50 MB less in the SmolLM2 runs' first forward, the live tensors being the same)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               MALLOC_MMAP_THRESHOLD_=os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072"))
 
     def child(name: str, q: str) -> dict:
         out = subprocess.run([sys.executable, __file__, "--child", name, q], capture_output=True, text=True, env=env)
