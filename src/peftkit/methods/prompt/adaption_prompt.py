@@ -72,6 +72,22 @@ class AdaptionPromptConfig(PeftConfig):
         return True
 
 
+_ROPE: list = [None]  # the last (cos, sin, their versions, pairs): every adapted layer of a step reads the same
+
+
+def _rope_pairs(cos: Tensor, sin: Tensor, q_len: int, head_dim: int) -> Tensor:
+    """(cos, swap(sin)) of a step, (batch or 1, q, 1, 2, head_dim) (see ``queries``), built once per step: the
+    model hands every layer the same ``position_embeddings`` tensors, so the last pair is kept by identity."""
+    last = _ROPE[0]
+    if last is not None and last[0] is cos and last[1] is sin and last[2] == (cos._version, sin._version):
+        return last[3]
+    half = head_dim // 2
+    pairs = torch.cat((cos, sin.narrow(-1, half, half), sin.narrow(-1, 0, half)), dim=-1)
+    pairs = pairs.view(-1, q_len, 1, 2, head_dim)
+    _ROPE[0] = (cos, sin, (cos._version, sin._version), pairs)
+    return pairs
+
+
 def _params(module: nn.Module) -> list[Tensor]:
     """The module's parameters (a plain projection's without the generic recursive walk)."""
     if module._modules:
@@ -94,12 +110,13 @@ class AttentionAdapterLayer(AdapterLayer):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # submodules read from ``_modules``: nn.Module's attribute fallback, at every decoding step, costs about a
         # third of one of the adapter's matmuls each time
-        base, registered = self._modules["base_layer"], self._modules["adapters"]
+        base, registered = self._modules["base_layer"], self._modules["adapters"]._modules
         names = [n for n in self.active_adapters if n in registered]
         if self.disable_adapters or not names:
             return base(*args, **kwargs)
-        if self.routing is not None:
-            names = [n for n in dict.fromkeys(self.routing) if n in names]
+        routing = self.routing
+        if routing is not None:
+            names = [n for n in dict.fromkeys(routing) if n in names]
         adapters = [registered[n] for n in names]
         geometry = adapters[0]  # projection names and head sizes: the layer's, the same for every adapter
         q_proj, o_proj = base._modules[geometry.q_name], base._modules.get(geometry.o_name)
@@ -114,11 +131,12 @@ class AttentionAdapterLayer(AdapterLayer):
             total = None
             for name, adapter in zip(names, adapters):
                 term = adapter.attend(base, q)  # (heads, batch * q, head_dim)
-                if self.routing is not None:  # a mixed batch: only this adapter's rows get its term
+                if routing is not None:  # a mixed batch: only this adapter's rows get its term
                     term = term * self._rows([name], term).repeat_interleave(x.shape[1]).view(1, -1, 1)
                 total = term if total is None else total + term
             total = total.transpose(0, 1)  # (batch * q, heads, head_dim)
-            total = total if total.dtype == x.dtype else total.to(x.dtype)
+            if total.dtype != x.dtype:
+                total = total.to(x.dtype)
             return (x.reshape(total.shape) + total).reshape(x.shape)
 
         def keep_query(module: nn.Module, inputs: tuple, out: Tensor) -> None:
@@ -126,7 +144,9 @@ class AttentionAdapterLayer(AdapterLayer):
                 projected.append(out)
 
         def add_to_heads(module: nn.Module, inputs: tuple) -> tuple | None:
-            return (with_prompts(inputs[0]), *inputs[1:]) if threading.get_ident() == thread else None
+            if threading.get_ident() == thread:
+                return (with_prompts(inputs[0]), *inputs[1:])
+            return None
 
         hooks = [q_proj.register_forward_hook(keep_query)]
         if o_proj is not None:
@@ -136,11 +156,14 @@ class AttentionAdapterLayer(AdapterLayer):
         finally:
             for hook in hooks:
                 hook.remove()
+        bias = None if o_proj is None else _param(o_proj, "bias")
+        if o_proj is not None and bias is None:
+            return out
         attn, rest = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, None)
         if o_proj is None:
             attn = with_prompts(attn)
-        elif (bias := _param(o_proj, "bias")) is not None:  # PEFT's second o_proj call adds it once more
-            attn = attn + bias * (len(names) if self.routing is None else self._rows(names, attn).view(-1, 1, 1))
+        else:  # PEFT's second o_proj call adds the bias once more
+            attn = attn + bias * (len(names) if routing is None else self._rows(names, attn).view(-1, 1, 1))
         return attn if rest is None else (attn, *rest)
 
     def _rows(self, names: list[str], like: Tensor) -> Tensor:
@@ -217,10 +240,7 @@ class AdaptionPromptAdapter(Adapter):
             projected = projected.narrow(-1, 0, heads * head_dim)
         if not self.rotary:
             return projected.reshape(bsz * q_len, heads, head_dim).transpose(0, 1)
-        cos, sin = kwargs["position_embeddings"]
-        half = head_dim // 2
-        cos_sin = torch.cat((cos, sin.narrow(-1, half, half), sin.narrow(-1, 0, half)), dim=-1)
-        cos_sin = cos_sin.view(-1, q_len, 1, 2, head_dim)
+        cos_sin = _rope_pairs(*kwargs["position_embeddings"], q_len, head_dim)
         q = projected.reshape(bsz, q_len, heads, 1, head_dim) * cos_sin  # (batch, q, heads, 2, head_dim)
         return q.reshape(bsz * q_len, heads, 2 * head_dim).transpose(0, 1)
 
@@ -243,7 +263,8 @@ class AdaptionPromptAdapter(Adapter):
         for name in (self.k_name, self.v_name):
             if name is not None:
                 tensors += _params(base._modules[name])
-        key = (dtype, [(id(t), t._version, t.device, t.dtype) for t in tensors])
+        # storage address and version counter: a new tensor, a `.data` swap, a `.to()` or an in-place update
+        key = (dtype, [(t.data_ptr(), t._version) for t in tensors])
         cached = self.__dict__.get("_kv_cache")
         if cached is None or cached[0] != key:
             cached = (key, self._project(base, dtype))
