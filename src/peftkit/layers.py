@@ -372,6 +372,12 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
     return out
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether computing ``module``'s output without calling it (an adapter's ``fused_forward``) would skip a hook."""
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
 _scratch = threading.local()
 
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError, PeftConfig
-from ..layers import Adapter, layer_dims
+from ..layers import Adapter, has_hooks, layer_dims
+from ..targeting import LINEAR_TYPES
 from ..registry import register_method
 from ..targeting import pattern_value
 
@@ -106,6 +107,41 @@ def fourier_delta(spectrum: Tensor, rows: Tensor, cols: Tensor, d_out: int, d_in
     return (torch.fft.ifft2(dense).real * scaling).to(spectrum.dtype)
 
 
+def half_spectrum_positions(rows: Tensor, cols: Tensor, d_out: int, d_in: int) -> tuple[Tensor, Tensor]:
+    """Where each coefficient lands in the one-sided spectrum of :func:`fourier_delta_half`.
+
+    Returns ``(src, pos)``: coefficient ``src[j]`` adds half its value at flat position ``pos[j]`` of a
+    ``d_out x (d_in // 2 + 1)`` grid. Each ``(u, v)`` goes there itself if ``v <= d_in // 2`` and as its
+    mirror ``(-u, -v)`` (mod the grid) if ``-v mod d_in <= d_in // 2``: both for the columns 0 and (even
+    ``d_in``) ``d_in / 2``, whose mirror stays in the half.
+    """
+    half = d_in // 2 + 1
+    k = torch.arange(rows.numel(), device=rows.device)
+    mrows, mcols = (-rows) % d_out, (-cols) % d_in
+    own, mirror = cols < half, mcols < half
+    src = torch.cat([k[own], k[mirror]])
+    pos = torch.cat([rows[own] * half + cols[own], mrows[mirror] * half + mcols[mirror]])
+    return src, pos
+
+
+def fourier_delta_half(
+    spectrum: Tensor, src: Tensor, pos: Tensor, d_out: int, d_in: int, scaling: float
+) -> Tensor:
+    """:func:`fourier_delta` through a real inverse FFT of half the size (equal up to rounding).
+
+    The coefficients are real, so ``Re(ifft2(F)) = ifft2(H)`` with ``H = (F + F[-u, -v]) / 2`` Hermitian
+    (and real); ``irfft2`` needs only its columns ``0 .. d_in // 2``, filled by ``src`` / ``pos`` from
+    :func:`half_spectrum_positions`, accumulating where a coefficient meets its own or another's mirror.
+    The scaling is folded into the scattered values. Computed in float32 (float64 stays float64) and
+    returned in the spectrum's dtype.
+    """
+    half = d_in // 2 + 1
+    dtype = torch.promote_types(spectrum.dtype, torch.float32)  # no half-precision FFT kernels
+    values = spectrum.to(dtype).index_select(0, src) * (0.5 * scaling)
+    grid = torch.zeros(d_out * half, device=spectrum.device, dtype=dtype).index_add_(0, pos, values)
+    return torch.fft.irfft2(grid.view(d_out, half), s=(d_out, d_in)).to(spectrum.dtype)
+
+
 @register_method(
     "fourierft",
     config=FourierFTConfig,
@@ -140,6 +176,9 @@ class FourierFTAdapter(Adapter):
         # fixed, regenerated from the seed: buffers that follow the device but are never saved
         self.register_buffer("rows", rows.to(w.device), persistent=False)
         self.register_buffer("cols", cols.to(w.device), persistent=False)
+        src, pos = half_spectrum_positions(rows, cols, self.d_out, self.d_in)
+        self.register_buffer("half_src", src.to(w.device), persistent=False)
+        self.register_buffer("half_pos", pos.to(w.device), persistent=False)
         self.fourierft_spectrum = nn.Parameter(torch.empty(n, device=w.device, dtype=dtype))
         with torch.no_grad():
             if config.init_weights or not init:
@@ -153,14 +192,33 @@ class FourierFTAdapter(Adapter):
         return pattern_value(config.n_frequency_pattern, key, config.n_frequency)
 
     def _delta(self) -> Tensor:
-        """The update as (d_out, d_in)."""
+        """The update as (d_out, d_in), PEFT's route (merges are bit for bit PEFT's)."""
         return fourier_delta(self.fourierft_spectrum, self.rows, self.cols, self.d_out, self.d_in, self.scaling)
+
+    def _fast_delta(self) -> Tensor:
+        """The same through the half-size real inverse FFT (forward passes)."""
+        return fourier_delta_half(
+            self.fourierft_spectrum, self.half_src, self.half_pos, self.d_out, self.d_in, self.scaling
+        )
 
     def delta_weight(self, base: nn.Module) -> Tensor:
         """The update in the base weight's layout ((d_in, d_out) for Conv1D)."""
         delta = self._delta()
         return delta.t() if self.transposed else delta
 
+    def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
+        """A plain Linear / Conv1D base: one GEMM with ``W0 + dW`` instead of a base and a delta product (one
+        GEMM fewer forward and backward, no (tokens x d_out) temporaries); declines for hooks, autocast and
+        mixed dtypes (the generic path)."""
+        if type(base) not in LINEAR_TYPES or has_hooks(base) or torch.is_autocast_enabled(x.device.type):
+            return None
+        w = base.weight
+        if x.dtype != w.dtype or self.fourierft_spectrum.dtype != w.dtype:
+            return None
+        x2d = x.reshape(-1, x.shape[-1])
+        out = F.linear(x2d, (w.t() if self.transposed else w) + self._fast_delta(), base.bias)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
     def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
-        delta = self._delta()
+        delta = self._fast_delta()
         return out + F.linear(x.to(delta.dtype), delta).to(out.dtype)

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...layers import Adapter, layer_dims
+from ...layers import Adapter, has_hooks, layer_dims
+from ...targeting import LINEAR_TYPES
 from ...registry import register_method
 from ..lora.kernels import LoraLinear
-from ..lora.layer import _has_hooks
 from .allocator import Mask, RankAllocator, orthogonality_penalty
 from .config import AdaLoraConfig
 
@@ -34,7 +34,6 @@ except ImportError:  # pragma: no cover
     Conv1D = None  # type: ignore[assignment,misc]
 
 _CONV1D = (Conv1D,) if Conv1D is not None else ()
-_OWNED_OUTPUT = (nn.Linear, *_CONV1D)  # base layers whose output ``fused_forward`` computes itself
 
 
 def pattern_mask(rank_pattern: dict[str, Mask] | None, path: str) -> Mask | None:
@@ -158,10 +157,10 @@ class AdaLoraAdapter(Adapter):
         base output and the low-rank input gradient into the base one, so no (tokens x d_out) temporaries
         (the composed form makes three: the product, its scaled and its divided copy)."""
         transposed = type(base) is not nn.Linear
-        if self.is_conv or type(base) not in _OWNED_OUTPUT or transposed != self.fan_in_fan_out:
+        if self.is_conv or type(base) not in LINEAR_TYPES or transposed != self.fan_in_fan_out:
             return None
         w, A = base.weight, self.lora_A
-        if x.dtype != w.dtype or A.dtype != w.dtype or _has_hooks(base) or torch.is_autocast_enabled(x.device.type):
+        if x.dtype != w.dtype or A.dtype != w.dtype or has_hooks(base) or torch.is_autocast_enabled(x.device.type):
             return None
         x2d = x.reshape(-1, A.shape[1])
         xd = self.dropout(x2d) if self.dropout is not None else None

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as M
 
-from ...layers import Adapter, is_transposed, layer_dims, scratch
+from ...layers import Adapter, has_hooks, is_transposed, layer_dims, scratch
+from ...targeting import LINEAR_TYPES
 from ...quant import dequantize_weight, guard_cpu_repack
 from ...routing import cached_stack
 from ...registry import register_method
@@ -35,18 +35,6 @@ except ImportError:  # pragma: no cover
     Conv1D = None  # type: ignore[assignment,misc]
 
 _CONV = (nn.Conv1d, nn.Conv2d)
-# base layers whose forward LoRA may compute itself (see LoraAdapter.fused_forward)
-_OWNED_OUTPUT = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    """Whether computing ``module``'s output without calling it would skip a hook."""
-    return bool(
-        module._forward_hooks or module._forward_pre_hooks
-        or M._global_forward_hooks or M._global_forward_pre_hooks
-    )
-
-
 def _kind(base: nn.Module) -> str:
     if isinstance(base, nn.Embedding):
         return "embedding"
@@ -253,10 +241,10 @@ class LoraAdapter(Adapter):
         memory-bound GEMMs for n tokens. The base weight itself is never modified.
         """
         transposed = type(base) is not nn.Linear
-        if self.kind != "linear" or type(base) not in _OWNED_OUTPUT or transposed != self.fan_in_fan_out:
+        if self.kind != "linear" or type(base) not in LINEAR_TYPES or transposed != self.fan_in_fan_out:
             return None
         w, A = base.weight, self.lora_A
-        if x.dtype != w.dtype or A.dtype != w.dtype or _has_hooks(base) or torch.is_autocast_enabled(x.device.type):
+        if x.dtype != w.dtype or A.dtype != w.dtype or has_hooks(base) or torch.is_autocast_enabled(x.device.type):
             return None  # under autocast the generic path lets autocast pick each op's dtype
         d_out, d_in = self._dims(base)
         x2d = x.reshape(-1, d_in)
@@ -302,7 +290,7 @@ class LoraAdapter(Adapter):
         out3 = out.reshape(rows, -1, out.shape[-1])
         if out.dtype != dtype:
             return out + torch.bmm(h, Bi).view(out.shape).to(out.dtype)
-        if not torch.is_grad_enabled() and not _has_hooks(base) and out3.data_ptr() == out.data_ptr():
+        if not torch.is_grad_enabled() and not has_hooks(base) and out3.data_ptr() == out.data_ptr():
             return out3.baddbmm_(h, Bi).view(out.shape)
         return torch.baddbmm(out3, h, Bi).view(out.shape)
 
@@ -342,7 +330,7 @@ class LoraAdapter(Adapter):
         can hold the base output)."""
         n = out.shape[-1]
         out2d, h2d = out.reshape(-1, n), h.reshape(-1, self.r)
-        if not torch.is_grad_enabled() and not _has_hooks(base):
+        if not torch.is_grad_enabled() and not has_hooks(base):
             return out2d.addmm_(h2d, self.lora_B.t(), alpha=self.scaling).view(out.shape)
         return torch.addmm(out2d, h2d, self.lora_B.t(), alpha=self.scaling).view(out.shape)
 

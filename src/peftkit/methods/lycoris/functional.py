@@ -43,39 +43,45 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return m, n
 
 
-def hadamard_delta(w1_a: Tensor, w1_b: Tensor, w2_a: Tensor, w2_b: Tensor, scale: float) -> Tensor:
-    """LoHa: ``((w1_a @ w1_b) * (w2_a @ w2_b)) * scale``, a (d_out, d_in) matrix.
+def hadamard_delta(
+    w1_a: Tensor, w1_b: Tensor, w2_a: Tensor, w2_b: Tensor, scale: float, base: Tensor | None = None
+) -> Tensor:
+    """LoHa: ``((w1_a @ w1_b) * (w2_a @ w2_b)) * scale``, a (d_out, d_in) matrix, plus ``base`` if given.
 
     For backward only the four factors are kept (the two rank-r products are recomputed), not two
-    (d_out, d_in) matrices, as PEFT's ``HadaWeight`` does."""
-    return _HadamardDelta.apply(w1_a, w1_b, w2_a, w2_b, scale)
+    (d_out, d_in) matrices, as PEFT's ``HadaWeight`` does. Forward allocates two (d_out, d_in) buffers
+    (the products; the rest is in place), backward two more; ``base`` (e.g. the frozen weight, for one
+    GEMM with ``W0 + dW``) is added into the result, and its gradient is passed through."""
+    return _HadamardDelta.apply(w1_a, w1_b, w2_a, w2_b, scale, base)
 
 
 class _HadamardDelta(torch.autograd.Function):
-    """``D = s (A1 B1) * (A2 B2)``; with G = dL/dD: ``dA1 = (s G * P2) B1^T``, ``dB1 = A1^T (s G * P2)``, and
+    """``D = s (A1 B1) * (A2 B2)``; with G = dL/dD: ``dA1 = s (G * P2) B1^T``, ``dB1 = s A1^T (G * P2)``, and
     the same for the second pair with P1 (P_i = A_i B_i)."""
 
     @staticmethod
-    def forward(ctx, w1_a: Tensor, w1_b: Tensor, w2_a: Tensor, w2_b: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, w1_a: Tensor, w1_b: Tensor, w2_a: Tensor, w2_b: Tensor, scale: float,  # type: ignore[override]
+                base: Tensor | None) -> Tensor:
         ctx.save_for_backward(w1_a, w1_b, w2_a, w2_b)
         ctx.scale = scale
-        return (w1_a @ w1_b) * (w2_a @ w2_b) * scale
+        out = (w1_a @ w1_b).mul_(w2_a @ w2_b).mul_(scale)
+        return out if base is None else out.add_(base)
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         w1_a, w1_b, w2_a, w2_b = ctx.saved_tensors
-        g = g * ctx.scale
+        s = ctx.scale
         n1a, n1b, n2a, n2b = ctx.needs_input_grad[:4]
         grads: list[Tensor | None] = [None] * 4
         if n1a or n1b:
-            g1 = g * (w2_a @ w2_b)
-            grads[0] = g1 @ w1_b.t() if n1a else None
-            grads[1] = w1_a.t() @ g1 if n1b else None
+            g1 = (w2_a @ w2_b).mul_(g)
+            grads[0] = (g1 @ w1_b.t()).mul_(s) if n1a else None
+            grads[1] = (w1_a.t() @ g1).mul_(s) if n1b else None
         if n2a or n2b:
-            g2 = g * (w1_a @ w1_b)
-            grads[2] = g2 @ w2_b.t() if n2a else None
-            grads[3] = w2_a.t() @ g2 if n2b else None
-        return (*grads, None)
+            g2 = (w1_a @ w1_b).mul_(g)
+            grads[2] = (g2 @ w2_b.t()).mul_(s) if n2a else None
+            grads[3] = (w2_a.t() @ g2).mul_(s) if n2b else None
+        return (*grads, None, g if ctx.needs_input_grad[5] else None)
 
 
 def cp_rebuild(t: Tensor, w_a: Tensor, w_b: Tensor) -> Tensor:

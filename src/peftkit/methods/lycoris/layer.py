@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...layers import Adapter, is_transposed, layer_dims
+from ...layers import Adapter, has_hooks, is_transposed, layer_dims
+from ...targeting import LINEAR_TYPES
 from ...registry import register_method
 from ...targeting import pattern_value
 from . import functional as YF
@@ -117,6 +118,32 @@ class _LycorisAdapter(Adapter):
             return YF.row_dropout_mask(self.d_out, self.rank_dropout, self.rescale_rank_dropout, like)
         return None
 
+    def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
+        """A plain Linear / GPT-2 Conv1D base: one GEMM with ``W0 + dW`` (see ``_merged_weight``).
+
+        The delta is a dense (d_out, d_in) matrix either way (PEFT forms it too), so merging it costs
+        d_out d_in adds and saves a GEMM forward and one backward, and the (tokens x d_out) temporaries of a
+        separate delta product and the sum. Declines (the generic path) for conv layers, hooks, autocast,
+        mixed dtypes and an active module dropout (which the generic path draws)."""
+        if self.kernel or type(base) not in LINEAR_TYPES or has_hooks(base):
+            return None
+        w = base.weight
+        if x.dtype != w.dtype or getattr(self, self._names[0]).dtype != w.dtype:
+            return None
+        if torch.is_autocast_enabled(x.device.type) or (self.training and self.module_dropout > 0):
+            return None
+        x2d = x.reshape(-1, x.shape[-1])
+        out = F.linear(x2d, self._merged_weight(w.t() if self.transposed else w), base.bias)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _merged_weight(self, w: Tensor) -> Tensor:
+        """``W0 + dW`` as (d_out, d_in), ``w`` the base weight in that layout; rank dropout applied to ``dW``."""
+        delta = self._natural_delta()
+        mask = self._row_mask(delta)
+        if mask is not None:
+            delta = delta * mask.view(-1, 1)
+        return w + delta
+
     def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
         if self._skip():
             return out
@@ -180,6 +207,12 @@ class LoHaAdapter(_LycorisAdapter):
             )
         return YF.hadamard_delta(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self.scaling)
 
+    def _merged_weight(self, w: Tensor) -> Tensor:
+        if self.cp or (self.training and self.rank_dropout > 0):
+            return super()._merged_weight(w)
+        # W0 added into the product's buffer: one (d_out, d_in) allocation fewer
+        return YF.hadamard_delta(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self.scaling, w)
+
 
 @register_method(
     "lokr",
@@ -233,6 +266,19 @@ class LoKrAdapter(_LycorisAdapter):
     def _raw_delta(self) -> Tensor:
         w1, w2 = self._factors()
         return YF.kron_delta(w1, w2, self.scaling)
+
+    def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
+        """As the other LyCORIS methods above the break-even token count ``d_in d_out / (d_in + d_out)``;
+        below it (e.g. decoding) forming the Kronecker product costs more than ``kron_matvec`` does."""
+        if self.kernel or x.numel() // x.shape[-1] * (self.d_in + self.d_out) < self.d_in * self.d_out:
+            return None
+        return super().fused_forward(base, x)
+
+    def _merged_weight(self, w: Tensor) -> Tensor:
+        if self.training and self.rank_dropout > 0:
+            return super()._merged_weight(w)
+        w1, w2 = self._factors()
+        return torch.add(w, torch.kron(w1, w2), alpha=self.scaling)  # the scaling fused into the add
 
     def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
         if self.kernel:

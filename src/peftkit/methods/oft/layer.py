@@ -23,9 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as M
 
-from ...layers import Adapter, is_transposed, layer_dims
+from ...layers import has_hooks, Adapter, is_transposed, layer_dims
 from ...registry import register_method
 from ..lora.kernels import ScaleShift
 from . import functional as OF
@@ -44,12 +43,6 @@ _DEFECT_TOLERANCE = 0.5  # max |R R^T - I| above which an unmerge by inversion i
 # either side cheap, and the weight side rounds exactly as the merged layer (W R^T) does, which matters
 # for blocks far from orthogonal (a large Neumann-series R amplifies the difference of the two orders)
 MIN_INPUT_ROWS = 64
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    """Whether computing ``module``'s output without calling it would skip a hook."""
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or M._global_forward_hooks or M._global_forward_pre_hooks)
 
 
 def _geometry(base: nn.Module, key: str) -> tuple[str, int, int, str]:
@@ -179,7 +172,7 @@ class _RotationAdapter(Adapter):
 
     def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
         """Base and rotation in one pass (the base output is never computed separately)."""
-        if _has_hooks(base) or self.kind == "embedding":
+        if has_hooks(base) or self.kind == "embedding":
             return None
         w = base.weight
         if self.kind == "conv":
