@@ -14,6 +14,19 @@ from torch import nn
 import peftkit
 
 
+class TwoProjections(nn.Module):
+    """Two adapted projections (``query`` with a bias, ``value`` without) mixed non-linearly: the smallest
+    model on which a kernel's output and every factor's gradient can be compared with peft's layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query = nn.Linear(12, 20)
+        self.value = nn.Linear(12, 20, bias=False)
+
+    def forward(self, x):
+        return self.query(x) * 0.5 + self.value(x).tanh()
+
+
 def train_a_little(model: nn.Module, family, steps: int = 3, lr: float = 0.5) -> None:
     """A few SGD steps so that the saved adapter is non-trivial (zero-initialised factors have moved)."""
     model.train()

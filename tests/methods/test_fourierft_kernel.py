@@ -16,6 +16,8 @@ from peftkit.methods.fourierft import (
     FourierFTAdapter, FourierFTConfig, fourier_delta_half, half_spectrum_positions, spectral_locations,
 )
 
+from ..parity import TwoProjections
+
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
@@ -60,16 +62,6 @@ def test_half_spectrum_delta_in_float32_and_half_precision():
                                atol=2e-2, rtol=2e-2)
 
 
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.query = nn.Linear(12, 20)
-        self.value = nn.Linear(12, 20, bias=False)
-
-    def forward(self, x):
-        return self.query(x) * 0.5 + self.value(x).tanh()
-
-
 def _grads(model, x):
     x = x.clone().requires_grad_(True)
     y = model(x)
@@ -85,7 +77,7 @@ def _grads(model, x):
 @pytest.mark.parametrize("bias", ["none", "all"])
 def test_fused_output_and_gradients_equal_peft(bias):
     torch.manual_seed(0)
-    model = Tiny()
+    model = TwoProjections()
     # a scaling that gives |dW| of the order of W0 here (150 on this 20 x 12 grid: entries around 4)
     kwargs = {"n_frequency": 50, "scaling": 10.0, "target_modules": ["query", "value"], "bias": bias}
     ref = peft.get_peft_model(copy.deepcopy(model), peft.FourierFTConfig(**kwargs))

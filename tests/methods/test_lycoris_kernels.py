@@ -14,6 +14,8 @@ import peftkit
 from peftkit.methods.lycoris import LoHaAdapter, LoHaConfig, LoKrAdapter, LoKrConfig
 from peftkit.methods.lycoris import functional as YF
 
+from ..parity import TwoProjections
+
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 CASES = [
     ("loha", {"r": 3, "alpha": 5}),
@@ -29,19 +31,9 @@ def _threads():
     torch.set_num_threads(1)
 
 
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.query = nn.Linear(12, 20)
-        self.value = nn.Linear(12, 20, bias=False)
-
-    def forward(self, x):
-        return self.query(x) * 0.5 + self.value(x).tanh()
-
-
 def _pair(method: str, kwargs: dict):
     torch.manual_seed(0)
-    model = Tiny()
+    model = TwoProjections()
     ref_cls, our_cls = CLASSES[method]
     common = {**kwargs, "init_weights": False, "target_modules": ["query", "value"]}
     ref = peft.get_peft_model(copy.deepcopy(model), ref_cls(**common))
