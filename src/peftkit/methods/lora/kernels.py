@@ -18,6 +18,8 @@ def skinny_mm(a: Tensor, b: Tensor) -> Tensor:
     Measured with torch 2.13's CPU BLAS (1024 tokens, r = 8, one thread): ``g @ B`` for a (1024, 1536)
     ``g`` takes 1.28 ms as written and 0.39 ms transposed, ``g^T @ h`` (the gradient of ``B``) 3.06 ms
     against 0.40 ms, ``x @ A^T`` 0.13 against 0.10 ms; the (r, n) x (n, d) products are fast either way.
+    At r = 16 and 32 only ``g^T @ h`` still gains (1.2-1.6x), the others are within a few percent either
+    way; at r = 64 the forms take the same time (``benchmarks/bench_thin_products.py --rank R``).
     The two forms may round differently (BLAS picks another kernel), within float tolerance.
     """
     return torch.mm(b.t(), a.t()).t()
