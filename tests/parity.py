@@ -9,7 +9,7 @@ from pathlib import Path
 import peft
 import torch
 from safetensors.torch import load_file
-from torch import nn
+from torch import Tensor, nn
 
 import peftkit
 
@@ -25,6 +25,33 @@ class TwoProjections(nn.Module):
 
     def forward(self, x):
         return self.query(x) * 0.5 + self.value(x).tanh()
+
+
+def _output_and_grads(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Output, input gradient and the trainable parameters' gradients under one name scheme (peft:
+    "...query.hada_w1_a.default", peftkit: "...query.adapters.default.hada_w1_a": both "...query.hada_w1_a")."""
+    x = x.clone().requires_grad_(True)
+    y = model(x)
+    (y * torch.linspace(-1, 2, y.shape[-1])).sum().backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            grads[name.replace(".adapters.default", "").replace(".default", "")] = p.grad
+            p.grad = None
+    return y.detach(), x.grad, grads
+
+
+def assert_same_outputs_and_grads(ref: nn.Module, ours: nn.Module, x: Tensor, min_params: int,
+                                  tol: float = 1e-5) -> None:
+    """peft's model and ours give the same output, input gradient and parameter gradients (``min_params``:
+    at least that many trainable tensors compared)."""
+    y_ref, gx_ref, g_ref = _output_and_grads(ref, x)
+    y, gx, g = _output_and_grads(ours, x)
+    torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(gx, gx_ref, atol=tol, rtol=tol)
+    assert g.keys() == g_ref.keys() and len(g) >= min_params, (sorted(g), sorted(g_ref))
+    for key, grad in g.items():
+        torch.testing.assert_close(grad, g_ref[key], atol=tol, rtol=tol, msg=key)
 
 
 def train_a_little(model: nn.Module, family, steps: int = 3, lr: float = 0.5) -> None:

@@ -16,7 +16,7 @@ from peftkit.methods.fourierft import (
     FourierFTAdapter, FourierFTConfig, fourier_delta_half, half_spectrum_positions, spectral_locations,
 )
 
-from ..parity import TwoProjections
+from ..parity import TwoProjections, assert_same_outputs_and_grads
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -62,18 +62,6 @@ def test_half_spectrum_delta_in_float32_and_half_precision():
                                atol=2e-2, rtol=2e-2)
 
 
-def _grads(model, x):
-    x = x.clone().requires_grad_(True)
-    y = model(x)
-    (y * torch.linspace(-1, 2, y.shape[-1])).sum().backward()
-    by_layer = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            by_layer[n.replace(".adapters.default", "").replace(".default", "")] = p.grad
-            p.grad = None
-    return y.detach(), x.grad, by_layer
-
-
 @pytest.mark.parametrize("bias", ["none", "all"])
 def test_fused_output_and_gradients_equal_peft(bias):
     torch.manual_seed(0)
@@ -87,13 +75,7 @@ def test_fused_output_and_gradients_equal_peft(bias):
             if "fourierft_spectrum" in n:
                 p.copy_(ref.get_parameter(n.replace(".adapters.default", "") + ".default"))
     x = torch.randn(2, 7, 12)
-    y_ref, gx_ref, g_ref = _grads(ref, x)
-    y, gx, g = _grads(ours, x)
-    torch.testing.assert_close(y, y_ref, **TOL)
-    torch.testing.assert_close(gx, gx_ref, **TOL)
-    assert g.keys() == g_ref.keys() and len(g) >= 2
-    for key, grad in g.items():
-        torch.testing.assert_close(grad, g_ref[key], **TOL, msg=key)
+    assert_same_outputs_and_grads(ref, ours, x, min_params=2)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])

@@ -14,7 +14,7 @@ import peftkit
 from peftkit.methods.lycoris import LoHaAdapter, LoHaConfig, LoKrAdapter, LoKrConfig
 from peftkit.methods.lycoris import functional as YF
 
-from ..parity import TwoProjections
+from ..parity import TwoProjections, assert_same_outputs_and_grads
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 CASES = [
@@ -49,34 +49,13 @@ def _pair(method: str, kwargs: dict):
     return ref, ours
 
 
-def _grads(model, x):
-    """Output, input gradient and {(layer, factor): gradient} (peft: "...query.hada_w1_a.default", peftkit:
-    "...query.adapters.default.hada_w1_a")."""
-    x = x.clone().requires_grad_(True)
-    y = model(x)
-    (y * torch.linspace(-1, 2, y.shape[-1])).sum().backward()
-    by_factor = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            parts = n.replace(".adapters.default", "").replace(".default", "").split(".")
-            by_factor[(parts[-2], parts[-1])] = p.grad
-            p.grad = None
-    return y.detach(), x.grad, by_factor
-
-
 @pytest.mark.parametrize(("method", "kwargs"), CASES, ids=IDS)
 def test_fused_output_and_gradients_equal_peft(method, kwargs):
     ref, ours = _pair(method, kwargs)
     x = torch.randn(2, 7, 12)
     for mode in ("train", "eval"):
         getattr(ref, mode)(), getattr(ours, mode)()
-        y_ref, gx_ref, g_ref = _grads(ref, x)
-        y, gx, g = _grads(ours, x)
-        torch.testing.assert_close(y, y_ref, **TOL)
-        torch.testing.assert_close(gx, gx_ref, **TOL)
-        assert g.keys() == g_ref.keys() and len(g) >= 4
-        for key, grad in g.items():
-            torch.testing.assert_close(grad, g_ref[key], **TOL, msg=str(key))
+        assert_same_outputs_and_grads(ref, ours, x, min_params=4)
 
 
 def _adapter(method: str, base: nn.Module, **extra):
