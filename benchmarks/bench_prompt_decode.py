@@ -4,7 +4,8 @@ For each tiny config (GPT-2, Llama: hidden 256, 4 layers) and each method (promp
 tuning with 20 virtual tokens; LLaMA-Adapter with adapter_len 20 on Llama), greedy ``generate`` with the KV
 cache on a batch of 4 left-padded prompts. Decode time per token = (time of 1 + N new tokens - time of 1 new
 token) / N, so the prefill (where the virtual tokens are processed once) is left out. The base model is a
-separate copy with the same weights. Repetitions interleave every case (order rotated); medians. On a machine
+separate copy with the same weights; the row "base, prompt + 20" (the base model given a prompt 20 tokens
+longer) is the floor of any method that keeps 20 more positions in the cache. Repetitions interleave every case (order rotated); medians. On a machine
 that others load, ``--clock cpu`` times this thread's CPU time instead of wall time (steadier, not immune).
 
     .venv/bin/python benchmarks/bench_prompt_decode.py            # --reps 7 --new 32 --threads 1 --clock wall
@@ -76,21 +77,27 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import peftkit
 
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, VOCAB, (args.batch, 16), generator=gen)
-    mask = torch.ones_like(ids)
-    for row in range(1, args.batch):  # left padding of 0..3 tokens
-        ids[row, :row], mask[row, :row] = 0, 0
+    def prompts(length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(1, VOCAB, (args.batch, length), generator=gen)
+        mask = torch.ones_like(ids)
+        for row in range(1, args.batch):  # left padding of 0..3 tokens
+            ids[row, :row], mask[row, :row] = 0, 0
+        return ids, mask
 
+    inputs, longer = prompts(16), prompts(16 + 20)
     cases = {}
     for family in ("gpt2", "llama"):
-        cases[(family, "base")] = base_model(family)
+        cases[(family, "base")] = (base_model(family), inputs)
+        # the floor of any 20-token prompt: the base model attending over 20 more cached positions
+        cases[(family, "base, prompt + 20")] = (cases[(family, "base")][0], longer)
         for name, config in configs(family).items():
             model = peftkit.get_peft_model(base_model(family), config)
             perturb(model)
-            cases[(family, name)] = model.eval()
+            cases[(family, name)] = (model.eval(), inputs)
 
-    def generate(model, n: int) -> None:
+    def generate(case, n: int) -> None:
+        model, (ids, mask) = case
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                        use_cache=True)
 
@@ -98,15 +105,15 @@ def main() -> None:
     samples: dict[tuple[str, str], list[float]] = {k: [] for k in cases}
     keys = list(cases)
     with torch.no_grad():
-        for model in cases.values():
-            generate(model, 2)  # warm-up
+        for case in cases.values():
+            generate(case, 2)  # warm-up
         for rep in range(args.reps):
             for key in keys[rep % len(keys):] + keys[: rep % len(keys)]:
-                model = cases[key]
+                case = cases[key]
                 t0 = clock()
-                generate(model, 1)
+                generate(case, 1)
                 t1 = clock()
-                generate(model, 1 + args.new)
+                generate(case, 1 + args.new)
                 t2 = clock()
                 samples[key].append(((t2 - t1) - (t1 - t0)) / args.new)
     med = {k: statistics.median(v) for k, v in samples.items()}

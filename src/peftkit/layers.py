@@ -40,6 +40,9 @@ class Adapter(nn.Module):
     # False for adapters that change the layer output's shape (VPT inserts tokens): a mixed batch
     # (``adapter_names``) cannot route their rows, and says so instead of failing on shapes
     supports_routing: ClassVar[bool] = True
+    # False for adapters that leave the layer's output alone (prompt methods act on the model's inputs):
+    # the layer's forward does not call them
+    changes_output: ClassVar[bool] = True
     default_roles: ClassVar[tuple[str, ...]] = ("query", "value")
 
     @classmethod
@@ -210,7 +213,9 @@ class AdapterLayer(nn.Module):
                 return fused
         out = self.base_layer(x, *args, **kwargs)
         for name in pending:
-            out = self.adapters[name](self.base_layer, x, out)
+            adapter = self.adapters[name]
+            if adapter.changes_output:
+                out = adapter(self.base_layer, x, out)
         return out
 
     def _routed_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:

@@ -114,8 +114,9 @@ def hold_in_layers(model: nn.Module, cache: Any, keep: bool) -> None:
 
 def release_layers(model: nn.Module) -> None:
     """Undo ``hold_in_layers`` (no-op when nothing is held)."""
-    for undo in reversed(model.__dict__.pop("_peftkit_release", None) or ()):
-        undo()
+    if "_peftkit_release" in model.__dict__:
+        for undo in reversed(model.__dict__.pop("_peftkit_release")):
+            undo()
 
 
 def _set_instance_attr(module: nn.Module, name: str, value: Any) -> Any:

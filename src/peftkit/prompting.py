@@ -27,7 +27,7 @@ call to every layer, including those a backbone passes no cache under checkpoint
 from __future__ import annotations
 
 import inspect
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -45,10 +45,11 @@ class PromptAdapter(Adapter):
     """
 
     rewrites_inputs: ClassVar[bool] = True
+    changes_output: ClassVar[bool] = False  # the embedding's output is left alone; the work happens in ``rewrite``
     supported_layers: ClassVar[tuple[type, ...]] = (nn.Module,)
 
     def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
-        return out  # the embedding's output is left alone; the work happens in ``rewrite``
+        return out
 
     def rewrite(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover
         raise NotImplementedError
@@ -65,17 +66,21 @@ class PromptAdapter(Adapter):
 
 
 # -- the hook ----------------------------------------------------------------------------------------------
-def active_prompt(model: nn.Module) -> PromptAdapter | None:
-    """The active, enabled prompt adapter of ``model`` (None when there is none)."""
-    layer = input_embeddings(model)
+def active_prompt(model: nn.Module, layer: nn.Module | None = None) -> PromptAdapter | None:
+    """The active, enabled prompt adapter of ``model`` (None when there is none); ``layer``: the model's input
+    embedding when the caller has it."""
+    layer = input_embeddings(model) if layer is None else layer
     if not isinstance(layer, AdapterLayer) or layer.disable_adapters:
         return None
-    active = [n for n in layer.active_adapters if isinstance(layer.adapters[n], PromptAdapter)]
-    if not active:
-        return None
-    if len(active) > 1:
-        raise ValueError(f"only one prompt adapter can be active at a time; active: {active}")
-    return layer.adapters[active[0]]
+    found = None
+    for name in layer.active_adapters:
+        adapter = layer.adapters[name]
+        if isinstance(adapter, PromptAdapter):
+            if found is not None:
+                active = [n for n in layer.active_adapters if isinstance(layer.adapters[n], PromptAdapter)]
+                raise ValueError(f"only one prompt adapter can be active at a time; active: {active}")
+            found = adapter
+    return found
 
 
 def routed_prompts(model: nn.Module) -> list[Tensor | None] | None:
@@ -98,7 +103,7 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[t
     if getattr(layer, "routing", None) is not None:  # a mixed batch: the rows' adapters decide, not the active one
         rows = routed_prompts(module)
         return None if rows is None else ((), embed_routed_prompts(module, bind_inputs(module, args, kwargs), rows))
-    adapter = active_prompt(module)
+    adapter = active_prompt(module, layer)
     if adapter is None:
         return None
     return (), adapter.rewrite(module, bind_inputs(module, args, kwargs))
@@ -221,9 +226,9 @@ def prepend_positions(position_ids: Tensor | None, n: int) -> Tensor | None:
     return torch.cat([front, position_ids + n], dim=-1)
 
 
-def embed_prompts(model: nn.Module, kwargs: dict[str, Any], prompts: Tensor) -> dict[str, Any]:
-    """Prepend ``prompts`` (n, d) to the input embeddings of the call (see the module docstring)."""
-    n = prompts.shape[0]
+def embed_prompts(model: nn.Module, kwargs: dict[str, Any], n: int, prompts: Callable[[], Tensor]) -> dict[str, Any]:
+    """Prepend the first ``n`` rows of ``prompts()`` ((>= n, d); called only when the call embeds them, not in a
+    decoding step) to the input embeddings of the call (see the module docstring)."""
     cache = pop_cache(kwargs)
     if cache is not None:
         kwargs["cache"] = cache
@@ -236,7 +241,7 @@ def embed_prompts(model: nn.Module, kwargs: dict[str, Any], prompts: Tensor) -> 
             kwargs["position_ids"] = kwargs["position_ids"] + n
         return kwargs
     length = (kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[1]
-    kwargs["inputs_embeds"] = _cat_prompts(model, kwargs, prompts)
+    kwargs["inputs_embeds"] = _cat_prompts(model, kwargs, prompts()[:n])
     kwargs["attention_mask"] = prepend_ones(kwargs.get("attention_mask"), n)
     kwargs["position_ids"] = prepend_positions(kwargs.get("position_ids"), n)
     if kwargs.get("token_type_ids") is not None:

@@ -123,7 +123,7 @@ class PromptTuningAdapter(EmbeddingPrompt):
         return self.embedding.weight
 
     def rewrite(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return embed_prompts(model, kwargs, self.prompts()[: self.num_virtual_tokens])
+        return embed_prompts(model, kwargs, self.num_virtual_tokens, self.prompts)
 
     def rewrite_encoder(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
         return embed_encoder_prompts(model, kwargs, self.prompts()[: self.num_virtual_tokens])
