@@ -40,9 +40,7 @@ class Adapter(nn.Module):
     # False for adapters that change the layer output's shape (VPT inserts tokens): a mixed batch
     # (``adapter_names``) cannot route their rows, and says so instead of failing on shapes
     supports_routing: ClassVar[bool] = True
-    # False for adapters that leave the layer's output alone (prompt methods act on the model's inputs):
-    # the layer's forward does not call them
-    changes_output: ClassVar[bool] = True
+    changes_output: ClassVar[bool] = True  # False: the layer's forward skips it (prompts rewrite model inputs)
     default_roles: ClassVar[tuple[str, ...]] = ("query", "value")
 
     @classmethod
