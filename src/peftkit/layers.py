@@ -13,8 +13,6 @@ weight bit for bit, provided the adapter's parameters did not change while merge
 
 from __future__ import annotations
 
-import math
-import threading
 import warnings
 from typing import Any, ClassVar
 
@@ -22,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .routing import routed_forward
-from .targeting import Conv1D, find_targets
+from .targeting import find_targets
 
 
 class Adapter(nn.Module):
@@ -327,23 +325,6 @@ class AdapterLayer(nn.Module):
         return f"active={self.active_adapters}, merged={self.merged_adapters}"
 
 
-def is_transposed(base: nn.Module) -> bool:
-    """GPT-2's Conv1D stores its weight (d_in, d_out), the transpose of nn.Linear's."""
-    return isinstance(base, Conv1D)
-
-
-def layer_dims(base: nn.Module) -> tuple[int, int]:
-    """(d_out, d_in) of a base layer: Linear, Conv1D, Conv (channels) or Embedding (dim, num_embeddings)."""
-    if isinstance(base, nn.Embedding):
-        return base.embedding_dim, base.num_embeddings
-    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return base.out_channels, base.in_channels
-    if isinstance(base, nn.Linear):  # a quantized Linear's packed weight has another shape
-        return base.out_features, base.in_features
-    w = base.weight
-    return (w.shape[1], w.shape[0]) if is_transposed(base) else (w.shape[0], w.shape[1])
-
-
 def _quantized(base: nn.Module) -> bool:
     """A bitsandbytes 4-/8-bit base (its weight is packed; see peftkit.quant)."""
     return type(getattr(base, "weight", None)).__name__ in ("Params4bit", "Int8Params")
@@ -373,29 +354,3 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
 
     walk("", model)
     return out
-
-
-def has_hooks(module: nn.Module) -> bool:
-    """Whether computing ``module``'s output without calling it (an adapter's ``fused_forward``) would skip a hook."""
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
-
-
-_scratch = threading.local()
-
-
-def scratch(shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """A reusable per-thread buffer with ``like``'s dtype and device (no fresh allocation per call).
-
-    Layers run one after another, so one buffer serves every layer of a model; its content is valid
-    only until the next call.
-    """
-    numel = math.prod(shape)
-    key = (like.dtype, like.device)
-    buffers = getattr(_scratch, "buffers", None)
-    if buffers is None:
-        buffers = _scratch.buffers = {}
-    buf = buffers.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
-    return buf[:numel].view(shape)

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError, PeftConfig
-from ..layers import Adapter, has_hooks, layer_dims
+from ..layers import Adapter
+from ..kernel_helpers import has_hooks, layer_dims
 from ..targeting import LINEAR_TYPES
 from ..registry import register_method
 from ..targeting import pattern_value

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError, PeftConfig
-from ..layers import Adapter, layer_dims
+from ..layers import Adapter
+from ..kernel_helpers import layer_dims
 from ..registry import register_method
 from ..routing import cached_stack, row_view
 from ..targeting import role_names

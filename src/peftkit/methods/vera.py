@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError, PeftConfig
-from ..layers import Adapter, SharedState, layer_dims
+from ..layers import Adapter, SharedState
+from ..kernel_helpers import layer_dims
 from ..registry import register_method
 
 try:

@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...layers import Adapter, layer_dims
+from ...layers import Adapter
+from ...kernel_helpers import layer_dims
 from ...registry import register_method
 from ...targeting import (
     LINEAR_TYPES, SPLIT_FFN, NotApplicableError, TargetError, find_targets, model_family, role_paths,

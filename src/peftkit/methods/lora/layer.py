@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...layers import Adapter, has_hooks, is_transposed, layer_dims, scratch
+from ...layers import Adapter
+from ...kernel_helpers import has_hooks, is_transposed, layer_dims, scratch
 from ...targeting import LINEAR_TYPES
 from ...quant import dequantize_weight, guard_cpu_repack
 from ...routing import cached_stack

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...layers import Adapter, has_hooks, is_transposed, layer_dims
+from ...layers import Adapter
+from ...kernel_helpers import has_hooks, is_transposed, layer_dims
 from ...targeting import LINEAR_TYPES
 from ...registry import register_method
 from ...targeting import pattern_value

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...layers import has_hooks, Adapter, is_transposed, layer_dims
+from ...layers import Adapter
+from ...kernel_helpers import has_hooks, is_transposed, layer_dims
 from ...registry import register_method
 from ..lora.kernels import ScaleShift
 from . import functional as OF
