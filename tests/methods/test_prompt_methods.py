@@ -295,9 +295,10 @@ def test_adaption_prompt_caches_its_keys_and_values_outside_autograd(monkeypatch
     torch.testing.assert_close(changed, uncached.detach(), atol=1e-6, rtol=1e-5)
 
 
-def test_adaption_prompt_hooks_act_only_in_the_calling_thread():
-    """An adapted attention hooks its query and output projections while it runs; another thread calling those
-    projections meanwhile gets their plain outputs, and the adapted output is unchanged."""
+def test_adaption_prompt_acts_only_in_the_calling_thread():
+    """An adapted attention routes its module's attention function to the prompts for the length of the call;
+    another thread calling that module or its projections meanwhile gets their plain outputs, the adapted
+    output is unchanged, and the module's own config is back afterwards."""
     import threading
 
     model = wrap("llama", AdaptionPromptConfig(adapter_len=4, adapter_layers=1)).eval()
@@ -305,14 +306,20 @@ def test_adaption_prompt_hooks_act_only_in_the_calling_thread():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.5)  # open the gate
-    base = model.get_base_model().model.layers[-1].self_attn.base_layer
+    inner = model.get_base_model().model
+    base = inner.layers[-1].self_attn.base_layer
     x, ids = torch.randn(2, 3, 32), torch.randint(0, 99, (2, 5))
+    rope = inner.rotary_emb(x, torch.arange(3).expand(2, 3))
     seen = {}
 
-    def other_thread() -> None:
-        seen["q"], seen["o"] = base.q_proj(x), base.o_proj(x)
+    def plain() -> dict:
+        return {"q": base.q_proj(x), "o": base.o_proj(x),
+                "attention": base(hidden_states=x, position_embeddings=rope, attention_mask=None)[0]}
 
-    def meanwhile(module, inputs) -> None:  # runs inside the adapted attention, after its query projection
+    def other_thread() -> None:
+        seen.update(plain())
+
+    def meanwhile(module, inputs) -> None:  # runs inside the adapted attention, before its attention function
         thread = threading.Thread(target=other_thread)
         thread.start()
         thread.join()
@@ -324,6 +331,38 @@ def test_adaption_prompt_hooks_act_only_in_the_calling_thread():
             together = model(input_ids=ids).logits
         finally:
             handle.remove()
-        torch.testing.assert_close(seen["q"], base.q_proj(x), atol=1e-6, rtol=0)  # other threads: other GEMM blocking
-        torch.testing.assert_close(seen["o"], base.o_proj(x), atol=1e-6, rtol=0)
+        expected = plain()
+    assert base.config is model.get_base_model().config
+    for name in expected:  # other threads: other GEMM blocking
+        torch.testing.assert_close(seen[name], expected[name], atol=1e-6, rtol=0, msg=name)
     torch.testing.assert_close(together, alone, atol=1e-6, rtol=0)
+
+
+def test_adaption_prompt_restores_the_attention_config_after_an_error():
+    model = wrap("llama", AdaptionPromptConfig(adapter_len=4, adapter_layers=1)).eval()
+    base = model.get_base_model().model.layers[-1].self_attn.base_layer
+
+    def fail(module, inputs) -> None:
+        raise ValueError("inside the adapted attention")
+
+    handle = base.v_proj.register_forward_pre_hook(fail)
+    try:
+        with pytest.raises(ValueError, match="inside the adapted attention"):
+            model(input_ids=torch.randint(0, 99, (1, 4)))
+    finally:
+        handle.remove()
+    assert base.config is model.get_base_model().config
+
+
+def test_adaption_prompt_under_inference_mode_equals_no_grad():
+    model = wrap("llama", AdaptionPromptConfig(adapter_len=4, adapter_layers=2)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)  # open the gates
+        ids = torch.randint(0, 99, (2, 5))
+        expected = model(input_ids=ids).logits
+    with torch.inference_mode():
+        first, again = model(input_ids=ids).logits, model(input_ids=ids).logits
+    torch.testing.assert_close(first, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(again, expected, atol=1e-6, rtol=0)

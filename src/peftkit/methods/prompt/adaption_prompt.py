@@ -8,13 +8,18 @@ the base). Per head h, with the layer's own queries q_h (rotary embedding includ
     out = W_o concat_h [ Attn_h(x)  +  g softmax(q_h P_k,h^T / sqrt(d_h)) P_v,h ]
 
 where ``P_k = W_k P``, ``P_v = W_v P`` are the layer's own projections of the prompt (no rotary embedding;
-grouped-query attention: each key/value head serves its group of query heads). W_o is linear, so this equals
-Hugging Face PEFT's ``W_o Attn(x) + W_o (prompt term)`` up to rounding. The term is added to the output
-projection's input and the queries are the ones the attention computed, taken from the query projection's
-output: no projection runs twice per step. With an output-projection bias, PEFT's
-second ``o_proj`` call adds the bias once more; so does this module (matching PEFT's numbers, so such a model
-does not start exactly at the base). On GPT-2 the fused ``c_attn`` gives queries, keys and values and, as in
-PEFT, the prompts' output is added after the output projection, without it.
+grouped-query attention: each key/value head serves its group of query heads). The term joins the heads'
+outputs before W_o, so this equals Hugging Face PEFT's ``W_o Attn(x) + W_o (prompt term)`` up to rounding.
+
+The queries are the attention's own, rotary embedding applied: for the length of an adapted call, the
+attention module reads a config whose ``_attn_implementation`` names ``attention_with_prompts`` (registered
+with transformers' ``AttentionInterface``), which runs the model's own attention function and adds the
+prompts' term, one ``scaled_dot_product_attention`` over the cached prompt keys and values. No projection runs
+twice and no hook is registered. With an output-projection bias, PEFT's second ``o_proj`` call adds the bias
+once more; so does this module (matching PEFT's numbers, so such a model does not start exactly at the base).
+On GPT-2 the fused ``c_attn`` gives the prompts' keys and values and, as in PEFT, the prompts' output is added
+after the output projection, without it (an adapted GPT-2 layer runs the attention function its config names,
+never the eager ``reorder_and_upcast_attn`` variant).
 
 Parameters per layer: the prompt P (1, adapter_len, d) and the gate (1,). Keys as in PEFT:
 ``<attention path>.adaption_prompt`` / ``.adaption_gate``.
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
+import sys
 from typing import Any, ClassVar
 
 import torch
@@ -72,20 +77,10 @@ class AdaptionPromptConfig(PeftConfig):
         return True
 
 
-_ROPE: list = [None]  # the last (cos, sin, their versions, pairs): every adapted layer of a step reads the same
-
-
-def _rope_pairs(cos: Tensor, sin: Tensor, q_len: int, head_dim: int) -> Tensor:
-    """(cos, swap(sin)) of a step, (batch or 1, q, 1, 2, head_dim) (see ``queries``), built once per step: the
-    model hands every layer the same ``position_embeddings`` tensors, so the last pair is kept by identity."""
-    last = _ROPE[0]
-    if last is not None and last[0] is cos and last[1] is sin and last[2] == (cos._version, sin._version):
-        return last[3]
-    half = head_dim // 2
-    pairs = torch.cat((cos, sin.narrow(-1, half, half), sin.narrow(-1, 0, half)), dim=-1)
-    pairs = pairs.view(-1, q_len, 1, 2, head_dim)
-    _ROPE[0] = (cos, sin, (cos._version, sin._version), pairs)
-    return pairs
+def _param(module: nn.Module, name: str) -> Tensor | None:
+    """``getattr(module, name, None)``; a plain projection's read from its ``_parameters``, without nn.Module's
+    attribute fallback (a wrapper, e.g. LoRA's, lends its base layer's)."""
+    return getattr(module, name, None) if module._modules else module._parameters.get(name)
 
 
 def _params(module: nn.Module) -> list[Tensor]:
@@ -95,17 +90,57 @@ def _params(module: nn.Module) -> list[Tensor]:
     return [p for p in module._parameters.values() if p is not None]
 
 
-def _param(module: nn.Module, name: str) -> Tensor | None:
-    """``getattr(module, name, None)``; a plain projection's read from its ``_parameters``, without nn.Module's
-    attribute fallback (a wrapper, e.g. LoRA's, lends its base layer's)."""
-    return getattr(module, name, None) if module._modules else module._parameters.get(name)
+_IMPLEMENTATION = "peftkit_adaption_prompt"  # the attention-function name adapted calls dispatch to
+_PROMPTS = "peftkit_adaption_prompts"  # the keyword that carries an adapted call's adapters to that function
+_ATTENTION_FUNCTIONS: list = []  # transformers' ALL_ATTENTION_FUNCTIONS, once the function is registered
+
+
+class _AdaptedConfig:
+    """An attention module's config for the length of an adapted call: every field is the model's config's,
+    except ``_attn_implementation``, which names ``attention_with_prompts``."""
+
+    _attn_implementation = _IMPLEMENTATION
+
+    def __init__(self, config: Any) -> None:
+        self.__dict__["config"] = config
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["config"], name)
+
+
+def attention_with_prompts(module: nn.Module, query: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Any]:
+    """The model's own attention function (the one its config names), plus each adapter's prompt term on the
+    heads' outputs, (batch, q, heads, head_dim); GPT-2's terms are handed back to the layer, which adds them
+    after the output projection. ``query``: (batch, heads, q, head_dim), rotary embedding applied."""
+    call = kwargs.pop(_PROMPTS, None)  # absent: another thread calls the module during an adapted call
+    config = module.config
+    if isinstance(config, _AdaptedConfig):
+        config = config.__dict__["config"]
+        if call is not None:  # the attention function is chosen: the model's own config for the rest of the call
+            module.__dict__["config"] = config
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    out, weights = _ATTENTION_FUNCTIONS[0].get_interface(config._attn_implementation, eager)(
+        module, query, *args, **kwargs)
+    if call is None:
+        return out, weights
+    adapters, terms = call
+    total = None
+    for adapter, rows in adapters:
+        term = adapter.attend(module, query)  # (batch, heads, q, head_dim)
+        if rows is not None:  # a mixed batch: only this adapter's rows get its term
+            term = term * rows.view(-1, 1, 1, 1)
+        total = term if total is None else total + term
+    total = total.transpose(1, 2)
+    if total.dtype != out.dtype:
+        total = total.to(out.dtype)
+    terms.append(total)
+    return (out, weights) if adapters[0][0].o_name is None else (out + total, weights)
 
 
 class AttentionAdapterLayer(AdapterLayer):
     """An ``AdapterLayer`` around an attention module, called with the attention's own arguments (keywords
-    included). For the length of the call, a hook on the query projection keeps its output and a pre-hook on
-    the output projection adds the active adapters' prompt terms to its input, the heads' outputs (no output
-    projection: the terms are added to the attention output). The hooks act only in the calling thread."""
+    included). For the length of the call the module's attention function is ``attention_with_prompts`` (see
+    the module docstring), which gets the active adapters through a keyword argument."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # submodules read from ``_modules``: nn.Module's attribute fallback, at every decoding step, costs about a
@@ -117,51 +152,27 @@ class AttentionAdapterLayer(AdapterLayer):
         routing = self.routing
         if routing is not None:
             names = [n for n in dict.fromkeys(routing) if n in names]
-        adapters = [registered[n] for n in names]
-        geometry = adapters[0]  # projection names and head sizes: the layer's, the same for every adapter
-        q_proj, o_proj = base._modules[geometry.q_name], base._modules.get(geometry.o_name)
-        thread, projected = threading.get_ident(), []
-
-        def with_prompts(x: Tensor) -> Tensor:
-            """``x`` (batch, q, heads * head_dim) plus the adapters' terms, in ``x``'s dtype."""
-            if not projected:
-                raise RuntimeError(f"adaption_prompt: {type(base).__name__} did not call its "
-                                   f"{geometry.q_name!r} projection")
-            q = geometry.queries(projected[-1], kwargs)
-            total = None
-            for name, adapter in zip(names, adapters):
-                term = adapter.attend(base, q)  # (heads, batch * q, head_dim)
-                if routing is not None:  # a mixed batch: only this adapter's rows get its term
-                    term = term * self._rows([name], term).repeat_interleave(x.shape[1]).view(1, -1, 1)
-                total = term if total is None else total + term
-            total = total.transpose(0, 1)  # (batch * q, heads, head_dim)
-            if total.dtype != x.dtype:
-                total = total.to(x.dtype)
-            return (x.reshape(total.shape) + total).reshape(x.shape)
-
-        def keep_query(module: nn.Module, inputs: tuple, out: Tensor) -> None:
-            if threading.get_ident() == thread:
-                projected.append(out)
-
-        def add_to_heads(module: nn.Module, inputs: tuple) -> tuple | None:
-            if threading.get_ident() == thread:
-                return (with_prompts(inputs[0]), *inputs[1:])
-            return None
-
-        hooks = [q_proj.register_forward_hook(keep_query)]
-        if o_proj is not None:
-            hooks.append(o_proj.register_forward_pre_hook(add_to_heads))
+        adapters = [(registered[n], None if routing is None else self._rows([n], registered[n].adaption_gate))
+                    for n in names]
+        terms: list[Tensor] = []
+        kwargs[_PROMPTS] = (adapters, terms)
+        slots = base.__dict__
+        config = slots["config"]
+        slots["config"] = _AdaptedConfig(config)
         try:
             out = base(*args, **kwargs)
         finally:
-            for hook in hooks:
-                hook.remove()
-        bias = None if o_proj is None else _param(o_proj, "bias")
-        if o_proj is not None and bias is None:
+            slots["config"] = config
+        if not terms:  # the attention function was never called
+            raise RuntimeError(f"adaption_prompt: {type(base).__name__} does not call its attention function "
+                               f"through transformers' AttentionInterface")
+        o_name = adapters[0][0].o_name
+        bias = None if o_name is None else _param(base._modules[o_name], "bias")
+        if o_name is not None and bias is None:
             return out
         attn, rest = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, None)
-        if o_proj is None:
-            attn = with_prompts(attn)
+        if o_name is None:
+            attn = attn + terms[0].reshape(attn.shape)
         else:  # PEFT's second o_proj call adds the bias once more
             attn = attn + bias * (len(names) if routing is None else self._rows(names, attn).view(-1, 1, 1))
         return attn if rest is None else (attn, *rest)
@@ -190,12 +201,16 @@ class AdaptionPromptAdapter(Adapter):
 
     def __init__(self, base: nn.Module, config: AdaptionPromptConfig, key: str = "", init: bool = True) -> None:
         super().__init__()
+        if not _ATTENTION_FUNCTIONS:
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+            AttentionInterface.register(_IMPLEMENTATION, attention_with_prompts)
+            _ATTENTION_FUNCTIONS.append(ALL_ATTENTION_FUNCTIONS)
         model_type = base.config.model_type
         _, self.q_name, self.k_name, self.v_name, self.o_name = MODEL_TABLE[model_type]
         self.adapter_len = config.adapter_len
         self.num_heads = base.config.num_attention_heads
         self.head_dim = base.head_dim
-        self.rotary = model_type != "gpt2"
         weight = getattr(base, self.k_name).weight
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         d = base.config.hidden_size
@@ -210,6 +225,11 @@ class AdaptionPromptAdapter(Adapter):
             raise NotApplicableError(
                 f"adaption_prompt supports {sorted(MODEL_TABLE)} attention, not {type(model).__name__} "
                 f"(model_type {model_type!r}); prompt_tuning / prefix_tuning apply to most transformers LMs")
+        import transformers.modeling_utils
+
+        if not hasattr(transformers.modeling_utils, "AttentionInterface"):
+            raise NotApplicableError("adaption_prompt adds its prompts through transformers' AttentionInterface; "
+                                     "this transformers release has none (upgrade transformers)")
         if config.target_modules is None:
             config.target_modules = MODEL_TABLE[model_type][0]
         if not isinstance(config.target_modules, str):
@@ -228,62 +248,47 @@ class AdaptionPromptAdapter(Adapter):
     def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:  # pragma: no cover - see attend()
         raise NotImplementedError("adaption prompts act through AttentionAdapterLayer.forward")
 
-    def queries(self, projected: Tensor, kwargs: dict[str, Any]) -> Tensor:
-        """The step's queries in the layout ``attend`` takes, from the query projection's output (batch, q, ...):
-        (heads, batch * q, head_dim). With a rotary embedding (``position_embeddings``: cos, sin of shape
-        (batch or 1, q, head_dim)) the pair (q * cos, q * swap(sin)), (heads, batch * q, 2 head_dim): by halves,
-        rope(q) . k = (q * cos) . k + (q * swap(sin)) . (k2, -k1) with swap(sin) = (sin2, sin1), so the rotation
-        moves onto the prompts' keys, which are cached (``_project``)."""
-        bsz, q_len = projected.shape[:2]
-        heads, head_dim = self.num_heads, self.head_dim
-        if self.v_name is None:  # fused projection: (query, key, value)
-            projected = projected.narrow(-1, 0, heads * head_dim)
-        if not self.rotary:
-            return projected.reshape(bsz * q_len, heads, head_dim).transpose(0, 1)
-        cos_sin = _rope_pairs(*kwargs["position_embeddings"], q_len, head_dim)
-        q = projected.reshape(bsz, q_len, heads, 1, head_dim) * cos_sin  # (batch, q, heads, 2, head_dim)
-        return q.reshape(bsz * q_len, heads, 2 * head_dim).transpose(0, 1)
+    def attend(self, base: nn.Module, query: Tensor) -> Tensor:
+        """g softmax(q P_k^T / sqrt(d_h)) P_v per head, (batch, heads, q, head_dim), for the attention's queries
+        (batch, heads, q, head_dim): one ``scaled_dot_product_attention`` over the prompts (no mask)."""
+        keys, values = self._keys_values(base, query.dtype, query.shape[0])
+        return F.scaled_dot_product_attention(query, keys, values, scale=1 / math.sqrt(self.head_dim))
 
-    def attend(self, base: nn.Module, q: Tensor) -> Tensor:
-        """g softmax(q P_k^T / sqrt(d_h)) P_v, (heads, batch * q, head_dim), for the queries from ``queries``."""
-        keys, values = self._keys_values(base, q.dtype)
-        scores = torch.bmm(q, keys)  # (heads, batch * q, adapter_len)
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32)
-        return torch.bmm(probs if probs.dtype == q.dtype else probs.to(q.dtype), values)
-
-    def _keys_values(self, base: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The keys ``attend`` takes, (heads, head_dim or 2 head_dim, adapter_len), and ``g P_v`` (heads,
-        adapter_len, head_dim), in ``dtype``. Without autograd (inference, every decoding step) they are computed
-        once and cached, keyed on the version counters of the prompt, the gate and the projections, so an
-        optimizer step, a load or a merge recomputes them."""
+    def _keys_values(self, base: nn.Module, dtype: torch.dtype, batch: int) -> tuple[Tensor, Tensor]:
+        """The prompts' keys and gated values ``attend`` takes, in ``dtype``, (batch, heads, adapter_len,
+        head_dim) each (the prompts' (1, ...) tensors, expanded). Without autograd (inference, every
+        decoding step) they are computed once and cached, keyed on the prompt, the gate and the key / value
+        projections' parameters (storage and version counter), so an optimizer step, a load or a merge
+        recomputes them."""
         if torch.is_grad_enabled():
-            return self._project(base, dtype)
+            return self._project(base, dtype, batch)
         params = self._parameters
         tensors = [params["adaption_prompt"], params["adaption_gate"]]
         for name in (self.k_name, self.v_name):
             if name is not None:
                 tensors += _params(base._modules[name])
         # storage address and version counter: a new tensor, a `.data` swap, a `.to()` or an in-place update
-        key = (dtype, [(t.data_ptr(), t._version) for t in tensors])
+        key = (dtype, batch, [(t.data_ptr(), t._version) for t in tensors])
         cached = self.__dict__.get("_kv_cache")
         if cached is None or cached[0] != key:
-            cached = (key, self._project(base, dtype))
+            cached = (key, self._project(base, dtype, batch))
             self.__dict__["_kv_cache"] = cached
         return cached[1]
 
-    def _project(self, base: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def _project(self, base: nn.Module, dtype: torch.dtype, batch: int) -> tuple[Tensor, Tensor]:
+        """The prompt's keys W_k P and gated values g W_v P, (batch, heads, adapter_len, head_dim) each (one
+        prompt, expanded; grouped-query attention: each key / value head repeated for its group of query heads;
+        no rotary embedding)."""
         prompt, head_dim = self.adaption_prompt, self.head_dim  # (1, adapter_len, d)
         if self.v_name is None:  # fused projection: (query, key, value)
             _, key, value = getattr(base, self.k_name)(prompt).split(prompt.shape[-1], dim=2)
         else:
             key, value = getattr(base, self.k_name)(prompt), getattr(base, self.v_name)(prompt)
         kv_heads = key.shape[-1] // head_dim
-        key = key.view(self.adapter_len, kv_heads, head_dim).permute(1, 2, 0)  # (kv_heads, head_dim, adapter_len)
-        value = value.view(self.adapter_len, kv_heads, head_dim).transpose(0, 1)
-        repeat = self.num_heads // kv_heads  # grouped-query attention: each key/value head serves several
-        key = key.repeat_interleave(repeat, dim=0) / math.sqrt(head_dim)
-        if self.rotary:  # (k, (k2, -k1)): see ``queries``
-            k1, k2 = key.split(head_dim // 2, dim=1)
-            key = torch.cat((key, k2, -k1), dim=1)
-        value = self.adaption_gate * value.repeat_interleave(repeat, dim=0)
-        return key.to(dtype).contiguous(), value.to(dtype).contiguous()
+        repeat = self.num_heads // kv_heads
+
+        def heads(x: Tensor) -> Tensor:
+            x = x.view(1, self.adapter_len, kv_heads, head_dim).transpose(1, 2).repeat_interleave(repeat, dim=1)
+            return x.to(dtype).contiguous().expand(batch, -1, -1, -1)
+
+        return heads(key), heads(self.adaption_gate * value)
