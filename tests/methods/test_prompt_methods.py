@@ -317,6 +317,8 @@ def test_adaption_prompt_acts_only_in_the_calling_thread():
                 "attention": base(hidden_states=x, position_embeddings=rope, attention_mask=None)[0]}
 
     def other_thread() -> None:
+        # one OpenMP thread: libgomp starts a thread team per calling thread, and a sandbox may refuse threads
+        torch.set_num_threads(1)
         seen.update(plain())
 
     def meanwhile(module, inputs) -> None:  # runs inside the adapted attention, before its attention function
