@@ -368,3 +368,26 @@ def test_adaption_prompt_under_inference_mode_equals_no_grad():
         first, again = model(input_ids=ids).logits, model(input_ids=ids).logits
     torch.testing.assert_close(first, expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(again, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_adaption_prompt_follows_the_models_attention_function(family):
+    """The prompts' term rides on whichever attention function the model's config names: eager (with its
+    attention weights returned) and SDPA give the same logits; switching the config takes effect at once."""
+    model = wrap(family, AdaptionPromptConfig(adapter_len=4, adapter_layers=2)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)  # open the gates
+        ids = torch.randint(0, 99, (2, 5))
+        config = model.get_base_model().config
+        out = {}
+        for name in ("sdpa", "eager"):
+            config._attn_implementation = name
+            out[name] = model(input_ids=ids, output_attentions=name == "eager")
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    heads = config.num_attention_heads
+    assert [a.shape for a in out["eager"].attentions] == [(2, heads, 5, 5)] * config.num_hidden_layers
+    torch.testing.assert_close(out["eager"].logits, out["sdpa"].logits, atol=1e-5, rtol=0)
+    assert not torch.allclose(out["eager"].logits, base, atol=1e-3)
