@@ -69,7 +69,27 @@ from .model import (
     inject_adapter_in_model,
     set_peft_model_state_dict,
 )
+from .auto import (
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from .hotswap import hotswap_adapter
+from .mapping import PEFT_TYPE_TO_CONFIG_MAPPING, get_peft_config
+from .peft_types import LoftQConfig, PeftType
+from .peft_utils import (
+    cast_mixed_precision_params,
+    get_base_model_state_dict,
+    load_peft_weights,
+    set_base_model_state_dict,
+    shift_tokens_right,
+)
+from .status import get_layer_status, get_model_status
 from .optim import create_loraplus_optimizer
 from .quant import prepare_model_for_kbit_training, quantize_model
 from .registry import MethodSpec, get_method, list_methods, register_method
@@ -96,4 +116,11 @@ __all__ = [
     "AdaptFormerConfig", "Average", "BottleneckConfig", "CompacterConfig", "CompacterPlusPlusConfig",
     "CompositionConfig", "Fuse", "HoulsbyConfig", "HybridConfig", "MamConfig", "Parallel", "ParallelAdapterConfig",
     "PfeifferConfig", "Stack", "UniPeltConfig",
+    # peft's other public names (docs/compatibility.md, "peft's public names", lists those peftkit lacks)
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING", "AutoPeftModel", "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction", "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
+    "PEFT_TYPE_TO_CONFIG_MAPPING", "get_peft_config", "LoftQConfig", "PeftType",
+    "cast_mixed_precision_params", "get_base_model_state_dict", "load_peft_weights", "set_base_model_state_dict",
+    "shift_tokens_right", "get_layer_status", "get_model_status",
 ]

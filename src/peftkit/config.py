@@ -54,6 +54,8 @@ class PeftConfig:
     inference_mode: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.peft_type, enum.Enum):  # peft's PeftType (a str enum): keep its value
+            self.peft_type = self.peft_type.value
         if self.peft_type is None:
             self.peft_type = self.PEFT_TYPE
         elif self.PEFT_TYPE and str(self.peft_type).upper() != self.PEFT_TYPE:
@@ -65,6 +67,10 @@ class PeftConfig:
                 raise ConfigError(
                     f"task_type: expected one of {[t.value for t in TaskType]}, got {self.task_type!r}"
                 ) from None
+        for f in dataclasses.fields(self):  # a sub-config given as a dataclass (peft's LoftQConfig) is stored
+            value = getattr(self, f.name)  # as the plain dict of its fields, as peft does
+            if f.default_factory is dict and dataclasses.is_dataclass(value) and not isinstance(value, type):
+                setattr(self, f.name, dataclasses.asdict(value))
         for name in NAME_FIELDS:  # module-name fields: a set or tuple becomes a sorted list (JSON-stable)
             value = getattr(self, name, None)
             if isinstance(value, (set, tuple, frozenset)):
