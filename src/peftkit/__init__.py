@@ -124,3 +124,8 @@ __all__ = [
     "cast_mixed_precision_params", "get_base_model_state_dict", "load_peft_weights", "set_base_model_state_dict",
     "shift_tokens_right", "get_layer_status", "get_model_status",
 ]
+
+from . import compat as _compat  # noqa: E402 - last: the served `peft` is built from the names above
+from .compat import serve_as_peft  # noqa: E402
+
+_compat._activate_on_import()

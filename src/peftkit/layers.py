@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .peft_surface import PeftLayerSurface
 from .routing import routed_forward
 from .targeting import find_targets
 
@@ -173,8 +174,9 @@ class _Created:
         self.registered = registered
 
 
-class AdapterLayer(nn.Module):
-    """A base layer plus named adapters. Attribute reads it does not know fall through to the base layer."""
+class AdapterLayer(PeftLayerSurface, nn.Module):
+    """A base layer plus named adapters. Attribute reads it does not know fall through to the base layer,
+    after peft's names for the adapters' tensors (``lora_A``, ``lora_B`` ...: see ``peft_surface.py``)."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -192,6 +194,9 @@ class AdapterLayer(nn.Module):
         except AttributeError:
             if name == "base_layer":
                 raise
+            view = self._peft_view(name)
+            if view is not None:
+                return view
             return getattr(self.base_layer, name)
 
     # -- forward ---------------------------------------------------------------------------------------

@@ -19,6 +19,12 @@ from . import checkpoint as ckpt
 from . import merging
 from .config import PeftConfig, TaskType
 from .registry import get_method
+from .functional import (  # noqa: F401 - re-exported: peft has them next to its PeftModel
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+    tuner_of,
+)
 from .signature import ForwardWithBaseSignature
 from .tuner import TunerModel
 
@@ -226,11 +232,19 @@ class PeftModel(nn.Module):
         key_mapping: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> ckpt.LoadResult:
-        """Load a saved adapter next to the existing ones (inactive until ``set_adapter``)."""
+        """Load a saved adapter next to the existing ones (inactive until ``set_adapter``).
+
+        An existing ``adapter_name`` takes the saved weights in place (what transformers' Trainer does when it
+        resumes from a checkpoint); the file must fit it exactly, or nothing changes."""
         folder = _resolve_folder(model_id, kwargs.get("subfolder"))
         config = kwargs.get("peft_config") or PeftConfig.from_pretrained(folder)
         config.inference_mode = not is_trainable
         state, source = ckpt.read_weights(folder)
+        if adapter_name in self.peft_config:
+            ckpt.load_state(self.base_model, adapter_name, state, source)
+            self.peft_config[adapter_name].inference_mode = not is_trainable
+            self.base_model.mark_trainable()
+            return ckpt.LoadResult([], [])
         flags = {p: p.requires_grad for p in self.parameters()}
         self.base_model.inject(config, adapter_name, init=False, meta=True)
         try:
@@ -312,60 +326,3 @@ def get_peft_model(
         peft_config.revision = revision
     cls = TASK_MODEL.get(peft_config.task_type, PeftModel)
     return cls(model, peft_config, adapter_name)
-
-
-def inject_adapter_in_model(
-    peft_config: PeftConfig,
-    model: nn.Module,
-    adapter_name: str = "default",
-    low_cpu_mem_usage: bool = False,
-    state_dict: dict[str, torch.Tensor] | None = None,
-) -> nn.Module:
-    """Attach adapter layers to ``model`` in place, without a PeftModel wrapper; returns ``model``.
-
-    Not for methods whose layers share adapter-level tensors (VeRA): those live on the tuner, which this
-    function does not keep (PEFT refuses them too).
-    """
-    if get_method(peft_config).adapter_cls.uses_shared_state:
-        raise ValueError(
-            f"inject_adapter_in_model does not support {peft_config.peft_type}: its layers share tensors kept "
-            "on the tuner; use get_peft_model instead"
-        )
-    tuner = TunerModel(model)
-    tuner.inject(peft_config, adapter_name, init=state_dict is None)
-    if state_dict is not None:
-        ckpt.load_state(tuner, adapter_name, {ckpt.PREFIX + k: v for k, v in state_dict.items()}, "state_dict")
-    return model
-
-
-def _tuner_of(model: nn.Module) -> TunerModel:
-    if isinstance(model, PeftModel):
-        return model.base_model
-    if isinstance(model, TunerModel):
-        return model
-    raise TypeError(f"expected a PeftModel, got {type(model).__name__}")
-
-
-def get_peft_model_state_dict(
-    model: nn.Module,
-    state_dict: dict[str, torch.Tensor] | None = None,
-    adapter_name: str = "default",
-    unwrap_compiled: bool = False,
-    save_embedding_layers: bool | str = "auto",
-) -> dict[str, torch.Tensor]:
-    """One adapter's tensors under Hugging Face PEFT's key names (adapter name removed)."""
-    if unwrap_compiled:
-        model = getattr(model, "_orig_mod", model)
-    return ckpt.state_dict_for_save(_tuner_of(model), adapter_name)
-
-
-def set_peft_model_state_dict(
-    model: nn.Module,
-    peft_model_state_dict: dict[str, torch.Tensor],
-    adapter_name: str = "default",
-    ignore_mismatched_sizes: bool = False,
-    low_cpu_mem_usage: bool = False,
-) -> ckpt.LoadResult:
-    """Load PEFT-layout tensors into an existing adapter: validated in full first, then copied."""
-    ckpt.load_state(_tuner_of(model), adapter_name, peft_model_state_dict)
-    return ckpt.LoadResult([], [])

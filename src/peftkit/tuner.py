@@ -55,6 +55,14 @@ class ModulesToSaveWrapper(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.current(*args, **kwargs)
 
+    # peft's names, called by transformers' and diffusers' adapter methods on every such wrapper
+    def enable_adapters(self, enabled: bool) -> None:
+        self.disable_adapters = not enabled
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.active_adapter = next((n for n in names if n in self.modules_to_save), None)
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
@@ -84,6 +92,22 @@ class TunerModel(nn.Module):
         # adapter name -> tensors its layers share (methods with ``uses_shared_state``, e.g. VeRA): one copy
         self.shared_state = nn.ModuleDict()
         self.hook_state: dict[str, Any] = {}  # adapter name -> state its method's on_step keeps between steps
+
+    @classmethod
+    def over(cls, model: nn.Module) -> "TunerModel":
+        """A tuner for a model whose adapters were injected in place (``inject_adapter_in_model``, diffusers'
+        and transformers' ``add_adapter``): its configs are the model's ``peft_config`` dict, shared, and the
+        active adapters those of its layers. Holding the tuner changes nothing in the model."""
+        tuner = cls(model)
+        configs = getattr(model, "peft_config", None)
+        if not isinstance(configs, dict):
+            configs = {}
+            model.peft_config = configs
+        tuner.peft_config = configs
+        layers = [layer for _, layer in tuner.layers()]
+        active = next((list(layer.active_adapters) for layer in layers if layer.active_adapters), [])
+        tuner.active_adapters = [n for n in active if n in configs]
+        return tuner
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.model(*args, **kwargs)

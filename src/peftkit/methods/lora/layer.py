@@ -71,7 +71,9 @@ class LoraAdapter(Adapter):
             raise ValueError(f"{key}: LoRA on grouped convolutions (groups={base.groups}) is not supported")
         self.r = r = pattern_value(config.rank_pattern, key, config.r)
         alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
-        self.scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        self.lora_alpha = alpha
+        # alpha / r (rsLoRA: alpha / sqrt(r)); ``scaling`` is that times the weight a tool may set (set_scale)
+        self.unit_scaling = self.scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         self.fan_in_fan_out = Conv1D is not None and isinstance(base, Conv1D) or (
             self.kind == "linear" and config.fan_in_fan_out
         )
@@ -196,7 +198,7 @@ class LoraAdapter(Adapter):
         return self._cached("w0_sq", (w0,), lambda: LF.row_sq_norm(w0))
 
     def _cached(self, name: str, tensors: tuple[Tensor, ...], compute: Any) -> Tensor:
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        key = (self.scaling, *((t.data_ptr(), t._version) for t in tensors))
         hit = self._cache.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]

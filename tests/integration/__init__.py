@@ -1,0 +1,1 @@
+"""Workflows run in a child process that serves peftkit as `peft` (see tests/test_integrations.py)."""
