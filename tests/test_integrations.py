@@ -239,3 +239,20 @@ def test_served_modules_name_what_is_missing():
     proc = _child("import peftkit\ntry:\n    import peft.tuners.xlora\nexcept ModuleNotFoundError as e:\n    print(e)", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "peft.tuners.xlora" in proc.stdout and "peft.tuners.lora" in proc.stdout
+
+
+def test_a_tool_bound_to_the_real_peft_gets_a_warning_naming_the_fix():
+    code = """
+import warnings
+import peft, peftkit
+from transformers import Trainer
+from transformers import LlamaConfig, LlamaForCausalLM
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    peftkit.get_peft_model(LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16,
+        num_hidden_layers=1, num_attention_heads=2)), peftkit.LoraConfig(r=2))
+print([str(w.message) for w in caught if "PEFTKIT_SERVE_AS_PEFT=1" in str(w.message)])
+"""
+    proc = _child(code, serve=None)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "transformers.trainer" in proc.stdout and "whole model" in proc.stdout

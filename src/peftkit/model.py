@@ -42,6 +42,9 @@ class PeftModel(nn.Module):
         _init: bool = True,
     ) -> None:
         super().__init__()
+        from .compat import warn_if_tools_see_real_peft  # in the body: compat is built on this module
+
+        warn_if_tools_see_real_peft()
         self.base_model = TunerModel(model)
         # loading (_init=False): adapters start on the meta device and take the file's tensors
         self.base_model.inject(peft_config, adapter_name, init=_init, meta=not _init)

@@ -36,7 +36,26 @@ ENV_VAR = "PEFTKIT_SERVE_AS_PEFT"
 _TOOL_MODULES = ("transformers.trainer", "transformers.trainer_utils", "trl", "diffusers.loaders.peft",
                  "accelerate.utils.modeling")
 
-__all__ = ["ENV_VAR", "PEFT_API_VERSION", "serve_as_peft", "serving_as_peft"]
+__all__ = ["ENV_VAR", "PEFT_API_VERSION", "serve_as_peft", "serving_as_peft", "warn_if_tools_see_real_peft"]
+
+_warned = False
+
+
+def warn_if_tools_see_real_peft() -> None:
+    """Warn (once) when a tool that drives PEFT models is loaded against the real peft, not peftkit: it
+    would not recognise a peftkit model (whole-model checkpoints, labels not shifted for label smoothing)."""
+    global _warned
+    if _warned or serving_as_peft() or "peft" not in sys.modules:
+        return
+    tools = [m for m in _TOOL_MODULES if m in sys.modules]
+    if tools:
+        _warned = True
+        warnings.warn(
+            f"{', '.join(tools)} loaded the real `peft` package, so they will not recognise peftkit models "
+            "(a Trainer would save the whole model and not shift labels for label smoothing). Set "
+            f"{ENV_VAR}=1, or call peftkit.serve_as_peft() before importing them, or uninstall peft",
+            stacklevel=3,
+        )
 
 
 def serving_as_peft() -> bool:
