@@ -9,7 +9,7 @@ Matching follows Hugging Face PEFT so that existing configs select the same modu
 - ``exclude_modules`` (same rules) wins over targets, and ``modules_to_save`` are never targeted;
 - ``layers_to_transform`` / ``layers_pattern`` keep only the given layer indices.
 
-Default targets come from one role table per architecture family.
+Default targets come from one role table per architecture family (``peftkit.default_targets``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,15 @@ from typing import Any
 from torch import nn
 
 from .config import TaskType
+from .default_targets import (  # noqa: F401  (re-exported: the tables are part of this module's interface)
+    DEFAULT_SCOPES,
+    FAMILY_ALIASES,
+    QUERY_VALUE,
+    QUERY_VALUE_DEFAULTS,
+    ROLE_OVERRIDES,
+    ROLE_TABLE,
+    SPLIT_FFN,
+)
 
 try:  # GPT-2 style linear layer with a transposed weight
     from transformers.pytorch_utils import Conv1D
@@ -31,51 +40,6 @@ except ImportError:  # pragma: no cover - transformers is a runtime dependency
 ALL_LINEAR = "all-linear"
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
 
-# role -> module name, per architecture family (``model.config.model_type``, or the class name for
-# models without a transformers config). One table for every method.
-ROLE_TABLE: dict[str, dict[str, str | tuple[str, ...]]] = {
-    "llama": {"query": "q_proj", "key": "k_proj", "value": "v_proj", "attn_out": "o_proj",
-              "ffn_gate": "gate_proj", "ffn_in": "up_proj", "ffn_out": "down_proj",
-              "attention_output": "o_proj", "ffn_output": "down_proj", "ffn": "mlp"},
-    "gpt2": {"qkv": "c_attn", "attn_out": "attn.c_proj", "ffn_in": "c_fc", "ffn_out": "mlp.c_proj",
-             "attention_output": "attn.c_proj", "ffn_output": "mlp.c_proj", "ffn": "mlp"},
-    "bert": {"query": "query", "key": "key", "value": "value", "attn_out": "attention.output.dense",
-             "ffn_in": "intermediate.dense", "ffn_out": "output.dense",
-             # the FFN is split over intermediate + output (see SPLIT_FFN): "ffn" names its output Linear
-             "attention_output": "attention.output.dense", "ffn_output": "output.dense", "ffn": "output.dense"},
-    "t5": {"query": "q", "key": "k", "value": "v", "attn_out": "o", "ffn_in": "wi", "ffn_out": "wo",
-           "attention_output": "o", "ffn_output": "wo", "ffn": "DenseReluDense"},
-    # transformers 5 renamed ViT's projections; both spellings are listed, the present one is used
-    "vit": {"query": ("query", "q_proj"), "key": ("key", "k_proj"), "value": ("value", "v_proj"),
-            "attn_out": ("attention.output.dense", "o_proj"), "ffn_in": ("intermediate.dense", "fc1"),
-            "ffn_out": ("output.dense", "fc2"), "attention_output": ("attention.output.dense", "o_proj"),
-            "ffn_output": ("output.dense", "fc2"), "ffn": "mlp",
-            # whole-block roles (VPT): the module returning [CLS] + patch tokens, the list of blocks
-            "vision_embeddings": "embeddings", "vision_layers": ("encoder.layer", "layers")},
-    "clip": {"query": "q_proj", "key": "k_proj", "value": "v_proj", "attn_out": "out_proj",
-             "ffn_in": "fc1", "ffn_out": "fc2", "attention_output": "out_proj", "ffn_output": "fc2", "ffn": "mlp",
-             # vision tower blocks (VPT), text token embedding (CoOp), projected features (CLIP-/Tip-Adapter)
-             "vision_embeddings": ("vision_model.embeddings", "embeddings"),
-             "vision_layers": ("vision_model.encoder.layers", "encoder.layers"),
-             "text_token_embedding": "embeddings.token_embedding",
-             "image_features": "visual_projection", "text_features": "text_projection"},
-    "unet": {"query": "to_q", "key": "to_k", "value": "to_v", "attn_out": "to_out.0",
-             "ffn_in": "ff.net.0.proj", "ffn_out": "ff.net.2",
-             "attention_output": "to_out.0", "ffn_output": "ff.net.2", "ffn": "ff"},
-}
-# Families whose FFN is not one module but two siblings, (output module, input module): BERT's
-# ``intermediate`` (d -> d_ff, activation) and ``output`` (d_ff -> d, dropout, residual, LayerNorm). A module
-# parallel to the whole FFN wraps the output Linear and reads the FFN input at the input Linear's input.
-SPLIT_FFN: dict[str, tuple[str, str]] = {"bert": ("output.dense", "intermediate.dense")}
-# families that share a table with another
-FAMILY_ALIASES = {
-    "mistral": "llama", "qwen2": "llama", "gemma": "llama", "phi3": "llama",
-    "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert", "electra": "bert",
-    "mt5": "t5", "clip_text_model": "clip", "clip_vision_model": "clip", "siglip": "clip",
-    "unet2dconditionmodel": "unet", "transformer2dmodel": "unet",
-}
-
-
 class TargetError(ValueError):
     """A config's targets match nothing, or match something the method cannot wrap."""
 
@@ -84,16 +48,31 @@ class NotApplicableError(TargetError):
     """The method has nothing to act on in this model (e.g. BitFit on a model without biases)."""
 
 
-def model_family(model: nn.Module) -> str | None:
-    """The ROLE_TABLE key for ``model``, or None when its architecture is unknown."""
+def _family_of(key: str | None) -> str | None:
+    key = FAMILY_ALIASES.get(key, key) if key else None
+    return key if key in ROLE_TABLE else None
+
+
+def _arch(model: nn.Module) -> tuple[str | None, str | None]:
+    """(architecture key, ROLE_TABLE family): the key is ``config.model_type``, or the lowercased class name
+    for models without a transformers config; both None when the architecture is unknown."""
     cfg = getattr(model, "config", None)
     model_type = cfg.get("model_type") if isinstance(cfg, dict) else getattr(cfg, "model_type", None)
     for key in (model_type, type(model).__name__.lower()):
-        if key:
-            key = FAMILY_ALIASES.get(key, key)
-            if key in ROLE_TABLE:
-                return key
-    return None
+        family = _family_of(key)
+        if family is not None:
+            return key, family
+    return None, None
+
+
+def model_family(model: nn.Module) -> str | None:
+    """The ROLE_TABLE key for ``model``, or None when its architecture is unknown."""
+    return _arch(model)[1]
+
+
+def role_table(family: str, model_type: str | None = None) -> dict[str, str | tuple[str, ...]]:
+    """``family``'s roles, with ``model_type``'s own names where it has some (ROLE_OVERRIDES)."""
+    return {**ROLE_TABLE[family], **ROLE_OVERRIDES.get(model_type or "", {})}
 
 
 # roles that a fused query/key/value projection (GPT-2's ``c_attn``, role "qkv") stands in for
@@ -102,11 +81,48 @@ _QKV_ROLES = ("query", "key", "value")
 Roles = Sequence[str] | Mapping[str, Sequence[str]]
 
 
-def family_roles(roles: Roles, family: str | None) -> Sequence[str]:
-    """A method's default roles on ``family``: a plain sequence, or a mapping family -> roles with "*" the rest."""
+def family_roles(roles: Roles, family: str | None, model_type: str | None = None) -> Sequence[str]:
+    """A method's default roles on an architecture.
+
+    ``roles`` is a plain sequence, or a mapping model type / family -> roles with "*" for the rest (the model
+    type's entry wins over its family's). Roles that are the query and value and that no entry of the method
+    names for this architecture become the architecture's PEFT default where it differs (QUERY_VALUE_DEFAULTS).
+    """
     if isinstance(roles, Mapping):
-        return roles.get(family or "*", roles["*"])
+        for key in (model_type, family):
+            if key is not None and key in roles:
+                return roles[key]
+        roles = roles["*"]
+    if tuple(roles) == QUERY_VALUE:
+        for key in (model_type, family):
+            if key is not None and key in QUERY_VALUE_DEFAULTS:
+                return QUERY_VALUE_DEFAULTS[key]
     return roles
+
+
+def _role_entries(family: str, model_type: str | None, roles: Roles) -> list[str | tuple[str, ...]]:
+    """The table entries for ``roles``; a query / key / value role the family lacks maps to its "qkv" (once)."""
+    table = role_table(family, model_type)
+    wanted: list[str | tuple[str, ...]] = []
+    for role in family_roles(roles, family, model_type):
+        entry = table.get(role) or (table.get("qkv") if role in _QKV_ROLES else None)
+        if entry is not None and entry not in wanted:
+            wanted.append(entry)
+    return wanted
+
+
+def _pick(entries: list[str | tuple[str, ...]], paths: list[str] | None) -> list[str]:
+    """One name per entry: the spelling present among ``paths`` (the first when none is); every spelling
+    when ``paths`` is None."""
+    names: list[str] = []
+    for entry in entries:
+        options = (entry,) if isinstance(entry, str) else entry
+        if paths is None:
+            names.extend(options)
+            continue
+        present = [o for o in options if any(p == o or p.endswith("." + o) for p in paths)]
+        names.extend(present[:1] or options[:1])
+    return names
 
 
 def role_names(model: nn.Module, named: list[tuple[str, nn.Module]], roles: Roles) -> list[str]:
@@ -115,22 +131,39 @@ def role_names(model: nn.Module, named: list[tuple[str, nn.Module]], roles: Role
     A query / key / value role the family lacks maps to its fused "qkv" projection (once); a role listing
     several spellings resolves to the one present in the model.
     """
-    family = model_family(model)
+    model_type, family = _arch(model)
     if family is None:
         return []
-    table = ROLE_TABLE[family]
-    wanted: list[str | tuple[str, ...]] = []
-    for role in family_roles(roles, family):
-        entry = table.get(role) or (table.get("qkv") if role in _QKV_ROLES else None)
-        if entry is not None and entry not in wanted:
-            wanted.append(entry)
-    paths = [n for n, _ in named]
-    names = []
-    for entry in wanted:
-        options = (entry,) if isinstance(entry, str) else entry
-        present = [o for o in options if any(p == o or p.endswith("." + o) for p in paths)]
-        names.extend(present[:1] or options[:1])
-    return names
+    return _pick(_role_entries(family, model_type, roles), [n for n, _ in named])
+
+
+def _scoped(model_type: str | None, names: list[str]) -> list[str] | str:
+    """``names``, or a regex restricting them to the model type's DEFAULT_SCOPES submodule."""
+    scope = DEFAULT_SCOPES.get(model_type or "")
+    if scope is None or not names:
+        return names
+    return rf".*{re.escape(scope)}\..*\.({'|'.join(re.escape(n) for n in names)})"
+
+
+def default_target_names(model_type: str, roles: str | Roles = "lora", paths: Iterable[str] | None = None
+                         ) -> list[str] | str:
+    """The default targets of a method on an architecture, without a model: names, or a regex string.
+
+    ``roles`` is a method (registry name or PEFT type: its adapter's ``default_roles``) or a role spec (e.g. an
+    adapter's ``feedforward_roles``). ``paths`` (module paths of the model) resolve roles with several
+    spellings as on the model; without them every spelling is listed. Raises TargetError for an
+    architecture the role table does not know.
+    """
+    family = _family_of(model_type)
+    if family is None:
+        raise TargetError(f"model type {model_type!r} has no entry in peftkit's role table")
+    if isinstance(roles, str):
+        from .registry import get_method
+
+        roles = get_method(roles).adapter_cls.default_roles
+    paths = None if paths is None else list(paths)
+    names = _pick(_role_entries(family, model_type, roles), paths)
+    return _scoped(model_type, names or _pick(_role_entries(family, model_type, ("qkv",)), paths))
 
 
 def role_paths(model: nn.Module, named: list[tuple[str, nn.Module]], role: str) -> list[str]:
@@ -139,10 +172,10 @@ def role_paths(model: nn.Module, named: list[tuple[str, nn.Module]], role: str) 
     The most specific table entry wins: a path that a longer entry of another role also matches belongs to
     that role (BERT's ``attention.output.dense`` is the attention output, not the FFN's ``output.dense``).
     """
-    family = model_family(model)
+    model_type, family = _arch(model)
     if family is None:
         return []
-    table = ROLE_TABLE[family]
+    table = role_table(family, model_type)
     entry = table.get(role)
     if entry is None:
         return []
@@ -160,15 +193,17 @@ def role_paths(model: nn.Module, named: list[tuple[str, nn.Module]], role: str) 
 
 def default_targets(
     model: nn.Module, named: list[tuple[str, nn.Module]], roles: Roles, supported: tuple[type, ...] = LINEAR_TYPES
-) -> list[str]:
-    """Module names for ``roles`` (e.g. ``("query", "value")``) on this architecture."""
-    if model_family(model) is None:
+) -> list[str] | str:
+    """Module names for ``roles`` (e.g. ``("query", "value")``) on this architecture, or a regex restricting
+    them to a submodule (DEFAULT_SCOPES)."""
+    model_type, family = _arch(model)
+    if family is None:
         raise TargetError(
             f"target_modules is not set and {type(model).__name__} has no entry in peftkit's role table; "
             f"pass target_modules explicitly (candidates: {_candidates(named, supported)})"
         )
     names = role_names(model, named, roles)
-    return names or role_names(model, named, ("qkv",))
+    return _scoped(model_type, names or role_names(model, named, ("qkv",)))
 
 
 def all_linear_targets(model: nn.Module, named: list[tuple[str, nn.Module]], task_type: Any = None) -> set[str]:
@@ -243,7 +278,8 @@ def resolve_targets(
     """The concrete target spec: explicit names / regex, ``all-linear`` expanded, or the role-table default."""
     targets = getattr(config, "target_modules", None)
     if targets is None:
-        return set(default_targets(model, named, default_roles, supported))
+        targets = default_targets(model, named, default_roles, supported)
+        return targets if isinstance(targets, str) else set(targets)
     if isinstance(targets, str):
         if targets.lower() == ALL_LINEAR:
             return all_linear_targets(model, named, getattr(config, "task_type", None))

@@ -40,7 +40,8 @@ class IA3Config(PeftConfig):
 
     Args:
         target_modules: modules to rescale (names, dotted suffixes, a full-match regex or "all-linear");
-            None picks the architecture's keys, values and FFN output projection.
+            None picks PEFT's default for the architecture: keys (queries on some), values and the FFN output
+            projection.
         exclude_modules: names or regex never to target.
         feedforward_modules: the targets whose *input* is rescaled (a subset of target_modules; a list
             entry matches a path that ends with it, a string is a full-match regex). None picks the
@@ -101,9 +102,17 @@ def _weight_product(base: nn.Module, h: Tensor, conv: bool, transposed: bool) ->
 )
 class IA3Adapter(Adapter):
     supported_layers = _LINEAR + (nn.Conv2d,)
-    # PEFT's defaults: keys, values (GPT-2: the fused c_attn) and the FFN output projection
-    default_roles = ("key", "value", "ffn_out")
-    feedforward_roles = ("ffn_out",)
+    # PEFT's defaults (model type or family -> roles): keys, values (GPT-2: the fused c_attn) and the FFN
+    # output projection, as in the paper; PEFT's table takes queries instead of keys on some architectures
+    default_roles = {
+        "*": ("key", "value", "ffn_out"),
+        **dict.fromkeys(("bart", "gptj", "gpt_neo", "phi", "llama4", "gemma", "gemma2", "gemma3_text", "qwen2",
+                         "qwen3"), ("query", "value", "ffn_out")),
+        "opt": ("query", "key", "ffn_out"),
+        # mT5's FFN is gated: scaling the up projection's output (wi_1) scales the FFN's inner activation
+        "mt5": ("key", "value", "ffn_in"),
+    }
+    feedforward_roles = {"*": ("ffn_out",), "mt5": ()}
     checkpoint_keys: ClassVar[dict[str, str]] = {"ia3_l": "ia3_l"}
 
     def __init__(self, base: nn.Module, config: IA3Config, key: str = "", init: bool = True) -> None:

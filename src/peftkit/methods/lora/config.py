@@ -21,6 +21,8 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "monteclora_config": None, "layer_replication": None, "target_parameters": None, "use_bdlora": None,
     "arrow_config": None, "kasa_config": None, "lora_bias": False, "ensure_weight_tying": False,
 }
+# fields where an empty list means the same as the default (PEFT writes ``"target_parameters": []``)
+_EMPTY_IS_DEFAULT = ("target_parameters",)
 
 
 @dataclasses.dataclass
@@ -115,8 +117,10 @@ class LoraConfig(PeftConfig):
             raise ConfigError("LoraConfig.layers_pattern: only meaningful together with layers_to_transform")
         for name, default in _UNSUPPORTED_DEFAULTS.items():
             value = getattr(self, name)
-            if value != default and not (default == {} and value is None):
-                raise ConfigError(f"LoraConfig.{name}={value!r} is not supported by peftkit (only {default!r})")
+            if value != default and not (default == {} and value is None) and not (
+                    name in _EMPTY_IS_DEFAULT and isinstance(value, (list, tuple)) and not value):
+                allowed = f"{default!r} or []" if name in _EMPTY_IS_DEFAULT else repr(default)
+                raise ConfigError(f"LoraConfig.{name}={value!r} is not supported by peftkit (only {allowed})")
 
     def _check_loftq(self) -> None:
         cfg = self.loftq_config or {}
