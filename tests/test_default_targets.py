@@ -23,6 +23,10 @@ LORA = peft_constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 IA3 = peft_constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
 IA3_FF = peft_constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
 TABLES = {"lora": LORA, "ia3": IA3, "ia3_feedforward": IA3_FF}
+# the other methods both libraries have, whose defaults PEFT keeps in tables of their own
+OTHER_TABLES = {m: getattr(peft_constants, f"TRANSFORMERS_MODELS_TO_{t}_TARGET_MODULES_MAPPING")
+                for m, t in (("vera", "VERA"), ("loha", "LOHA"), ("lokr", "LOKR"), ("oft", "OFT"),
+                             ("boft", "BOFT"), ("adalora", "ADALORA"), ("fourierft", "FOURIERFT"))}
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +69,22 @@ def test_every_peft_model_type_has_peft_default(table, model_type):
         assert model_type in SAME_MODULES, f"{model_type} {table}: peftkit {ours}, PEFT {ref}"
         paths = SAME_MODULES[model_type]
         assert selected(ours, paths) == selected(ref, paths) != set()
+
+
+@pytest.mark.parametrize("method", sorted(OTHER_TABLES))
+def test_other_methods_defaults_match_their_peft_tables(method):
+    wrong = []
+    for model_type, ref in OTHER_TABLES[method].items():
+        ours = default_target_names(model_type, method)
+        if isinstance(ref, str) or isinstance(ours, str):
+            same = ours == ref
+        elif model_type in SAME_MODULES:
+            same = selected(ours, SAME_MODULES[model_type]) == selected(ref, SAME_MODULES[model_type])
+        else:
+            same = sorted(ours) == sorted(ref)
+        if not same:
+            wrong.append((model_type, ours, ref))
+    assert not wrong, f"{method}: (model type, peftkit, PEFT): {wrong}"
 
 
 def test_ia3_feedforward_defaults_are_targets():

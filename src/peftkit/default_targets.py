@@ -23,7 +23,9 @@ _BERT: Table = {
     "query": "query", "key": "key", "value": "value", "attn_out": "attention.output.dense",
     "ffn_in": "intermediate.dense", "ffn_out": "output.dense",
     # the FFN is split over intermediate + output (see SPLIT_FFN): "ffn" names its output Linear
-    "attention_output": "attention.output.dense", "ffn_output": "output.dense", "ffn": "output.dense"}
+    "attention_output": "attention.output.dense", "ffn_output": "output.dense", "ffn": "output.dense",
+    # every module named "dense" (attention output, FFN, pooler): PEFT's AdaLoRA default on RoBERTa
+    "dense": "dense"}
 _BERT_NO_QKV: Table = {k: v for k, v in _BERT.items() if k not in ("query", "key", "value")}
 # separate q/k/v projections and "out_proj" (BART, OPT, GPT-J, GPT-Neo); the FFN's names vary (_ffn)
 _QKVO: Table = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "attn_out": "out_proj",

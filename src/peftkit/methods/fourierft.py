@@ -157,7 +157,7 @@ def fourier_delta_half(
 class FourierFTAdapter(Adapter):
     supported_layers = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
     # PEFT's defaults: LoRA's (query, value), except GPT-2's MLP output projection
-    default_roles = {"gpt2": ("ffn_out",), "*": ("query", "value")}
+    default_roles = {"gpt2": ("ffn_out",), "btlm": ("qkv", "attn_out", "ffn_out"), "*": ("query", "value")}
     checkpoint_keys: ClassVar[dict[str, str]] = {"fourierft_spectrum": "fourierft_spectrum"}
 
     def __init__(self, base: nn.Module, config: FourierFTConfig, key: str = "", init: bool = True) -> None:

@@ -143,7 +143,8 @@ def vera_delta(lambda_b: Tensor, lambda_d: Tensor, a: Tensor, b: Tensor) -> Tens
 )
 class VeraAdapter(Adapter):
     supported_layers = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
-    default_roles = ("query", "value")  # PEFT's VeRA defaults are LoRA's
+    # PEFT's VeRA defaults are LoRA's, but query and value only on phi (where LoRA adds fc1 / fc2)
+    default_roles = {"phi": ("query", "value"), "*": ("query", "value")}
     checkpoint_keys: ClassVar[dict[str, str]] = {"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d"}
     uses_shared_state = True
     shared_checkpoint_keys: ClassVar[dict[str, str]] = {"vera_A": "vera_A", "vera_B": "vera_B"}

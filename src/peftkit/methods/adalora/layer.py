@@ -59,8 +59,15 @@ def pattern_mask(rank_pattern: dict[str, Mask] | None, path: str) -> Mask | None
 )
 class AdaLoraAdapter(Adapter):
     supported_layers = (nn.Linear, nn.Conv2d, *_CONV1D)
-    # PEFT's AdaLoRA defaults: LoRA's, except every projection of T5
-    default_roles = {"t5": ("query", "key", "value", "attn_out", "ffn_in", "ffn_out"), "*": ("query", "value")}
+    # PEFT's AdaLoRA defaults: LoRA's, except every projection of T5, BART and OPT, and q / k / v + every
+    # "dense" of RoBERTa and DeBERTa-v2 (peft's TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING)
+    default_roles = {"t5": ("query", "key", "value", "attn_out", "ffn_in", "ffn_out"),
+                     "mt5": ("query", "key", "value", "attn_out", "ffn_gate", "ffn_in", "ffn_out"),
+                     "bart": ("query", "key", "value", "attn_out", "ffn_in", "ffn_out"),
+                     "opt": ("query", "key", "value", "attn_out", "ffn_in", "ffn_out"),
+                     "roberta": ("query", "key", "value", "dense"),
+                     "deberta-v2": ("query", "key", "value", "dense"),
+                     "*": ("query", "value")}
     # files hold only the kept triplets (see ``saved_A``); ``ranknum`` is not saved (it is init_r)
     checkpoint_keys = {"saved_A": "lora_A", "saved_E": "lora_E", "saved_B": "lora_B"}
 
