@@ -42,10 +42,11 @@ def scratch(shape: tuple[int, ...], like: Tensor) -> Tensor:
     """A reusable per-thread buffer with ``like``'s dtype and device (no fresh allocation per call).
 
     Layers run one after another, so one buffer serves every layer of a model; its content is valid
-    only until the next call.
+    only until the next call. Calls under ``torch.inference_mode()`` get buffers of their own.
     """
     numel = math.prod(shape)
-    key = (like.dtype, like.device)
+    # a buffer made under torch.inference_mode() is an inference tensor: it may not be written outside it
+    key = (like.dtype, like.device, torch.is_inference_mode_enabled())
     buffers = getattr(_scratch, "buffers", None)
     if buffers is None:
         buffers = _scratch.buffers = {}

@@ -198,7 +198,8 @@ class LoraAdapter(Adapter):
         return self._cached("w0_sq", (w0,), lambda: LF.row_sq_norm(w0))
 
     def _cached(self, name: str, tensors: tuple[Tensor, ...], compute: Any) -> Tensor:
-        key = (self.scaling, *((t.data_ptr(), t._version) for t in tensors))
+        # keyed on inference mode too: a value computed under torch.inference_mode() must not reach autograd
+        key = (self.scaling, torch.is_inference_mode_enabled(), *((t.data_ptr(), t._version) for t in tensors))
         hit = self._cache.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]

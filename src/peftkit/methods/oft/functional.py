@@ -39,8 +39,9 @@ def _upper_flat(block_size: int, device: torch.device) -> Tensor:
     key = (block_size, device)
     flat = _UPPER_FLAT.get(key)
     if flat is None:
-        rows, cols = torch.triu_indices(block_size, block_size, 1, device=device)
-        flat = _UPPER_FLAT[key] = rows * block_size + cols
+        with torch.inference_mode(False):  # a normal tensor: an inference tensor cannot be saved for backward
+            rows, cols = torch.triu_indices(block_size, block_size, 1, device=device)
+            flat = _UPPER_FLAT[key] = rows * block_size + cols
     return flat
 
 
