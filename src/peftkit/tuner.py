@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
 from .config import PeftConfig, TaskType
-from . import prompting
+from . import mha, prompting
 from .layers import Adapter, AdapterLayer, SharedState, adapter_layers
 from .registry import get_method
 from .targeting import Conv1D
@@ -192,7 +192,10 @@ class TunerModel(nn.Module):
         cls = spec.adapter_cls
         named = self.candidates()
         cls.prepare_config(self.model, named, config)  # architecture-dependent defaults (e.g. (IA)3's FFN names)
-        paths = cls.select_targets(self.model, named, config)
+        # cls.select_targets, plus: some parents read a child's weight instead of calling it (an
+        # nn.MultiheadAttention's out_proj): such targets get a wrapper whose weight is the adapted one
+        # (read_by_parent), or are kept from methods that are not weight deltas (mha.py)
+        paths, read_by_parent = mha.select_targets(cls, self.model, named, config, spec)
         if getattr(config, "task_type", None) in TASK_HEADS:
             extra = [m for m in TASK_HEADS[config.task_type] if m not in (config.modules_to_save or [])]
             config.modules_to_save = list(config.modules_to_save or []) + extra
@@ -214,7 +217,10 @@ class TunerModel(nn.Module):
             self.shared_state[adapter_name] = shared
         layer_cls = getattr(cls, "layer_cls", AdapterLayer)  # a method may need its own wrapper (e.g. attention)
         for path, base, adapter in built:
-            layer = wrappers[path] if isinstance(wrappers[path], AdapterLayer) else layer_cls(base)
+            if isinstance(wrappers[path], AdapterLayer):
+                layer = wrappers[path]
+            else:
+                layer = mha.EffectiveWeightLayer(base, path) if path in read_by_parent else layer_cls(base)
             if layer is not wrappers[path]:
                 _set_submodule(self.model, path, layer)
             layer.add(adapter_name, adapter)

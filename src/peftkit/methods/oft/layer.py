@@ -218,9 +218,9 @@ class _RotationAdapter(Adapter):
             return matrix.reshape(weight.shape)
         return (matrix.t() if self.transposed else matrix).contiguous()
 
-    def merge(self, base: nn.Module, weight: Tensor) -> tuple[Tensor, Any]:
-        """``W R^T`` (rows scaled by BOFT's ``s``); an Embedding's ``E R``."""
-        blocks, scale = self._blocks(dropout=False), self._scale()
+    def _rotate(self, weight: Tensor, blocks: Tensor) -> Tensor:
+        """``W R^T`` (rows scaled by BOFT's ``s``); an Embedding's ``E R``; in ``weight``'s layout and dtype."""
+        scale = self._scale()
         w = self._matrix(weight).to(blocks.dtype)
         if self.kind == "embedding":
             merged = OF.butterfly_apply(w, blocks, self.perms)
@@ -228,10 +228,21 @@ class _RotationAdapter(Adapter):
             merged = OF.butterfly_apply(w, blocks, self.perms, transpose=True)
             if scale is not None:
                 merged = merged * scale[:, None]
+        return self._to_layout(merged, weight).to(weight.dtype)
+
+    def merge(self, base: nn.Module, weight: Tensor) -> tuple[Tensor, Any]:
+        """``W R^T`` (rows scaled by BOFT's ``s``); an Embedding's ``E R``."""
+        blocks = self._blocks(dropout=False)
         # Neumann-series blocks far from orthogonal are ill-conditioned: inverting them would amplify the
         # merge's rounding, so the original weight is kept to undo the merge (never so after real training)
         keep = not self.orthogonal and OF.orthogonality_defect(blocks) > _DEFECT_TOLERANCE
-        return self._to_layout(merged, weight).to(weight.dtype), weight.clone() if keep else None
+        return self._rotate(weight, blocks), weight.clone() if keep else None
+
+    def effective_param(self, base: nn.Module, name: str, value: Tensor) -> Tensor:
+        """The rotated weight as the forward computes it (training dropout included), without merge's
+        conditioning check (a host sync); for a caller that reads the weight instead of calling the layer
+        (``nn.MultiheadAttention``'s out_proj, see ``peftkit.mha``)."""
+        return self._rotate(value, self._forward_blocks())
 
     def unmerge(self, base: nn.Module, weight: Tensor, state: Any) -> Tensor:
         """The inverse of :meth:`merge`: ``R`` undoes ``R^T`` when ``R`` is exactly orthogonal (Cayley);

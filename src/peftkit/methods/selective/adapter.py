@@ -187,6 +187,14 @@ class SelectiveAdapter(Adapter):
         builder = DeltaBuilder(self, "weight", state)
         return ReparamOp.apply(x, bias, self.op, base.weight if with_base else None, builder, *self.theta("weight"))
 
+    def effective_param(self, base: nn.Module, name: str, value: Tensor) -> Tensor:
+        """``value + delta``, differentiable as in the forward (gates, gradient masks); for a caller that reads
+        the parameter instead of calling the layer (``nn.MultiheadAttention``'s out_proj, see ``peftkit.mha``)."""
+        self._check_ready()
+        if self.pending or name not in self.formats:
+            return value
+        return value + self.dense(name, None, self.forward_state()).to(value.dtype)
+
     # -- merge ---------------------------------------------------------------------------------------------
     def delta_weight(self, base: nn.Module) -> Tensor:
         with torch.no_grad():

@@ -150,6 +150,11 @@ class LNTuningAdapter(Adapter):
         # with other adapters on the layer: add this one's change of the output
         return out + (torch.func.functional_call(base, self._copies(), (x,)) - base(x)).to(out.dtype)
 
+    def effective_param(self, base: nn.Module, name: str, value: Tensor) -> Tensor:
+        """The trained copy, differentiable and without merge's record; for a caller that reads the parameter
+        instead of calling the layer (``nn.TransformerEncoderLayer``'s fused path, see ``peftkit.mha``)."""
+        return getattr(self, name).to(value.dtype)
+
     # merging writes the copy in; unmerge gives the original back (kept at merge time)
     def merge(self, base: nn.Module, weight: Tensor) -> tuple[Tensor, Any]:
         return self.weight.detach().to(weight.dtype).clone(), weight
