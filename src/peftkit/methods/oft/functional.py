@@ -32,6 +32,7 @@ Perm = tuple[Tensor, Tensor]  # (p, argsort(p)): a permutation and its inverse
 
 # -- Cayley parametrisation ------------------------------------------------------------------------
 _UPPER_FLAT: dict[tuple[int, torch.device], Tensor] = {}
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _upper_flat(block_size: int, device: torch.device) -> Tensor:
@@ -71,6 +72,8 @@ def cayley(q: Tensor, neumann_terms: int | None = None) -> Tensor:
     ``I`` for 1), only approximately orthogonal but free of a solve.
     """
     d, b, _ = q.shape
+    if neumann_terms is None and q.dtype in _LOW_PRECISION:  # no half-precision LU (CPU): solve in float32
+        return cayley(q.float()).to(q.dtype)
     eye = torch.eye(b, device=q.device, dtype=q.dtype).expand(d, b, b)
     if neumann_terms is None:
         return torch.linalg.solve(eye + q, eye - q, left=False)
@@ -238,7 +241,10 @@ def factor_apply(x: Tensor, blocks: Tensor, perm: Perm | None, transpose: bool =
 
 
 def block_inverse(blocks: Tensor) -> Tensor:
-    """The inverse of each (.., b, b) block (for blocks that are not exactly orthogonal; else transpose)."""
+    """The inverse of each (.., b, b) block (for blocks that are not exactly orthogonal; else transpose);
+    float16 / bfloat16 blocks are inverted in float32 (linalg has no low-precision inverse)."""
+    if blocks.dtype in _LOW_PRECISION:
+        return torch.linalg.inv(blocks.float()).to(blocks.dtype)
     return torch.linalg.inv(blocks)
 
 
