@@ -59,7 +59,7 @@ def test_groups_cover_every_trainable_parameter_once():
     assert len(grouped) == len({id(p) for p in grouped})  # no parameter twice
     assert {id(p) for p in grouped} == {id(p) for _, p in trainable}
     assert len(grouped) == len(trainable) == 4 * 2 + 2  # 4 layers x (A, B) + classifier weight, bias
-    assert all(len(g["params"]) > 0 for g in opt.param_groups)
+    assert len(opt.param_groups) == 4  # PEFT's four groups, the empty embedding group included
     assert isinstance(opt, torch.optim.AdamW)
 
 
@@ -152,3 +152,35 @@ def test_peft_keyword_loraplus_weight_decay_accepted():
                                       loraplus_weight_decay=0.1)
     wd_a, wd_b = _per_param(opt_a, "weight_decay"), _per_param(opt_b, "weight_decay")
     assert [wd_a[id(p)] for _, p in _trainable(ours)] == [wd_b[id(p)] for _, p in _trainable(theirs)]
+
+
+def test_loraplus_groups_equal_peft_including_empty_ones():
+    """Four groups in PEFT's order (A, embedding, B, B without decay), empty ones kept, on a model with LoRA on an
+    embedding and a Linear plus a saved head, and on a model without adapters."""
+    import copy
+
+    import peft
+    from peft.optimizers import create_loraplus_optimizer as peft_loraplus
+
+    from peftkit import LoraConfig, create_loraplus_optimizer, get_peft_model
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.lin = torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8)
+            self.norm, self.head = torch.nn.LayerNorm(8), torch.nn.Linear(8, 2)
+
+    def summary(opt, model):
+        shapes = {id(p): tuple(p.shape) for p in model.parameters()}
+        return [(g["lr"], g["weight_decay"], sorted(shapes[id(p)] for p in g["params"])) for g in opt.param_groups]
+
+    torch.manual_seed(0)
+    plain = Net()
+    kw = dict(lr=1e-3, loraplus_lr_ratio=16, loraplus_weight_decay=0.1)
+    assert summary(create_loraplus_optimizer(plain, torch.optim.AdamW, **kw), plain) == summary(
+        peft_loraplus(plain, torch.optim.AdamW, **kw), plain)
+    cfg = dict(r=2, target_modules=["emb", "lin"], modules_to_save=["head"])
+    ours = get_peft_model(copy.deepcopy(plain), LoraConfig(**cfg))
+    theirs = peft.get_peft_model(copy.deepcopy(plain), peft.LoraConfig(**cfg))
+    got = summary(create_loraplus_optimizer(ours, torch.optim.AdamW, **kw), ours)
+    assert len(got) == 4 and got == summary(peft_loraplus(theirs, torch.optim.AdamW, **kw), theirs)

@@ -55,4 +55,13 @@ def create_loraplus_optimizer(
         {"params": groups["B"], "weight_decay": weight_decay, "lr": lr * loraplus_lr_ratio},
         {"params": groups["B_no_decay"], "weight_decay": 0.0, "lr": lr * loraplus_lr_ratio},
     ]
-    return optimizer_cls([g for g in param_groups if g["params"]], lr=lr, **kwargs)
+    # all four groups, empty ones too, in PEFT's order (a scheduler or a script may index them)
+    optimizer = optimizer_cls(param_groups, lr=lr, **kwargs)
+    if optimizer_cls.__name__ in ("Adam8bit", "AdamW8bit", "PagedAdam8bit", "PagedAdamW8bit"):
+        import bitsandbytes  # only with a bitsandbytes optimizer: embeddings keep 32-bit states, as in PEFT
+
+        manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+        for module in model.modules():
+            if isinstance(module, nn.Embedding):
+                manager.register_module_override(module, "weight", {"optim_bits": 32})
+    return optimizer
