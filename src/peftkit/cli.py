@@ -73,18 +73,32 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .targeting import TargetError
     from .train import RecipeError, TrainingError, load_recipe, train
+    from .train.data import DataError
+    from .train.models import ModelError
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
     except (RecipeError, ValueError) as exc:
+        if args.debug:
+            raise
         where = f"{args.recipe}: " if args.recipe and not str(exc).startswith(args.recipe) else ""
         print(f"peftkit train: {where}{exc}", file=sys.stderr)
         return 2
     try:
         train(recipe)
-    except TrainingError as exc:
-        print(f"peftkit train: {exc}", file=sys.stderr)
+    except (RecipeError, DataError, ConfigError, ModelError, TargetError, CheckpointError) as exc:
+        if args.debug:
+            raise
+        print(f"peftkit train: {exc}", file=sys.stderr)  # the input is wrong: the message says where
+        return 2
+    except (TrainingError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"peftkit train: {exc}\n(run with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0
 
@@ -137,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="fine-tune from a YAML recipe (no recipe: LoRA on SST-2 with the MiniLM)")
     p.add_argument("recipe", nargs="?", help="recipe YAML file; key=value arguments override its fields")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=5e-4 peft.r=16")
+    p.add_argument("--debug", action="store_true", help="on an error, show the traceback, not only the message")
     p.set_defaults(run=_cmd_train)
     from .bench.cli import add_parser as add_bench_parser
 

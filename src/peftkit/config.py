@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
+import numbers
 import os
 import warnings
 from typing import Any, ClassVar
@@ -36,6 +38,27 @@ class ConfigError(ValueError):
     """A configuration value is out of range or inconsistent."""
 
 
+def non_finite(value: Any, where: str) -> tuple[str, Any] | None:
+    """The first non-finite number in ``value`` (a number, or one inside lists, tuples, sets and dict values)
+    as ``(path, number)``, the path written from ``where`` (``alpha_pattern['q_proj']``); None if all are finite.
+    Configs of configs (composition blocks) are validated when they are built, so they are not entered."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int)):
+        return None if math.isfinite(float(value)) else (where, value)
+    if isinstance(value, dict):
+        items: Any = ((f"{where}[{k!r}]", v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(value))
+    elif isinstance(value, (set, frozenset)):
+        items = ((f"{where}[...]", v) for v in value)
+    else:
+        return None
+    for path, item in items:
+        found = non_finite(item, path)
+        if found:
+            return found
+    return None
+
+
 @dataclasses.dataclass
 class PeftConfig:
     """Fields shared by every method (names as in Hugging Face PEFT).
@@ -54,6 +77,7 @@ class PeftConfig:
     inference_mode: bool = False
 
     def __post_init__(self) -> None:
+        self._check_finite()
         if isinstance(self.peft_type, enum.Enum):  # peft's PeftType (a str enum): keep its value
             self.peft_type = self.peft_type.value
         if self.peft_type is None:
@@ -78,6 +102,16 @@ class PeftConfig:
             elif not (value is None or isinstance(value, (str, list))):
                 raise ConfigError(f"{type(self).__name__}.{name}: expected a list of names or a regex string, "
                                   f"got {value!r}")
+
+    def _check_finite(self) -> None:
+        """Every number of every field (also inside lists and dicts: ``rank_pattern``, ``alpha_pattern``) is
+        finite: an infinite alpha or a NaN dropout would only show as NaN logits later."""
+        for f in dataclasses.fields(self):
+            found = non_finite(getattr(self, f.name), f.name)
+            if found:
+                err = ConfigError(f"{type(self).__name__}.{found[0]}: expected a finite number, got {found[1]!r}")
+                err.field = f.name  # type: ignore[attr-defined]
+                raise err
 
     # -- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -104,7 +138,12 @@ class PeftConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             warnings.warn(f"{source}: ignoring keys unknown to {cls.__name__}: {unknown}", stacklevel=2)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except ConfigError as err:
+            if source == "config" or str(err).startswith(f"{source}:"):
+                raise
+            raise ConfigError(f"{source}: {err}") from None
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """Write ``adapter_config.json`` atomically into ``save_directory``."""
@@ -122,6 +161,14 @@ class PeftConfig:
         file = path if path.endswith(".json") else os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{file}: adapter config not found (expected {CONFIG_NAME} in {path})")
+        data = cls.from_json_file(file)
+        data.update(kwargs)
+        return cls.from_dict(data, source=file)
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+        """The JSON object of a config file (as peft's ``from_json_file``); errors name the file."""
+        file = os.fspath(path_json_file)
         try:
             with open(file, encoding="utf-8") as fh:
                 data = json.load(fh)
@@ -129,8 +176,10 @@ class PeftConfig:
             raise ConfigError(f"{file}: not valid JSON ({err})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{file}: expected a JSON object, got {type(data).__name__}")
-        data.update(kwargs)
-        return cls.from_dict(data, source=file)
+        if "runtime_config" in data:  # peft: runtime settings are never read from a file
+            warnings.warn(f"{file}: ignoring the runtime_config key (runtime settings are not saved)", stacklevel=2)
+            del data["runtime_config"]
+        return data
 
     @property
     def is_prompt_learning(self) -> bool:

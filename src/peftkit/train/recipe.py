@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import types
 import typing
@@ -45,6 +46,7 @@ class DataSpec:
     train_rows: int | None = None  # use the first N training rows
     test_rows: int | None = None
     bad_rows: str = "fail"  # "fail" or "skip" (skipped rows are counted and reported with line numbers)
+    labels: list[str | int] | None = None  # classification: the label set, in class-index order (None: inferred)
     shots: int | None = None  # clip_fewshot: training images per class (None: all)
     class_template: str = "a photo of a {}."  # clip_fewshot: the prompt each class name goes into
 
@@ -105,7 +107,9 @@ CHOICES = {
     "train.strategy": ("ddp", "fsdp"),
 }
 POSITIVE = ("train.max_steps", "train.batch_size", "train.grad_accum", "train.keep_last", "data.max_length",
-            "train.eval_batch_size")
+            "train.eval_batch_size", "train.log_every")
+NON_NEGATIVE = ("train.save_every", "train.eval_every")  # 0: never
+POSITIVE_OR_NULL = ("train.max_grad_norm", "train.loraplus_lr_ratio", "data.image_size", "data.shots")
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -118,6 +122,8 @@ def _type_ok(value: Any, tp: Any) -> bool:
         return True
     if origin is dict or tp is dict:
         return isinstance(value, dict)
+    if origin is list:
+        return isinstance(value, list) and all(_type_ok(v, typing.get_args(tp)[0]) for v in value)
     if tp is bool:
         return isinstance(value, bool)
     if tp is int:
@@ -135,6 +141,11 @@ def _describe(tp: Any) -> str:
         return "null"
     if origin is dict:
         return "a mapping"
+    if origin is list:
+        items = typing.get_args(tp)[0]
+        kinds = typing.get_args(items) if typing.get_origin(items) in (typing.Union, types.UnionType) else (items,)
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+        return "a list of " + " or ".join(plural.get(k, str(k)) for k in kinds)
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
@@ -206,11 +217,16 @@ def load_recipe(path: str | None = None, overrides: list[str] = ()) -> Recipe:
     if path is not None:
         if not os.path.isfile(path):
             raise RecipeError(f"{path}: recipe file not found")
-        with open(path, encoding="utf-8") as f:
-            try:
-                tree = yaml.safe_load(f) or {}
-            except yaml.YAMLError as exc:
-                raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as exc:
+            raise RecipeError(f"{path}: not UTF-8 text ({exc})") from None
+        try:
+            _check_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), "")
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(tree, dict):
             raise RecipeError(f"{path}: expected a mapping at the top level")
         base_dir = os.path.dirname(os.path.abspath(path))
@@ -223,6 +239,25 @@ def load_recipe(path: str | None = None, overrides: list[str] = ()) -> Recipe:
         recipe.peft = {}
     _validate(recipe, base_dir)
     return recipe
+
+
+def _check_duplicate_keys(node: yaml.Node | None, path: str) -> None:
+    """A key given twice in one mapping is an error (YAML loaders keep the last one silently: a second
+    ``train:`` block would replace the first)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+            dotted = f"{path}.{key}" if path else key
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                line = key_node.start_mark.line + 1
+                first = seen.setdefault((key_node.tag, key), line)
+                if first != line:
+                    raise RecipeError(f"{dotted}: duplicate key (line {line}, first at line {first})")
+            _check_duplicate_keys(value_node, dotted)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicate_keys(item, f"{path}[{i}]")
 
 
 def _get(recipe: Recipe, dotted: str) -> Any:
@@ -238,16 +273,29 @@ def _validate(recipe: Recipe, base_dir: str) -> None:
     for dotted, allowed in CHOICES.items():
         if _get(recipe, dotted) not in allowed:
             raise RecipeError(f"{dotted}: expected one of {', '.join(allowed)}, got {_get(recipe, dotted)!r}")
+    for section in ("data", "train"):
+        for f in dataclasses.fields(getattr(recipe, section)):
+            value = getattr(getattr(recipe, section), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RecipeError(f"{section}.{f.name}: expected a finite number, got {value}")
     for dotted in POSITIVE:
         if _get(recipe, dotted) <= 0:
             raise RecipeError(f"{dotted}: expected a positive integer, got {_get(recipe, dotted)}")
-    for dotted in ("data.image_size", "data.shots"):
+    for dotted in NON_NEGATIVE:
+        if _get(recipe, dotted) < 0:
+            raise RecipeError(f"{dotted}: expected 0 (never) or a positive integer, got {_get(recipe, dotted)}")
+    for dotted in POSITIVE_OR_NULL:
         if _get(recipe, dotted) is not None and _get(recipe, dotted) <= 0:
-            raise RecipeError(f"{dotted}: expected a positive integer, got {_get(recipe, dotted)}")
+            kind = "integer" if dotted.startswith("data.") else "number"
+            raise RecipeError(f"{dotted}: expected a positive {kind} or null, got {_get(recipe, dotted)}")
     if recipe.train.lr <= 0:
         raise RecipeError(f"train.lr: expected a positive number, got {recipe.train.lr}")
+    if recipe.train.weight_decay < 0:
+        raise RecipeError(f"train.weight_decay: expected a number >= 0, got {recipe.train.weight_decay}")
     if not 0 <= recipe.train.warmup_ratio < 1:
         raise RecipeError(f"train.warmup_ratio: expected a number in [0, 1), got {recipe.train.warmup_ratio}")
+    _check_labels(recipe)
+    _check_output_dir(recipe.output_dir)
     try:
         spec = get_method(recipe.method)
     except KeyError as exc:
@@ -271,6 +319,39 @@ def _validate(recipe: Recipe, base_dir: str) -> None:
         setattr(recipe.data, name, os.path.normpath(resolved))
 
 
+def _check_labels(recipe: Recipe) -> None:
+    """``data.labels``: distinct, non-empty strings or integers (kept as strings), at least two."""
+    labels = recipe.data.labels
+    if labels is None:
+        return
+    if recipe.task != "seq_cls":
+        raise RecipeError(f"data.labels: only task seq_cls reads it (task {recipe.task} takes its classes from "
+                          "the data source)")
+    names = [str(x).strip() for x in labels]
+    if len(names) < 2:
+        raise RecipeError(f"data.labels: expected at least 2 labels, got {labels}")
+    for name in names:
+        if not name:
+            raise RecipeError("data.labels: an empty label")
+        if names.count(name) > 1:
+            raise RecipeError(f"data.labels: {name!r} is listed twice")
+    if recipe.num_labels is not None and recipe.num_labels != len(names):
+        raise RecipeError(f"num_labels: {recipe.num_labels}, but data.labels declares {len(names)}")
+    recipe.data.labels = names
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """The run folder is a folder, or can become one (no file in its place or on its path)."""
+    if not output_dir.strip():
+        raise RecipeError("output_dir: expected a folder path, got ''")
+    path = os.path.abspath(output_dir)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        inside = "" if path == os.path.abspath(output_dir) else f"{output_dir}: "
+        raise RecipeError(f"output_dir: {inside}{path} is a file, not a folder")
+
+
 def _check_hf_source(field: str, source: str) -> None:
     """A Hugging Face source is well formed and ``datasets`` is importable (the data loads later)."""
     try:
@@ -291,3 +372,4 @@ def build_peft_config(recipe: Recipe, spec: Any = None, **extra: Any):
     if unknown:
         raise RecipeError(f"peft.{unknown[0]}: not a field of {spec.config_cls.__name__}")
     return spec.config_cls(**{**recipe.peft, **extra})
+

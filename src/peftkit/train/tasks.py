@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from ..config import TaskType
 from .losses import supervised_lm_loss, supervised_tokens
-from .data import DataError, Table, check_columns, encode_labels, label_set, read_table
+from .data import DataError, Table, check_columns, read_table
+from .labels import encode_labels, infer_labels
 from .models import resolve_model
 from .recipe import Recipe
 
@@ -97,17 +98,28 @@ class SequenceClassification(Task):
         d = self.recipe.data
         cols, kinds = [d.text_column, d.label_column], ["text", "label"]
         train = self._table(d.train, d.train_rows, cols, kinds)
-        if self.labels is None:
-            self.labels = label_set(train, d.label_column)
+        if self.labels is not None:
+            origin = "the trained run's labels"
+        elif d.labels:
+            self.labels, origin = [str(name) for name in d.labels], "declared in data.labels"
+        else:
+            train, self.labels = infer_labels(train, d.label_column, d.bad_rows)
+            origin = f"inferred from {train.source}; list every class in data.labels to allow others"
         if self.recipe.num_labels is not None and self.recipe.num_labels != len(self.labels):
             raise DataError(f"num_labels: {self.recipe.num_labels}, but {d.train} has {len(self.labels)} labels")
-        train, self.train_y = encode_labels(train, d.label_column, self.labels, d.bad_rows)
+        train, self.train_y = encode_labels(train, d.label_column, self.labels, d.bad_rows, origin=origin)
+        if not train.rows:
+            raise DataError(f"{train.source}: no usable rows")
+        unused = sorted(set(self.labels) - {self.labels[y] for y in self.train_y})
+        if unused and d.labels:
+            self.notes.append(f"data.labels: no training rows for {unused}")
         self.train_x = [str(r[d.text_column]) for r in train.rows]
         self.test_x: list[str] = []
         self.test_y: list[int] = []
         if d.test:
             test = self._table(d.test, d.test_rows, cols, kinds)
-            test, self.test_y = encode_labels(test, d.label_column, self.labels, d.bad_rows)
+            test, self.test_y = encode_labels(test, d.label_column, self.labels, d.bad_rows, origin=origin,
+                                              strict=True)
             self.test_x = [str(r[d.text_column]) for r in test.rows]
             self.notes += [n for n in [_skipped(test)] if n]
         self.notes += [n for n in [_skipped(train)] if n]
