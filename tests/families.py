@@ -157,8 +157,11 @@ FAMILIES = [
     Family("vit", _vit, lambda: {"pixel_values": torch.randn(2, 3, 32, 32)}, lambda o: o.logits),
     Family("convnet", ConvNet, lambda: {"pixel_values": torch.randn(2, 3, 12, 12)}, lambda o: o,
            targets=["conv1", "conv2"]),
+    # The output joins the logits and every text position: the tiny text tower keeps CLIP's default
+    # eos_token_id (outside its vocabulary), so it pools token 0, which the causal mask lets attend only to
+    # itself; through the logits alone the text queries and keys could not change anything.
     Family("clip", _clip, lambda: {"input_ids": _ids(), "pixel_values": torch.randn(2, 3, 32, 32)},
-           lambda o: o.logits_per_image),
+           lambda o: torch.cat([o.logits_per_image.flatten(), o.text_model_output.last_hidden_state.flatten()])),
     Family("unet", _unet, lambda: {"sample": torch.randn(1, 4, 8, 8), "timestep": 10,
                                    "encoder_hidden_states": torch.randn(1, 5, 16)}, lambda o: o.sample),
     Family("minilm", _minilm, lambda: {"input_ids": torch.randint(1000, 20000, (2, 12))}, lambda o: o.logits,

@@ -165,7 +165,7 @@ def test_parameter_count_matches_closed_form(wrapped, case):
     spec = case[0]
     config = model.peft_config["default"]
     expected = 0
-    for path, layer in model.base_model.layers():
+    for path, layer in model.base_model.adapter_layers():
         expected += spec.adapter_cls.param_count(layer.base_layer, config, path)
     for _, wrapper in model.base_model.saved_modules():
         expected += sum(p.numel() for p in wrapper.modules_to_save["default"].parameters())

@@ -191,13 +191,13 @@ def test_lora_default_targets_match_peft(name):
     theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig())
     ours = peftkit.get_peft_model(model, peftkit.LoraConfig())
     ref = {n for n, m in theirs.base_model.model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
-    mine = {p for p, _ in ours.base_model.layers()}
+    mine = {p for p, _ in ours.base_model.adapter_layers()}
     assert mine == ref and mine
 
 
 def test_lora_default_targets_on_mixtral_are_peft_table_names():
     ours = peftkit.get_peft_model(build("mixtral"), peftkit.LoraConfig())
-    assert {p for p, _ in ours.base_model.layers()} == {f"layers.0.self_attn.{n}" for n in LORA["mixtral"]}
+    assert {p for p, _ in ours.base_model.adapter_layers()} == {f"layers.0.self_attn.{n}" for n in LORA["mixtral"]}
 
 
 @pytest.mark.parametrize("name", [n for n in ARCHS if ARCHS[n][0] in IA3])
@@ -207,7 +207,7 @@ def test_ia3_default_targets_and_feedforward_match_peft(name):
     ours = peftkit.get_peft_model(model, peftkit.IA3Config())
     ref = {n: m.is_feedforward for n, m in theirs.base_model.model.named_modules()
            if isinstance(m, peft.tuners.ia3.IA3Layer)}
-    mine = {p: layer.adapters["default"].feedforward for p, layer in ours.base_model.layers()}
+    mine = {p: layer.adapters["default"].feedforward for p, layer in ours.base_model.adapter_layers()}
     assert mine == ref and mine
 
 
@@ -243,7 +243,7 @@ def test_peft_saved_lora_with_empty_target_parameters_loads(tmp_path):
     assert json.loads((tmp_path / "adapter_config.json").read_text())["target_parameters"] == []
     ours = peftkit.PeftModel.from_pretrained(build("mixtral"), tmp_path)
     assert ours.peft_config["default"].target_parameters == []
-    assert {p.rsplit(".", 1)[-1] for p, _ in ours.base_model.layers()} == {"q_proj", "v_proj"}
+    assert {p.rsplit(".", 1)[-1] for p, _ in ours.base_model.adapter_layers()} == {"q_proj", "v_proj"}
     ids = torch.randint(0, 64, (2, 5))
     with torch.no_grad():
         expected = theirs(input_ids=ids).last_hidden_state

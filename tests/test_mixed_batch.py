@@ -59,7 +59,7 @@ def _check_rows(model, names, ids, monkeypatch, cls):
             mixed = model(input_ids=ids, adapter_names=names).logits
     for i, n in enumerate(names):
         torch.testing.assert_close(mixed[i], expected[i], atol=1e-5, rtol=1e-5, msg=f"row {i} ({n})")
-    assert all(layer.routing is None for _, layer in model.base_model.layers())
+    assert all(layer.routing is None for _, layer in model.base_model.adapter_layers())
 
 
 def test_lora_mixed_ranks_rslora_patterns(monkeypatch):
@@ -172,7 +172,7 @@ def test_bad_adapter_names_raise_clear_errors():
         model(input_ids=ids, adapter_names=["wide", "default"])
     with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['zzz'\]"):
         model.generate(input_ids=ids, adapter_names=["zzz", "wide", BASE], max_new_tokens=2)
-    assert all(layer.routing is None for _, layer in model.base_model.layers())
+    assert all(layer.routing is None for _, layer in model.base_model.adapter_layers())
 
 
 def test_methods_without_a_batched_path_use_the_loop():

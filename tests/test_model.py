@@ -191,7 +191,7 @@ def test_mixed_batch_routes_each_row_to_its_adapter(llama):
     torch.testing.assert_close(mixed[0], expected[1][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mixed[1], expected[2][1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mixed[2], expected[0][2], atol=1e-5, rtol=1e-5)
-    assert all(layer.routing is None for _, layer in model.base_model.layers())
+    assert all(layer.routing is None for _, layer in model.base_model.adapter_layers())
     with pytest.raises(ValueError, match="unknown adapter"):
         model(input_ids=ids, adapter_names=["nope", "b", "b"])
     model.merge_adapter()

@@ -100,7 +100,7 @@ def check_acts_like_merged(pm, reference, call, mode: str, atol: float = 1e-5, d
     on the test inputs. Each check runs with autograd on and off (off in eval: the fused fast paths)."""
     getattr(pm, mode)()
     getattr(reference, mode)()
-    layers = [layer for _, layer in pm.base_model.layers() if isinstance(layer, EffectiveWeightLayer)]
+    layers = [layer for _, layer in pm.base_model.adapter_layers() if isinstance(layer, EffectiveWeightLayer)]
     assert layers, "no module was wrapped in an EffectiveWeightLayer"
     before = [snapshot(layer) for layer in layers]
     for grad in (True, False):
@@ -184,7 +184,7 @@ def test_transformer_encoder_all_linear(nested, mode, monkeypatch):
     x, kpm = inputs(True, True)
     reference = copy.deepcopy(model)
     pm = peftkit.get_peft_model(model, peftkit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    wrapped = {p: type(layer) for p, layer in pm.base_model.layers()}
+    wrapped = {p: type(layer) for p, layer in pm.base_model.adapter_layers()}
     assert wrapped["layers.0.self_attn.out_proj"] is EffectiveWeightLayer
     # the encoder layer's fused path reads linear1 / linear2 (and the norms) directly as well
     assert wrapped["layers.1.linear1"] is EffectiveWeightLayer
@@ -204,7 +204,7 @@ def test_encoder_layer_fused_path_reads_adapted_norms_and_biases(method, kwargs,
     x, kpm = inputs(True, True)
     reference = copy.deepcopy(model)
     pm = peftkit.get_peft_model(model, get_method(method).config_cls(**kwargs))
-    assert "layers.0.norm1" in {p for p, layer in pm.base_model.layers() if isinstance(layer, EffectiveWeightLayer)}
+    assert "layers.0.norm1" in {p for p, layer in pm.base_model.adapter_layers() if isinstance(layer, EffectiveWeightLayer)}
     perturb(pm)
     check_acts_like_merged(pm, reference, encoder_call(x, kpm), "eval")
     assert runs_fused(monkeypatch, "_transformer_encoder_layer_fwd", lambda: encoder_call(x, kpm)(pm))
@@ -363,7 +363,7 @@ def test_methods_that_are_not_weight_deltas_are_refused_or_skipped():
         peftkit.get_peft_model(AttnNet(), cfg(bottleneck_size=4, target_modules=["out_proj"]))
     with pytest.warns(UserWarning, match=r"all-linear' skips \['attn\.out_proj'\]"):
         pm = peftkit.get_peft_model(AttnNet(), cfg(bottleneck_size=4, target_modules="all-linear"))
-    assert [p for p, _ in pm.base_model.layers()] == ["fc"]
+    assert [p for p, _ in pm.base_model.adapter_layers()] == ["fc"]
     # nn.TransformerEncoderLayer's fused path reads linear2's weight: refused there as well
     with pytest.raises(TargetError, match=r"'layers\.0\.linear2'.*TransformerEncoderLayer.*exclude_modules"):
         peftkit.get_peft_model(encoder(), cfg(bottleneck_size=4, target_modules=["linear2"]))

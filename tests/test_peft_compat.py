@@ -63,7 +63,7 @@ def test_same_trainable_parameter_count(name, variant):
 def _pairs(ref_model, our_model):
     """(peft LoraLayer, peftkit AdapterLayer) for each targeted module, by path."""
     ref = {n: m for n, m in ref_model.base_model.model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
-    ours = dict(our_model.base_model.layers())
+    ours = dict(our_model.base_model.adapter_layers())
     assert ref.keys() == ours.keys()
     return [(ref[k], ours[k]) for k in sorted(ref)]
 
@@ -149,7 +149,7 @@ def test_olora_on_transposed_conv1d_starts_at_base():
     family = FAMILY["gpt2"]
     base = family.run(family.model())
     ours = peftkit.get_peft_model(family.model(), peftkit.LoraConfig(r=4, init_lora_weights="olora"))
-    a = ours.base_model.layers()[0][1].adapters["default"]
+    a = ours.base_model.adapter_layers()[0][1].adapters["default"]
     assert tuple(a.lora_A.shape) == (4, 32) and tuple(a.lora_B.shape) == (96, 4)
     torch.testing.assert_close(family.run(ours), base, atol=1e-5, rtol=0)
 

@@ -21,7 +21,7 @@ def _threads():
 
 def kit_selected(family: str, **kwargs) -> list[str]:
     pm = peftkit.get_peft_model(FAMILY[family].model(), peftkit.LoraConfig(**kwargs))
-    return sorted(p for p, _ in pm.base_model.layers())
+    return sorted(p for p, _ in pm.base_model.adapter_layers())
 
 
 def ref_selected(family: str, **kwargs) -> list[str]:
@@ -197,7 +197,7 @@ def test_model_family():
 
 def kit_rank_scaling(family: str, **kwargs) -> dict[str, tuple[int, float]]:
     pm = peftkit.get_peft_model(FAMILY[family].model(), peftkit.LoraConfig(**kwargs))
-    return {p: (layer.adapters["default"].r, layer.adapters["default"].scaling) for p, layer in pm.base_model.layers()}
+    return {p: (layer.adapters["default"].r, layer.adapters["default"].scaling) for p, layer in pm.base_model.adapter_layers()}
 
 
 def ref_rank_scaling(family: str, **kwargs) -> dict[str, tuple[int, float]]:

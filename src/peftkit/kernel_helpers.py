@@ -46,7 +46,7 @@ def scratch(shape: tuple[int, ...], like: Tensor) -> Tensor:
     """
     numel = math.prod(shape)
     # a buffer made under torch.inference_mode() is an inference tensor: it may not be written outside it
-    key = (like.dtype, like.device, torch.is_inference_mode_enabled())
+    key = (like.dtype, like.device, not torch.compiler.is_compiling() and torch.is_inference_mode_enabled())
     buffers = getattr(_scratch, "buffers", None)
     if buffers is None:
         buffers = _scratch.buffers = {}

@@ -104,7 +104,7 @@ class TunerModel(nn.Module):
             configs = {}
             model.peft_config = configs
         tuner.peft_config = configs
-        layers = [layer for _, layer in tuner.layers()]
+        layers = [layer for _, layer in tuner.adapter_layers()]
         active = next((list(layer.active_adapters) for layer in layers if layer.active_adapters), [])
         tuner.active_adapters = [n for n in active if n in configs]
         return tuner
@@ -164,7 +164,7 @@ class TunerModel(nn.Module):
             out.append((name, module))
         return out
 
-    def layers(self) -> list[tuple[str, AdapterLayer]]:
+    def adapter_layers(self) -> list[tuple[str, AdapterLayer]]:
         return adapter_layers(self.model)
 
     def saved_modules(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
@@ -174,7 +174,7 @@ class TunerModel(nn.Module):
 
     def adapters(self, adapter_name: str | None = None) -> Iterator[tuple[str, Adapter]]:
         """(layer path, adapter) for every adapter, or only those named ``adapter_name``."""
-        for path, layer in self.layers():
+        for path, layer in self.adapter_layers():
             for name, adapter in layer.adapters.items():
                 if adapter_name is None or name == adapter_name:
                     yield path, adapter
@@ -192,13 +192,14 @@ class TunerModel(nn.Module):
         cls = spec.adapter_cls
         named = self.candidates()
         cls.prepare_config(self.model, named, config)  # architecture-dependent defaults (e.g. (IA)3's FFN names)
+        # before targeting: a task head is saved in full, never a target
+        if getattr(config, "task_type", None) in TASK_HEADS and hasattr(config, "modules_to_save"):
+            extra = [m for m in TASK_HEADS[config.task_type] if m not in (config.modules_to_save or [])]
+            config.modules_to_save = list(config.modules_to_save or []) + extra
         # cls.select_targets, plus: some parents read a child's weight instead of calling it (an
         # nn.MultiheadAttention's out_proj): such targets get a wrapper whose weight is the adapted one
         # (read_by_parent), or are kept from methods that are not weight deltas (mha.py)
         paths, read_by_parent = mha.select_targets(cls, self.model, named, config, spec)
-        if getattr(config, "task_type", None) in TASK_HEADS:
-            extra = [m for m in TASK_HEADS[config.task_type] if m not in (config.modules_to_save or [])]
-            config.modules_to_save = list(config.modules_to_save or []) + extra
         modules = dict(named)
         wrappers = dict(self.model.named_modules())
         shared, extra = None, {}
@@ -242,8 +243,12 @@ class TunerModel(nn.Module):
     def delete(self, adapter_name: str) -> None:
         """Remove an adapter; layers left with none go back to their plain base module."""
         if adapter_name not in self.peft_config:
-            raise KeyError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
-        for path, layer in self.layers():
+            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        merged = [path for path, layer in self.adapter_layers() if adapter_name in layer.merged_adapters]
+        if merged:
+            raise ValueError(f"adapter {adapter_name!r} is merged into {merged[0]} ({len(merged)} layers); "
+                             "unmerge it (unmerge_adapter) before deleting it")
+        for path, layer in self.adapter_layers():
             if adapter_name in layer.adapters:
                 layer.remove(adapter_name)
             if not len(layer.adapters):
@@ -273,7 +278,7 @@ class TunerModel(nn.Module):
             for name in names:
                 self.peft_config[name].inference_mode = inference_mode
         self.active_adapters = names
-        for _, layer in self.layers():
+        for _, layer in self.adapter_layers():
             layer.set_active(names)
         for _, wrapper in self.saved_modules():
             wrapper.active_adapter = next((n for n in names if n in wrapper.modules_to_save), None)
@@ -285,7 +290,7 @@ class TunerModel(nn.Module):
         unknown = sorted({n for n in adapter_names if n != BASE and n not in self.peft_config})
         if unknown:
             raise ValueError(f"adapter_names: unknown adapter(s) {unknown}; adapters: {sorted(self.peft_config)}")
-        layers = [layer for _, layer in self.layers()]
+        layers = [layer for _, layer in self.adapter_layers()]
         if any(layer.merged_adapters for layer in layers):
             raise ValueError("adapter_names: cannot route a mixed batch while adapters are merged; unmerge first")
         for layer in layers:
@@ -297,7 +302,7 @@ class TunerModel(nn.Module):
                 layer.routing = None
 
     def set_disabled(self, disabled: bool) -> None:
-        for _, layer in self.layers():
+        for _, layer in self.adapter_layers():
             layer.disable_adapters = disabled
         for _, wrapper in self.saved_modules():
             wrapper.disable_adapters = disabled
@@ -307,7 +312,7 @@ class TunerModel(nn.Module):
         for p in self.model.parameters():
             p.requires_grad_(False)
         train = {n for n in [*self.active_adapters, *extra] if not self.peft_config[n].inference_mode}
-        for _, layer in self.layers():
+        for _, layer in self.adapter_layers():
             for name, adapter in layer.adapters.items():
                 adapter.requires_grad_(name in train)
         for _, wrapper in self.saved_modules():
@@ -330,24 +335,24 @@ class TunerModel(nn.Module):
         if mode.endswith("_only"):  # "lora_only", "fourier_only": the biases of the targeted layers
             return {
                 f"{path}.base_layer.bias": layer.base_layer.bias
-                for path, layer in self.layers()
+                for path, layer in self.adapter_layers()
                 if adapter_name in layer.adapters and getattr(layer.base_layer, "bias", None) is not None
             }
         return {}
 
     # -- merge / unload --------------------------------------------------------------------------------
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        for _, layer in self.layers():
+        for _, layer in self.adapter_layers():
             layer.merge(adapter_names, safe_merge=safe_merge)
 
     def unmerge(self) -> None:
-        for _, layer in self.layers():
+        for _, layer in self.adapter_layers():
             layer.unmerge()
 
     @torch.no_grad()
     def unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         """Put every base module back (merged first if asked) and return the plain model."""
-        for path, layer in self.layers():
+        for path, layer in self.adapter_layers():
             if merge:
                 layer.merge(adapter_names, safe_merge=safe_merge)
             _set_submodule(self.model, path, layer.base_layer)

@@ -98,7 +98,7 @@ def test_same_trainable_parameter_count_and_targets_as_peft(name):
     t_train, t_total = theirs.get_nb_trainable_parameters()
     o_train, o_total = ours.get_nb_trainable_parameters()
     assert (o_train, o_total) == (t_train, t_total)
-    targeted = sorted(n for n, _ in ours.base_model.layers())
+    targeted = sorted(n for n, _ in ours.base_model.adapter_layers())
     assert targeted and len(targeted) * 16 <= o_train
     expected = {"llama": "q_proj", "gpt2": "mlp.c_proj", "bert": "query"}[name]
     assert any(t.endswith(expected) for t in targeted), targeted
@@ -152,6 +152,6 @@ def test_param_count_closed_form_uses_the_pattern():
     cfg = FourierFTConfig(n_frequency=8, n_frequency_pattern={"v_proj": 20}, target_modules=["q_proj", "v_proj"])
     model = peftkit.get_peft_model(family.model(), cfg)
     counts = {p.split(".")[-1]: FourierFTAdapter.param_count(layer.base_layer, cfg, p)
-              for p, layer in model.base_model.layers()}
+              for p, layer in model.base_model.adapter_layers()}
     assert counts == {"q_proj": 8, "v_proj": 20}
     assert model.get_nb_trainable_parameters()[0] == 2 * (8 + 20)

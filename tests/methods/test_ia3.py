@@ -84,9 +84,9 @@ def test_same_targets_feedforward_and_parameter_count_as_peft(name):
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     ref = {n: m.is_feedforward for n, m in theirs.base_model.model.named_modules()
            if isinstance(m, peft.tuners.ia3.IA3Layer)}
-    mine = {n: layer.adapters["default"].feedforward for n, layer in ours.base_model.layers()}
+    mine = {n: layer.adapters["default"].feedforward for n, layer in ours.base_model.adapter_layers()}
     assert mine == ref and any(mine.values()) and not all(mine.values())
-    for n, layer in ours.base_model.layers():
+    for n, layer in ours.base_model.adapter_layers():
         a = layer.adapters["default"]
         assert a.ia3_l.shape == theirs.base_model.model.get_submodule(n).ia3_l["default"].shape, n
         assert torch.equal(a.ia3_l, torch.ones_like(a.ia3_l))
@@ -156,7 +156,7 @@ def test_zero_entries_still_unmerge_exactly():
     family = FAMILY["bert"]
     model = peftkit.get_peft_model(family.model(), IA3Config(task_type="SEQ_CLS"))
     with torch.no_grad():
-        for _, layer in model.base_model.layers():
+        for _, layer in model.base_model.adapter_layers():
             layer.adapters["default"].ia3_l.view(-1)[::3] = 0.0
     before = {k: v.clone() for k, v in model.get_base_model().state_dict().items()}
     model.merge_adapter()

@@ -206,7 +206,7 @@ def test_peft_cannot_wrap_gpt2_conv1d_but_peftkit_can():
     with pytest.raises(TypeError, match="Conv1D"):
         peft.get_peft_model(FAMILY["gpt2"].model(), peft.LoKrConfig(r=4))
     model = peftkit.get_peft_model(FAMILY["gpt2"].model(), LoKrConfig(r=4))
-    assert [p for p, _ in model.base_model.layers()] == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    assert [p for p, _ in model.base_model.adapter_layers()] == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
 
 
 @pytest.mark.parametrize(("name", "kwargs"), CASES, ids=IDS)

@@ -343,7 +343,7 @@ def test_peft_cannot_wrap_gpt2_conv1d_but_peftkit_can():
     with pytest.raises(TypeError):
         peft.get_peft_model(FAMILY["gpt2"].model(), peft.OFTConfig(oft_block_size=8, target_modules=["c_attn"]))
     model = peftkit.get_peft_model(FAMILY["gpt2"].model(), OFTConfig(oft_block_size=8))
-    assert [p for p, _ in model.base_model.layers()] == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    assert [p for p, _ in model.base_model.adapter_layers()] == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
 
 
 @pytest.mark.parametrize(("name", "kwargs"), CASES + [("convnet", {"r": 1, "oft_block_size": 0})],
@@ -354,7 +354,7 @@ def test_same_trainable_parameter_count_and_shapes_as_peft(name, kwargs):
     ours = peftkit.get_peft_model(FAMILIES[name].model(), our_cfg)
     assert_same_trainable_state(ref, ours)
     assert ours.get_nb_trainable_parameters()[0] == sum(
-        OFTAdapter.param_count(layer.base_layer, our_cfg, path) for path, layer in ours.base_model.layers()
+        OFTAdapter.param_count(layer.base_layer, our_cfg, path) for path, layer in ours.base_model.adapter_layers()
     ) + sum(p.numel() for _, w in ours.base_model.saved_modules() for p in w.modules_to_save["default"].parameters())
 
 

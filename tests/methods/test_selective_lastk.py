@@ -27,13 +27,13 @@ def test_bert_last_block_and_head():
     model = get_peft_model(family.model(), LastKConfig(k=1, task_type="SEQ_CLS"))
     assert selection_summary(model) == {"selected": size(base.bert.encoder.layer[1]),
                                         "modules_to_save": size(base.classifier)}
-    assert {n.split(".layer.")[1].split(".")[0] for n, _ in model.base_model.layers()} == {"1"}
+    assert {n.split(".layer.")[1].split(".")[0] for n, _ in model.base_model.adapter_layers()} == {"1"}
 
 
 def test_k_zero_is_linear_probing():
     family = FAMILY["bert"]
     model = get_peft_model(family.model(), LastKConfig(k=0, task_type="SEQ_CLS"))
-    assert not model.base_model.layers()
+    assert not model.base_model.adapter_layers()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".classifier.modules_to_save." in n for n in trainable)
 
@@ -63,7 +63,7 @@ def test_block_stacks_of_each_family(name, stacks):
 def test_model_without_block_lists_counts_its_leaf_modules():
     family = FAMILY["convnet"]  # conv1, conv2, head
     model = get_peft_model(family.model(), LastKConfig(k=2))
-    assert {n for n, _ in model.base_model.layers()} == {"conv2", "head"}
+    assert {n for n, _ in model.base_model.adapter_layers()} == {"conv2", "head"}
 
 
 def test_explicit_layers_and_training_only_moves_them(tmp_path):

@@ -51,7 +51,7 @@ def test_same_targets_trainable_count_and_state_keys_as_peft(name):
     ours = get_peft_model(family.model(), our_cfg)
     assert_same_trainable_state(theirs, ours)
     ref_targets = {n for n, m in theirs.base_model.model.named_modules() if isinstance(m, peft.tuners.ln_tuning.layer.LNTuningLayer)}
-    assert {n for n, _ in ours.base_model.layers()} == ref_targets
+    assert {n for n, _ in ours.base_model.adapter_layers()} == ref_targets
     assert sorted(ours.peft_config["default"].target_modules) == sorted(theirs.peft_config["default"].target_modules)
 
 
@@ -77,7 +77,7 @@ def test_merge_matches_peft_and_unmerge_restores_bits(name, tmp_path):
     train(theirs, family)
     theirs.save_pretrained(tmp_path)
     ours = peftkit.PeftModel.from_pretrained(family.model(), tmp_path)
-    tuned = {n for n, _ in ours.base_model.layers()}
+    tuned = {n for n, _ in ours.base_model.adapter_layers()}
     changed = assert_merges_like_peft(family, theirs, ours)
     assert changed and all(k.rpartition(".")[0] in tuned or k.startswith("classifier") for k in changed), changed
 
@@ -99,7 +99,7 @@ def test_default_targets_where_peft_has_none():
         peft.get_peft_model(family.model(), peft.LNTuningConfig(task_type="SEQ_CLS"))
     model = get_peft_model(family.model(), LNTuningConfig(task_type="SEQ_CLS"))
     norms = {n for n, m in family.model().named_modules() if isinstance(m, torch.nn.LayerNorm)}
-    assert {n for n, _ in model.base_model.layers()} == norms
+    assert {n for n, _ in model.base_model.adapter_layers()} == norms
     assert peftkit.selection_summary(model)["selected"] == len(norms) * 2 * 32
     # written into the config, so a saved adapter names its modules
     assert sorted(model.peft_config["default"].target_modules) == sorted(norms)
@@ -109,7 +109,7 @@ def test_default_targets_where_peft_has_none():
 def test_default_targets_are_the_norm_layers(name):
     family = FAMILY[name]
     model = get_peft_model(family.model(), LNTuningConfig())
-    wrapped = {n for n, _ in model.base_model.layers()}
+    wrapped = {n for n, _ in model.base_model.adapter_layers()}
     norms = {n for n, m in family.model().named_modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))}
     assert wrapped == norms
 

@@ -175,7 +175,7 @@ def test_merge_and_unload_on_a_bias_free_model_keeps_outputs():
 def test_default_targets_are_attention_mlp_and_layernorms(name, linear, norms):
     family = FAMILY[name]
     model = peftkit.get_peft_model(family.model(), SSFConfig(task_type=family.task_type))
-    bases = [layer.base_layer for _, layer in model.base_model.layers()]
+    bases = [layer.base_layer for _, layer in model.base_model.adapter_layers()]
     assert sum(isinstance(b, nn.LayerNorm) for b in bases) == norms
     assert sum(not isinstance(b, nn.LayerNorm) for b in bases) == linear
     # written into the config, so the saved adapter names its targets
@@ -204,7 +204,7 @@ def test_layer_norm_names_disambiguate_from_other_norms():
 def test_layers_to_transform_and_unknown_architectures():
     family = FAMILY["vit"]
     model = peftkit.get_peft_model(family.model(), SSFConfig(layers_to_transform=[1]))
-    paths = [p for p, _ in model.base_model.layers()]
+    paths = [p for p, _ in model.base_model.adapter_layers()]
     assert paths and all(".1." in p for p in paths)  # the final LayerNorm has no layer index: excluded
     with pytest.raises(TargetError, match="target_modules"):
         peftkit.get_peft_model(ConvNet(), SSFConfig())

@@ -112,7 +112,7 @@ def test_layers_use_slices_of_one_shared_pair():
     assert shared.vera_A.shape == (4, 37) and shared.vera_B.shape == (32, 4)  # max d_in 37, max d_out 32
     a, b = vera_projections(4, 37, 32, seed=0)
     assert torch.equal(shared.vera_A, a) and torch.equal(shared.vera_B, b)
-    adapters = [layer.adapters["default"] for _, layer in model.base_model.layers()]
+    adapters = [layer.adapters["default"] for _, layer in model.base_model.adapter_layers()]
     assert all(ad.shared is shared for ad in adapters)  # one copy, referenced by every layer
     # not a buffer of any layer: the model's state dict holds the projections once
     state = model.state_dict()
@@ -257,7 +257,7 @@ def test_a_second_adapter_reuses_the_first_ones_projections_like_peft():
     ours.set_adapter("two")
     theirs.set_adapter("two")
     with torch.no_grad():
-        for n, layer in ours.base_model.layers():
+        for n, layer in ours.base_model.adapter_layers():
             if "two" in layer.adapters:
                 ref = theirs.base_model.model.get_submodule(n)
                 layer.adapters["two"].vera_lambda_b.copy_(torch.randn(ref.vera_lambda_b["two"].shape))
@@ -280,12 +280,12 @@ def test_incompatible_second_adapter_is_rejected_and_changes_nothing(kwargs, mat
     family = FAMILY["llama"]
     kw = {"r": 8, "target_modules": ["q_proj", "v_proj"], **kwargs}
     model = peftkit.get_peft_model(family.model(), VeraConfig(r=8, target_modules=["q_proj", "v_proj"]))
-    layers = [n for n, _ in model.base_model.layers()]
+    layers = [n for n, _ in model.base_model.adapter_layers()]
     with pytest.raises(ValueError, match=match):
         model.add_adapter("two", VeraConfig(**kw))
     assert list(model.peft_config) == ["default"] and list(model.base_model.shared_state) == ["default"]
-    assert [n for n, _ in model.base_model.layers()] == layers
-    assert all(list(layer.adapters) == ["default"] for _, layer in model.base_model.layers())
+    assert [n for n, _ in model.base_model.adapter_layers()] == layers
+    assert all(list(layer.adapters) == ["default"] for _, layer in model.base_model.adapter_layers())
     if peft_rejects:
         theirs = peft.get_peft_model(family.model(), peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj"]))
         with pytest.raises(ValueError):

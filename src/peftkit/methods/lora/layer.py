@@ -199,7 +199,9 @@ class LoraAdapter(Adapter):
 
     def _cached(self, name: str, tensors: tuple[Tensor, ...], compute: Any) -> Tensor:
         # keyed on inference mode too: a value computed under torch.inference_mode() must not reach autograd
-        key = (self.scaling, torch.is_inference_mode_enabled(), *((t.data_ptr(), t._version) for t in tensors))
+        # (not read while torch.compile traces: dynamo breaks the graph on it)
+        inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+        key = (self.scaling, inference, *((t.data_ptr(), t._version) for t in tensors))
         hit = self._cache.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]

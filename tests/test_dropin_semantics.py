@@ -1,0 +1,49 @@
+"""Behaviours where peftkit follows peft's semantics on the methods both have (adapter deletion, attribute access
+through the wrappers), each checked against peft 0.21.2."""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaModel
+
+import peftkit
+
+
+def _llama_model() -> LlamaModel:
+    torch.manual_seed(0)
+    return LlamaModel(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=2))
+
+
+@pytest.mark.parametrize("lib", [peftkit, peft])
+def test_attributes_reach_the_wrapped_model(lib):
+    base = _llama_model()
+    model = lib.get_peft_model(base, lib.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert model.base_model.layers is base.layers and model.layers is base.layers
+    assert isinstance(model.base_model.layers, torch.nn.ModuleList)
+    assert model.base_model.norm is base.norm
+
+
+@pytest.mark.parametrize("lib", [peftkit, peft])
+def test_delete_unknown_adapter_raises_value_error(lib):
+    model = lib.get_peft_model(_llama_model(), lib.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="nope"):
+        model.delete_adapter("nope")
+
+
+def test_deleting_a_merged_adapter_raises_and_changes_nothing():
+    model = peftkit.get_peft_model(_llama_model(), peftkit.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                      init_lora_weights=False))
+    model.merge_adapter()
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="unmerge"):
+        model.delete_adapter("default")
+    assert list(model.peft_config) == ["default"]
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    model.unmerge_adapter()
+    model.delete_adapter("default")
+    assert not model.peft_config
