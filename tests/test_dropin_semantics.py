@@ -47,3 +47,19 @@ def test_deleting_a_merged_adapter_raises_and_changes_nothing():
     model.unmerge_adapter()
     model.delete_adapter("default")
     assert not model.peft_config
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert", "vit", "unet"])
+@pytest.mark.parametrize("training", [False, True])
+def test_dora_starts_bit_identical_to_the_base(family, training):
+    """B = 0 and m = ||W0||: DoRA's output equals the base model's bit for bit (as peft's), in eval and in
+    training with autograd (several tokens: the merged-weight path in eval, the fused kernel in training)."""
+    from tests.families import FAMILY
+
+    fam = FAMILY[family]
+    torch.set_num_threads(1)
+    kw = {"target_modules": fam.targets} if fam.targets else {}
+    with torch.set_grad_enabled(training):
+        base = fam.run(fam.model().train(training))
+        model = peftkit.get_peft_model(fam.model(), peftkit.LoraConfig(r=4, use_dora=True, **kw)).train(training)
+        assert torch.equal(fam.run(model), base)
