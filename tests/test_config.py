@@ -117,7 +117,6 @@ BAD = [
     ("alpha_pattern", {"alpha_pattern": {"q_proj": 0}}),
     ("alpha_pattern", {"alpha_pattern": {"q_proj": -1}}),
     ("task_type", {"task_type": "CLASSIFY"}),
-    ("peft_type", {"peft_type": "IA3"}),
     ("layers_pattern", {"layers_pattern": "layers"}),  # without layers_to_transform (peft rejects it too)
 ]
 
@@ -171,13 +170,30 @@ def test_accepted_values(kwargs):
     for k, v in kwargs.items():
         if k == "task_type":
             assert cfg.task_type is TaskType(v)
+        elif k == "peft_type":
+            assert cfg.peft_type == "LORA"
         else:
             assert getattr(cfg, k) == v
 
 
-def test_target_module_sets_become_sorted_lists():
-    assert LoraConfig(target_modules={"v_proj", "q_proj"}).target_modules == ["q_proj", "v_proj"]
-    assert LoraConfig(target_modules=("v_proj", "k_proj")).target_modules == ["k_proj", "v_proj"]
+def test_target_module_names_become_sets_as_in_peft(tmp_path):
+    import peft
+
+    for given in ({"v_proj", "q_proj"}, ["v_proj", "q_proj"]):
+        ours, theirs = LoraConfig(target_modules=given), peft.LoraConfig(target_modules=given)
+        assert ours.target_modules == theirs.target_modules == {"q_proj", "v_proj"}
+        assert type(ours.target_modules) is type(theirs.target_modules) is set
+    assert LoraConfig(target_modules="q_proj|v_proj").target_modules == "q_proj|v_proj"  # a regex stays a string
+    LoraConfig(target_modules=["v_proj", "q_proj"]).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+    assert saved == ["q_proj", "v_proj"]  # JSON: a sorted list
+    assert LoraConfig.from_pretrained(tmp_path).target_modules == {"q_proj", "v_proj"}
+
+
+def test_a_config_class_names_its_own_peft_type_as_in_peft():
+    import peft
+
+    assert LoraConfig(peft_type="IA3").peft_type == "LORA" and peft.LoraConfig(peft_type="IA3").peft_type == "LORA"
 
 
 UNSUPPORTED = [

@@ -63,3 +63,17 @@ def test_dora_starts_bit_identical_to_the_base(family, training):
         base = fam.run(fam.model().train(training))
         model = peftkit.get_peft_model(fam.model(), peftkit.LoraConfig(r=4, use_dora=True, **kw)).train(training)
         assert torch.equal(fam.run(model), base)
+
+
+def test_adaption_prompt_config_defers_its_sizes_to_get_peft_model():
+    from peftkit.config import ConfigError
+
+    config = peftkit.AdaptionPromptConfig()  # as peft: built without sizes, refused when used
+    assert config.adapter_len is None and peft.AdaptionPromptConfig().adapter_len is None
+    model = _llama_model()
+    params = list(model.parameters())
+    with pytest.raises(ConfigError, match="adapter_len"):
+        peftkit.get_peft_model(model, config)
+    assert list(model.parameters()) == params and all(p.requires_grad for p in params)
+    with pytest.raises(ConfigError, match="adapter_layers"):
+        peftkit.AdaptionPromptConfig(adapter_layers=0)

@@ -267,7 +267,7 @@ def test_get_peft_config_reads_peft_dicts() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every key of peft's LoraConfig is known
         ours = peftkit.get_peft_config(ref.to_dict())  # peft_type is peft's enum member here
-    assert type(ours) is peftkit.LoraConfig and (ours.r, ours.lora_alpha, ours.target_modules) == (4, 16, ["q_proj"])
+    assert type(ours) is peftkit.LoraConfig and (ours.r, ours.lora_alpha, ours.target_modules) == (4, 16, {"q_proj"})
     assert ours.task_type == "CAUSAL_LM" and ours.peft_type == "LORA"
     assert type(peftkit.get_peft_config({"peft_type": "IA3", "target_modules": ["q"], "feedforward_modules": []})) \
         is peftkit.IA3Config

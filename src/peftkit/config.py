@@ -80,10 +80,8 @@ class PeftConfig:
         self._check_finite()
         if isinstance(self.peft_type, enum.Enum):  # peft's PeftType (a str enum): keep its value
             self.peft_type = self.peft_type.value
-        if self.peft_type is None:
+        if self.PEFT_TYPE or self.peft_type is None:  # a config class names its own type (peft overwrites too)
             self.peft_type = self.PEFT_TYPE
-        elif self.PEFT_TYPE and str(self.peft_type).upper() != self.PEFT_TYPE:
-            raise ConfigError(f"peft_type: {type(self).__name__} expects {self.PEFT_TYPE!r}, got {self.peft_type!r}")
         if isinstance(self.task_type, str) and not isinstance(self.task_type, TaskType):
             try:
                 self.task_type = TaskType(self.task_type)
@@ -95,10 +93,10 @@ class PeftConfig:
             value = getattr(self, f.name)  # as the plain dict of its fields, as peft does
             if f.default_factory is dict and dataclasses.is_dataclass(value) and not isinstance(value, type):
                 setattr(self, f.name, dataclasses.asdict(value))
-        for name in NAME_FIELDS:  # module-name fields: a set or tuple becomes a sorted list (JSON-stable)
-            value = getattr(self, name, None)
-            if isinstance(value, (set, tuple, frozenset)):
-                setattr(self, name, sorted(value))
+        for name in NAME_FIELDS:  # module-name fields: a collection of names becomes a set, as in peft
+            value = getattr(self, name, None)  # (written to JSON as a sorted list)
+            if isinstance(value, (list, set, tuple, frozenset)):
+                setattr(self, name, set(value))
             elif not (value is None or isinstance(value, (str, list))):
                 raise ConfigError(f"{type(self).__name__}.{name}: expected a list of names or a regex string, "
                                   f"got {value!r}")

@@ -84,7 +84,7 @@ def test_config_validation_names_the_field(kwargs, field, expected):
 
 def test_config_json_round_trip(tmp_path):
     cfg = SSFConfig(target_modules={"fc1", "fc2"}, layers_to_transform=[1], init_weights=False)
-    assert cfg.target_modules == ["fc1", "fc2"] and cfg.peft_type == "SSF"
+    assert cfg.target_modules == {"fc1", "fc2"} and cfg.peft_type == "SSF"
     cfg.save_pretrained(tmp_path)
     back = peftkit.PeftConfig.from_pretrained(tmp_path)
     assert isinstance(back, SSFConfig) and back.to_dict() == cfg.to_dict()

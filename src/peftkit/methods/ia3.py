@@ -63,7 +63,7 @@ class IA3Config(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         ff, targets = self.feedforward_modules, self.target_modules
-        if isinstance(ff, list) and isinstance(targets, list) and not set(ff) <= set(targets):
+        if isinstance(ff, set) and isinstance(targets, set) and not ff <= targets:
             raise ConfigError(
                 f"IA3Config.feedforward_modules: expected a subset of target_modules {sorted(targets)}, "
                 f"but {sorted(set(ff) - set(targets))} are not targets"

@@ -68,9 +68,14 @@ class AdaptionPromptConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name in ("adapter_len", "adapter_layers"):  # None until set: checked again at get_peft_model (peft
+            value = getattr(self, name)  # also builds such a config and refuses it there)
+            self._check(value is None or isinstance(value, int) and value >= 1, name, "a positive int")
+
+    def check_complete(self) -> None:
+        """Both sizes set: the adapter cannot be built without them."""
         for name in ("adapter_len", "adapter_layers"):
-            value = getattr(self, name)
-            self._check(isinstance(value, int) and value >= 1, name, "a positive int")
+            self._check(getattr(self, name) is not None, name, "a positive int (it is not set)")
 
     @property
     def is_adaption_prompt(self) -> bool:
@@ -220,6 +225,7 @@ class AdaptionPromptAdapter(Adapter):
 
     @classmethod
     def select_targets(cls, model: nn.Module, named: list[tuple[str, nn.Module]], config: Any) -> list[str]:
+        config.check_complete()
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in MODEL_TABLE:
             raise NotApplicableError(
