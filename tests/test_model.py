@@ -29,7 +29,7 @@ API = [
     ("set_peft_model_state_dict", None), ("PeftModel", "from_pretrained"), ("PeftModel", "save_pretrained"),
     ("PeftModel", "load_adapter"), ("PeftModel", "add_adapter"), ("PeftModel", "set_adapter"),
     ("PeftModel", "delete_adapter"), ("PeftModel", "get_nb_trainable_parameters"),
-    ("PeftModel", "set_requires_grad"),
+    ("PeftModel", "set_requires_grad"), ("prepare_model_for_kbit_training", None),
     # peft serves these through PeftModel.__getattr__ from its LoRA tuner
     ("LoraModel", "merge_and_unload"), ("LoraModel", "merge_adapter"), ("LoraModel", "unload"),
 ]

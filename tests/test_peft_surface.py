@@ -89,3 +89,28 @@ def test_facade_modules_hold_peftkit_objects():
         assert "NoSuchThing" in str(err) and "peftkit" in str(err)
     else:
         raise AssertionError("missing names must raise")
+
+
+def test_helpers_rescale_adapter_scale_and_check_if_peft_model_as_peft(tmp_path):
+    from peft.helpers import check_if_peft_model as peft_check
+    from peft.helpers import rescale_adapter_scale as peft_rescale
+
+    from peftkit.helpers import check_if_peft_model, disable_input_dtype_casting, rescale_adapter_scale
+
+    ours, theirs = _pair()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        before = ours(x)
+        with rescale_adapter_scale(ours, 0.5), peft_rescale(theirs, 0.5):
+            torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(ours(x), before)
+        torch.testing.assert_close(ours(x), before, atol=0, rtol=0)  # restored
+        with disable_input_dtype_casting(ours):
+            torch.testing.assert_close(ours(x), before, atol=0, rtol=0)
+    import pytest as _pytest
+
+    with _pytest.raises(ValueError, match="LoraLayer"), rescale_adapter_scale(nn.Linear(2, 2), 0.5):
+        pass
+    ours.save_pretrained(tmp_path / "a")
+    assert check_if_peft_model(tmp_path / "a") and peft_check(str(tmp_path / "a"))
+    assert not check_if_peft_model(tmp_path) and not peft_check(str(tmp_path))

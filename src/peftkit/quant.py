@@ -202,11 +202,12 @@ def guard_cpu_repack(model: nn.Module) -> int:
 
 def prepare_model_for_kbit_training(
     model: nn.Module, use_gradient_checkpointing: bool = True,
-    gradient_checkpointing_kwargs: dict | None = None,
+    gradient_checkpointing_kwargs: dict | None = None, auto_clear_cache: bool = True,
 ) -> nn.Module:
     """Hugging Face PEFT's helper: freeze every parameter, upcast fp16/bf16 non-quantized parameters (norms,
     embeddings, head) to fp32, make the input embeddings' output require grad (so checkpointed blocks have a
-    graph to recompute) and switch on gradient checkpointing (non-reentrant unless told otherwise)."""
+    graph to recompute) and switch on gradient checkpointing (non-reentrant unless told otherwise).
+    ``auto_clear_cache``: empty the accelerator's caching allocator after the upcasts (CUDA / XPU, as peft)."""
     guard_cpu_repack(model)
     for param in model.parameters():
         param.requires_grad_(False)
@@ -216,6 +217,11 @@ def prepare_model_for_kbit_training(
         for name, param in module.named_parameters(recurse=False):
             if param.dtype in (torch.float16, torch.bfloat16):
                 param.data = param.data.float()
+    if auto_clear_cache:  # the fp16 -> fp32 copies leave freed blocks in the allocator's cache
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if hasattr(torch, "xpu") and torch.xpu.is_available():
+            torch.xpu.empty_cache()
     if use_gradient_checkpointing:
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()

@@ -11,15 +11,15 @@ LoRA adapter, and ``BaseTunerLayer`` is the wrapper itself.
 
 from __future__ import annotations
 
-import contextlib
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
 import peftkit
 from peftkit import checkpoint as ckpt
+from peftkit import helpers
 from peftkit import model as model_mod
 from peftkit.layers import AdapterLayer
 from peftkit.methods.lycoris.functional import factorization
@@ -79,14 +79,6 @@ def delete_adapter(model: nn.Module, adapter_name: str, prefix: str | None = Non
     return list(tuner.active_adapters) or None
 
 
-@contextlib.contextmanager
-def disable_input_dtype_casting(model: nn.Module, active: bool = True) -> Iterator[None]:
-    """peft.helpers.disable_input_dtype_casting. peft's layers cast their input to the adapter weight's dtype,
-    which clashes with diffusers' layerwise casting hooks; peftkit's adapters cast only their own branch and
-    return the base layer's output dtype, so there is nothing to switch off and the block runs as is."""
-    yield
-
-
 def _public() -> dict[str, Any]:
     return {name: getattr(peftkit, name) for name in peftkit.__all__}
 
@@ -126,7 +118,8 @@ FACADES: dict[str, dict[str, Any] | Callable[[], dict[str, Any]]] = {
     "peft.functional": {"delete_adapter": delete_adapter, "inject_adapter_in_model": inject_adapter_in_model,
                         **_STATE},
     "peft.import_utils": {},
-    "peft.helpers": {"disable_input_dtype_casting": disable_input_dtype_casting},
+    "peft.helpers": {n: getattr(helpers, n) for n in ("check_if_peft_model", "disable_input_dtype_casting",
+                                                       "rescale_adapter_scale")},
     "peft.utils.constants": {"SAFETENSORS_WEIGHTS_NAME": ckpt.SAFETENSORS_NAME, "WEIGHTS_NAME": ckpt.LEGACY_NAME,
                              "CONFIG_NAME": "adapter_config.json"},
 }
