@@ -44,24 +44,18 @@ def _workflow(name: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     return out, json.loads((out / "result.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def trainer_run(tmp_path_factory):
-    return _workflow("trainer_workflow", tmp_path_factory)
+def _run_once(name: str):  # noqa: ANN202 - a module-scoped fixture running one workflow
+    @pytest.fixture(scope="module")
+    def run(tmp_path_factory):
+        return _workflow(name, tmp_path_factory)
+
+    return run
 
 
-@pytest.fixture(scope="module")
-def trl_run(tmp_path_factory):
-    return _workflow("trl_workflow", tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def diffusers_run(tmp_path_factory):
-    return _workflow("diffusers_workflow", tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def accelerate_run(tmp_path_factory):
-    return _workflow("accelerate_workflow", tmp_path_factory)
+trainer_run = _run_once("trainer_workflow")
+trl_run = _run_once("trl_workflow")
+diffusers_run = _run_once("diffusers_workflow")
+accelerate_run = _run_once("accelerate_workflow")
 
 
 def _adapter_only(files: dict[str, list[str]], folder: str) -> None:
