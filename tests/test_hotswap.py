@@ -69,6 +69,20 @@ def test_smaller_ranks_are_zero_padded(tmp_path):
     torch.testing.assert_close(_out(again), expected, atol=1e-6, rtol=1e-6)
 
 
+def test_larger_ranks_grow_the_parameters_in_place(tmp_path):
+    # peft swaps the tensors of an unprepared model; after prepare_model_for_compiled_hotswap the target rank
+    # is a limit (tests/test_hotswap_parity.py)
+    first = _save(tmp_path, "first", LoraConfig(r=4, init_lora_weights=False), 1)
+    second = _save(tmp_path, "second", LoraConfig(r=8, lora_alpha=5, init_lora_weights=False), 2)
+    model = PeftModel.from_pretrained(FAMILY["llama"].model(), first)
+    params = dict(model.named_parameters())
+    hotswap_adapter(model, second)
+    torch.testing.assert_close(_out(model), _out(PeftModel.from_pretrained(FAMILY["llama"].model(), second)),
+                               atol=1e-6, rtol=1e-6)
+    assert all(params[n] is p for n, p in model.named_parameters())  # the same Parameter objects
+    assert all(a.lora_A.shape[0] == 8 and a.r == 8 for _, a in model.base_model.adapters("default"))
+
+
 def test_ia3_swaps_too(tmp_path):
     first = _save(tmp_path, "first", IA3Config(init_ia3_weights=False), 1)
     second = _save(tmp_path, "second", IA3Config(init_ia3_weights=False), 2)
@@ -79,7 +93,6 @@ def test_ia3_swaps_too(tmp_path):
 
 
 @pytest.mark.parametrize(("config", "match"), [
-    (LoraConfig(r=8, init_lora_weights=False), r"rank 8 > the loaded rank 4"),
     (LoraConfig(r=4, target_modules=["q_proj", "k_proj"], init_lora_weights=False),
      r"does not target the same modules as 'default': keys only in the file \['base_model\.model\.model\.layers\.0\.self_attn\.k_proj"),
     (IA3Config(), r"holds a IA3 adapter but 'default' is LORA"),
