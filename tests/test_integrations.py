@@ -153,8 +153,9 @@ def test_diffusers_adapter_methods_with_peftkit_configs(diffusers_run):
     assert result["config_type"] == "peftkit.methods.lora.config"
     assert result["acts"] > 1e-3  # the adapter changes the output
     assert result["half_vs_ref"] <= 1e-6 and result["half_vs_full"] > 1e-3  # set_adapters(weights=[0.5])
-    for key in ("restored", "disabled", "reloaded", "pipeline"):
+    for key in ("restored", "disabled", "reloaded", "pipeline", "hotswap"):
         assert result[key] <= 1e-6, key
+    assert result["hotswap_changed"] > 1e-3  # load_lora_adapter(hotswap=True) replaced the weights
     assert result["pipe_adapters"] == ["c"]
     assert result["bare_config"] == ["x"]
 

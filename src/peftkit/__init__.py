@@ -79,7 +79,7 @@ from .auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from .hotswap import hotswap_adapter
+from .hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from .mapping import PEFT_TYPE_TO_CONFIG_MAPPING, get_peft_config
 from .peft_types import LoftQConfig, PeftType
 from .peft_utils import (
@@ -108,7 +108,7 @@ __all__ = [
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "SSFConfig", "TaskType", "TunerModel", "VeraConfig", "create_loraplus_optimizer", "get_method", "get_peft_model",
     "get_peft_model_state_dict", "inject_adapter_in_model", "list_methods", "register_method",
-    "set_peft_model_state_dict", "prepare_model_for_kbit_training", "quantize_model", "hotswap_adapter",
+    "set_peft_model_state_dict", "prepare_model_for_kbit_training", "quantize_model", "hotswap_adapter", "prepare_model_for_compiled_hotswap",
     "AdaptionPromptConfig", "PrefixTuningConfig", "PromptEncoderConfig", "PromptEncoderReparameterizationType",
     "PromptLearningConfig", "PromptTuningConfig", "PromptTuningInit", "PTuningV2Config",
     "ClipAdapterConfig", "CoCoOpConfig", "CoOpConfig", "TipAdapterConfig", "VPTConfig",

@@ -72,6 +72,16 @@ def main() -> None:
                          prefix=None)
     reloaded = run(u2)
 
+    # hotswap: another adapter's weights (other alpha) into "b" in place, through peft.utils.hotswap
+    other = unet()
+    torch.manual_seed(5)
+    other.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS, init_lora_weights=False), adapter_name="a")
+    other.save_lora_adapter(f"{out}/other_lora", adapter_name="a")
+    u2.load_lora_adapter(f"{out}/other_lora", weight_name="pytorch_lora_weights.safetensors", adapter_name="b",
+                         prefix=None, hotswap=True)
+    hotswapped = run(u2)
+    other_out = run(other)
+
     StableDiffusionPipeline.save_lora_weights(f"{out}/pipe_lora", unet_lora_layers=state)
     pipe = UnetPipeline(unet())
     pipe.load_lora_weights(f"{out}/pipe_lora", adapter_name="c")
@@ -85,7 +95,8 @@ def main() -> None:
     write(out, {
         "acts": gap(full, base), "half_vs_ref": gap(half, half_ref), "half_vs_full": gap(half, full),
         "restored": gap(restored, full), "disabled": gap(disabled, base), "reloaded": gap(reloaded, full),
-        "pipeline": gap(pipe_out, full), "pipe_adapters": sorted(pipe.unet.peft_config),
+        "pipeline": gap(pipe_out, full), "hotswap": gap(hotswapped, other_out),
+        "hotswap_changed": gap(hotswapped, full), "pipe_adapters": sorted(pipe.unet.peft_config),
         "config_type": type(u2.peft_config["b"]).__module__,
         "keys": sorted(state), "bare_keys": sorted(get_peft_model_state_dict(bare, adapter_name="x")),
         "bare_config": sorted(bare.peft_config)})

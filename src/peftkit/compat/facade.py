@@ -120,6 +120,7 @@ FACADES: dict[str, dict[str, Any] | Callable[[], dict[str, Any]]] = {
     "peft.import_utils": {},
     "peft.helpers": {n: getattr(helpers, n) for n in ("check_if_peft_model", "disable_input_dtype_casting",
                                                        "rescale_adapter_scale")},
+    "peft.utils.hotswap": lambda: {n: getattr(peftkit.hotswap, n) for n in peftkit.hotswap.__all__},
     "peft.utils.constants": {"SAFETENSORS_WEIGHTS_NAME": ckpt.SAFETENSORS_NAME, "WEIGHTS_NAME": ckpt.LEGACY_NAME,
                              "CONFIG_NAME": "adapter_config.json"},
 }
