@@ -6,7 +6,7 @@ For a non-feedforward target (attention keys and values) the layer output is res
 rows of ``W`` and the bias (output scaling) or columns of ``W`` (input scaling), as in PEFT.
 
 Parameter shapes and the checkpoint key ``ia3_l`` follow Hugging Face PEFT: (d_out, 1) for output
-scaling, (1, d_in) for input scaling; Conv2d (1, c, 1, 1).
+scaling, (1, d_in) for input scaling; Conv2d (1, c, 1, 1), Conv3d (1, c, 1, 1, 1).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover
     Conv1D = None  # type: ignore[assignment,misc]
 
 _LINEAR = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+_CONV = (nn.Conv2d, nn.Conv3d)
 
 
 @dataclasses.dataclass
@@ -82,7 +83,7 @@ def is_feedforward(config: IA3Config, key: str) -> bool:
 
 
 def _weight_product(base: nn.Module, h: Tensor, conv: bool, transposed: bool) -> Tensor:
-    """``W h`` through the base layer's weight alone (no bias): Conv2d, GPT-2 Conv1D ((d_in, d_out)) or Linear."""
+    """``W h`` through the base weight alone (no bias): Conv2d / Conv3d, GPT-2 Conv1D ((d_in, d_out)) or Linear."""
     w = base.weight
     if conv:
         return base._conv_forward(h, w, None)
@@ -101,7 +102,7 @@ def _weight_product(base: nn.Module, h: Tensor, conv: bool, transposed: bool) ->
     examples={"ia3": {}},
 )
 class IA3Adapter(Adapter):
-    supported_layers = _LINEAR + (nn.Conv2d,)
+    supported_layers = _LINEAR + _CONV
     # PEFT's defaults (model type or family -> roles): keys, values (GPT-2: the fused c_attn) and the FFN
     # output projection, as in the paper; PEFT's table takes queries instead of keys on some architectures
     default_roles = {
@@ -118,14 +119,14 @@ class IA3Adapter(Adapter):
     def __init__(self, base: nn.Module, config: IA3Config, key: str = "", init: bool = True) -> None:
         super().__init__()
         self.feedforward = is_feedforward(config, key)
-        self.conv = isinstance(base, nn.Conv2d)
+        self.conv = isinstance(base, _CONV)
         self.transposed = Conv1D is not None and isinstance(base, Conv1D)
         # output scaling also scales the bias when merged; input scaling leaves it alone
         self.merged_params = ("weight",) if self.feedforward else ("weight", "bias")
         d_out, d_in = layer_dims(base)
         n = d_in if self.feedforward else d_out
         if self.conv:
-            shape: tuple[int, ...] = (1, n, 1, 1)
+            shape: tuple[int, ...] = (1, n) + (1,) * len(base.kernel_size)
         else:
             shape = (1, n) if self.feedforward else (n, 1)
         w = base.weight

@@ -6,8 +6,9 @@ Variants are options, not copies:
   at ``||W0||`` (one value per output feature) and the norm is detached in backward (paper eq. 5).
 - PiSSA / OLoRA: A and B start from the principal singular vectors / QR factors of W0; W0 keeps the rest.
 
-Shapes: Linear A (r, d_in), B (d_out, r); Embedding A (r, num_embeddings), B (dim, r); Conv A
-(r, c_in, *kernel) with the base's stride / padding, B (c_out, r, 1, ...).
+Shapes: Linear A (r, d_in), B (d_out, r); Embedding A (r, num_embeddings), B (dim, r); Conv1d / 2d / 3d
+A (r, c_in, *kernel) with the base's stride / padding / dilation, B (c_out, r / groups, 1, ...) (``conv``:
+a grouped convolution's adapter cannot be merged).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ...quant import dequantize_weight, guard_cpu_repack
 from ...routing import cached_stack
 from ...registry import register_method
 from ...targeting import pattern_value
+from . import conv as LC
 from . import functional as LF
 from .config import LoraConfig
 from .kernels import DoraLinear, LoraLinear, ScaleShift, stack_lora
@@ -35,7 +37,9 @@ try:
 except ImportError:  # pragma: no cover
     Conv1D = None  # type: ignore[assignment,misc]
 
-_CONV = (nn.Conv1d, nn.Conv2d)
+_CONV = LC.CONV_TYPES
+
+
 def _kind(base: nn.Module) -> str:
     if isinstance(base, nn.Embedding):
         return "embedding"
@@ -67,8 +71,7 @@ class LoraAdapter(Adapter):
     def __init__(self, base: nn.Module, config: LoraConfig, key: str = "", init: bool = True) -> None:
         super().__init__()
         self.kind = _kind(base)
-        if self.kind == "conv" and base.groups != 1:
-            raise ValueError(f"{key}: LoRA on grouped convolutions (groups={base.groups}) is not supported")
+        self.key, self.groups = key, base.groups if self.kind == "conv" else 1
         self.r = r = pattern_value(config.rank_pattern, key, config.r)
         alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
         self.lora_alpha = alpha
@@ -85,7 +88,7 @@ class LoraAdapter(Adapter):
         factory = {"device": w.device, "dtype": dtype}
         d_out, d_in = self._dims(base)
         if self.kind == "conv":
-            a_shape, b_shape = (r, d_in, *base.kernel_size), (d_out, r) + (1,) * len(base.kernel_size)
+            a_shape, b_shape = LC.factor_shapes(base, r, key)
         else:
             a_shape, b_shape = (r, d_in), (d_out, r)
         self.lora_A = nn.Parameter(torch.empty(a_shape, **factory))
@@ -129,11 +132,11 @@ class LoraAdapter(Adapter):
 
     @classmethod
     def param_count(cls, base: nn.Module, config: LoraConfig, key: str = "") -> int:
-        """Closed form: r (d_in * prod(kernel) + d_out), + d_out with DoRA."""
+        """Closed form: r (d_in + d_out) (conv: r c_in prod(kernel) + c_out r / groups), + d_out with DoRA."""
         r = pattern_value(config.rank_pattern, key, config.r)
         d_out, d_in = layer_dims(base)
-        k = math.prod(base.kernel_size) if isinstance(base, _CONV) else 1
-        return r * (d_in * k + d_out) + (d_out if config.use_dora else 0)
+        count = LC.param_count(base, r) if isinstance(base, _CONV) else r * (d_in + d_out)
+        return count + (d_out if config.use_dora else 0)
 
     # -- init ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -165,6 +168,9 @@ class LoraAdapter(Adapter):
         if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"PiSSA / OLoRA / LoftQ initialisation needs a float base weight, got {weight.dtype}: "
                             "initialise the adapter before quantizing the model (peftkit.quant.quantize_model)")
+        if self.groups > 1:
+            raise ValueError(f"{self.key}: PiSSA / OLoRA / LoftQ initialisation of a grouped convolution "
+                             f"(groups={base.groups}) is not supported: its update is not in the weight's layout")
         transposed = self._out_axis == 1
         w = weight.float()
         w = w.t() if transposed else w.reshape(w.shape[0], -1)
@@ -182,7 +188,8 @@ class LoraAdapter(Adapter):
 
     # -- weights ---------------------------------------------------------------------------------------
     def delta_weight(self, base: nn.Module) -> Tensor:
-        """``s B A`` in the base weight's layout."""
+        """``s B A`` in the base weight's layout (a grouped convolution has none: ``conv.refuse_merge``)."""
+        LC.refuse_merge(self.groups, self.key)
         delta = LF.lora_delta(self.lora_A, self.lora_B, self.scaling)
         return delta.t() if self.fan_in_fan_out or self.kind == "embedding" else delta
 
@@ -192,6 +199,8 @@ class LoraAdapter(Adapter):
         if self.kind == "linear":
             w0 = (w.t() if self.fan_in_fan_out else w).to(self.lora_A.dtype)
             return LF.dora_norm_lowrank(w0, self.lora_A, self.lora_B, self.scaling, self._w0_sq(w0))
+        if self.kind == "conv":
+            return LC.dora_norm(w.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.scaling)
         return LF.norm_except(w.to(self.lora_A.dtype) + self.delta_weight(base), self._out_axis)
 
     def _w0_sq(self, w0: Tensor) -> Tensor:
@@ -353,17 +362,10 @@ class LoraAdapter(Adapter):
         return ScaleShift.apply(t, scale, shift)
 
     def _conv_forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
-        conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d
-        h = conv(x, self.lora_A, None, base.stride, base.padding, base.dilation)
-        lora = conv(h, self.lora_B) * self.scaling
+        lora = LC.lora_output(x, self.lora_A, self.lora_B, base, self.scaling)
         if self.magnitude is None:
             return out + lora.to(out.dtype)
-        scale = self._dora_scale(base)  # (1, c_out, 1, ...)
-        bias = base.bias
-        if bias is not None:
-            b = LF.along(bias, out.dim(), 1)
-            return ((out - b) * scale + lora * scale + b).to(out.dtype)
-        return (out * scale + lora * scale).to(out.dtype)
+        return LC.dora_output(out, lora, self._dora_scale(base), base.bias)  # scale (1, c_out, 1, ...)
 
     def _embedding_forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
         h = F.embedding(

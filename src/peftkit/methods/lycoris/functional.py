@@ -4,7 +4,8 @@ Layouts follow Hugging Face PEFT (and LyCORIS), so checkpoints are interchangeab
 
 - LoHa, matrix form: ``w1_a`` (d_out, r), ``w1_b`` (r, d_in); the same for ``w2``. A conv kernel is
   handled as the (c_out, c_in * prod(kernel)) matrix.
-- LoHa, CP form (effective conv): ``t`` (r, r, k1, k2), ``w_a`` (r, c_out), ``w_b`` (r, c_in).
+- LoHa, CP form (effective conv): ``t`` (r, r, *k), ``w_a`` (r, c_out), ``w_b`` (r, c_in); a Conv1d kernel
+  is stored (k, 1), as PEFT.
 - LoKr: ``W1`` (a, c) and ``W2`` (b, d [, *kernel]) with d_out = a b, d_in = c d.
 """
 
@@ -87,20 +88,23 @@ class _HadamardDelta(torch.autograd.Function):
 def cp_rebuild(t: Tensor, w_a: Tensor, w_b: Tensor) -> Tensor:
     """A kernel from its CP / Tucker factors: ``t`` (r, r, *k), ``w_a`` (r, c_out), ``w_b`` (r, c_in) ->
     (c_out, c_in, *k)."""
-    return torch.einsum("i j k l, i p, j r -> p r k l", t, w_a, w_b)
+    return torch.einsum("i j ..., i p, j q -> p q ...", t, w_a, w_b)
 
 
 def hadamard_delta_cp(
     t1: Tensor, w1_a: Tensor, w1_b: Tensor, t2: Tensor, w2_a: Tensor, w2_b: Tensor, scale: float
 ) -> Tensor:
-    """LoHa with CP-factored kernels (``use_effective_conv2d``): (c_out, c_in, k1, k2)."""
+    """LoHa with CP-factored kernels (``use_effective_conv2d``): (c_out, c_in, *k)."""
     return cp_rebuild(t1, w1_a, w1_b) * cp_rebuild(t2, w2_a, w2_b) * scale
 
 
 def kron_delta(w1: Tensor, w2: Tensor, scale: float) -> Tensor:
-    """LoKr: ``kron(W1, W2) * scale``; a 4-D ``W2`` (conv kernel) gets ``W1`` broadcast over the kernel."""
-    if w2.dim() == 4:
-        w1 = w1[:, :, None, None]
+    """LoKr: ``kron(W1, W2) * scale``; a 4-D / 5-D ``W2`` (Conv2d / Conv3d kernel) gets ``W1`` broadcast
+    over the kernel. A 3-D ``W2`` (a full Conv1d ``lokr_w2``) is left to ``torch.kron``'s own broadcasting
+    (``W1`` taken as (1, a, c)), which is not the channel-wise Kronecker product but is what PEFT computes:
+    kept, so that PEFT's Conv1d files give the same outputs."""
+    if w2.dim() >= 4:
+        w1 = w1.reshape(*w1.shape, *(1,) * (w2.dim() - 2))
     return torch.kron(w1, w2.contiguous()) * scale
 
 
@@ -190,7 +194,7 @@ def lokr_shapes(
     if lokr_uses_full(r, (b, d)):
         shapes["lokr_w2"] = (b, d, *kernel)
     elif effective:
-        k = tuple(kernel) if len(kernel) == 2 else (kernel[0], 1)
+        k = tuple(kernel) if len(kernel) >= 2 else (kernel[0], 1)
         shapes["lokr_t2"], shapes["lokr_w2_a"], shapes["lokr_w2_b"] = (r, r, *k), (r, b), (r, d)
     else:
         shapes["lokr_w2_a"], shapes["lokr_w2_b"] = (b, r), (r, d * math.prod(kernel))
@@ -202,7 +206,7 @@ def loha_shapes(
 ) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape for one LoHa adapter (PEFT's rules). ``kernel`` is () for a linear layer."""
     if use_effective_conv2d and kernel and math.prod(kernel) != 1:
-        k = tuple(kernel) if len(kernel) == 2 else (kernel[0], 1)
+        k = tuple(kernel) if len(kernel) >= 2 else (kernel[0], 1)
         return {
             "hada_w1_a": (r, d_out), "hada_w1_b": (r, d_in), "hada_t1": (r, r, *k),
             "hada_w2_a": (r, d_out), "hada_w2_b": (r, d_in), "hada_t2": (r, r, *k),

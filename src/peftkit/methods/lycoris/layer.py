@@ -1,4 +1,4 @@
-"""LoHa and LoKr adapters (the LyCORIS family) on Linear, GPT-2 Conv1D, Conv1d and Conv2d layers.
+"""LoHa and LoKr adapters (the LyCORIS family) on Linear, GPT-2 Conv1D, Conv1d, Conv2d and Conv3d layers.
 
 Both add a full-rank-capable weight delta ``dW`` built from few parameters, scaled by ``alpha / r``:
 
@@ -10,7 +10,10 @@ Both add a full-rank-capable weight delta ``dW`` built from few parameters, scal
 Parameter names, shapes, initialisation, scaling and the training-time dropouts (``rank_dropout`` on
 output rows of ``dW``, ``module_dropout`` skipping the adapter) follow Hugging Face PEFT, so adapter files
 load both ways. Unlike PEFT, GPT-2's Conv1D (weight stored (d_in, d_out)) is supported: the parameters
-are laid out as for the equivalent ``nn.Linear`` and the delta is transposed into the base layout.
+are laid out as for the equivalent ``nn.Linear`` and the delta is transposed into the base layout. Nor
+does PEFT (0.21) wrap Conv3d with LoHa / LoKr: here a Conv3d takes PEFT's Conv2d layout with a third kernel
+axis, the layout LyCORIS itself uses (``w1_b`` (r, c_in / groups * k1 k2 k3), LoKr ``w2`` (b, d, k1, k2, k3),
+effective-conv cores ``t`` (r, r, k1, k2, k3)).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ try:
 except ImportError:  # pragma: no cover
     Conv1D = None  # type: ignore[assignment,misc]
 
-_CONV = (nn.Conv1d, nn.Conv2d)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _SUPPORTED = (nn.Linear, *_CONV) + ((Conv1D,) if Conv1D is not None else ())
 _MODALITIES = ("text", "vision", "vision-language", "generation")
 
@@ -43,7 +47,7 @@ _MODALITIES = ("text", "vision", "vision-language", "generation")
 def _geometry(base: nn.Module) -> tuple[int, int, tuple[int, ...], bool]:
     """(d_out, d_in per group, kernel, transposed) of a supported base layer."""
     if not isinstance(base, _SUPPORTED):
-        raise TypeError(f"LyCORIS adapters wrap Linear, Conv1D, Conv1d and Conv2d layers, not {type(base).__name__}")
+        raise TypeError(f"LyCORIS adapters wrap Linear, Conv1D and Conv1d/2d/3d layers, not {type(base).__name__}")
     d_out, d_in = layer_dims(base)
     if isinstance(base, _CONV):
         return d_out, d_in // base.groups, tuple(base.kernel_size), False
@@ -155,8 +159,7 @@ class _LycorisAdapter(Adapter):
         if x.dtype != delta.dtype:
             x = x.to(delta.dtype)
         if self.kernel:
-            conv = F.conv2d if isinstance(base, nn.Conv2d) else F.conv1d
-            y = conv(x, delta, None, base.stride, base.padding, base.dilation, base.groups)
+            y = _CONV_FN[len(self.kernel)](x, delta, None, base.stride, base.padding, base.dilation, base.groups)
         else:
             y = F.linear(x, delta)
         return out + y.to(out.dtype)
