@@ -99,7 +99,7 @@ def test_a_method_classifier_is_used_when_present(tmp_path):
 
 
 def test_bad_fields(tmp_path):
-    with pytest.raises(RecipeError, match=r"data\.shots: expected a positive integer, got 0"):
+    with pytest.raises(RecipeError, match=r"data\.shots: expected a positive integer or null, got 0"):
         _recipe(tmp_path, "data.shots=0")
     task = TASKS["clip_fewshot"](_recipe(tmp_path, "data.class_template=a photo"))
     with pytest.raises(DataError, match=r"data\.class_template: 'a photo' has no \{\} for the class name"):
