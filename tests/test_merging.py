@@ -256,3 +256,17 @@ def test_conv_and_embedding_layers(kind):
                 a.lora_B.normal_()
         model.add_weighted_adapter(["one", "two"], [0.5, 1.5], "m", combination_type=kind, svd_rank=5)
         _close(_deltas_ours(model, "m"), _reference(model, ["one", "two"], [0.5, 1.5]), atol=1e-4)
+
+
+def test_grouped_conv_adapters_are_refused_by_name():
+    import torch
+
+    from peftkit import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2))
+    model = get_peft_model(net, LoraConfig(r=2, target_modules=["0"]))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(ValueError, match="grouped convolutions cannot be merged: \\['0'\\]"):
+        model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix", combination_type="linear")
+    assert "mix" not in model.peft_config

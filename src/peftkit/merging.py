@@ -189,6 +189,9 @@ def add_weighted_adapter(model: Any, adapters: list[str], weights: list[float], 
     if saved:
         raise ValueError(f"add_weighted_adapter: more than one of {adapters} trains modules_to_save "
                          f"{[p for p, _ in saved]}; those cannot be merged")
+    grouped = sorted({p for a in adapters for p, x in layers[a].items() if getattr(x, "groups", 1) > 1})
+    if grouped:  # B is a grouped 1x1 conv: its factors do not form the weight's update (as in PEFT)
+        raise ValueError(f"add_weighted_adapter: LoRA on grouped convolutions cannot be merged: {grouped[:5]}")
     if len(adapters) == 1 and combination_type not in ("cat", "linear"):
         combination_type = "linear"  # one adapter: exact (as PEFT)
 

@@ -18,7 +18,8 @@ Models (``model``):
   ``data.image_size`` (default 224) with a fresh ``num_labels`` head ``_fc``. Its batch norms stay in eval
   mode (running statistics are base weights, not adapter weights, so they must not drift while training).
   LoRA fits its 1x1 convolutions (``_expand_conv``, ``_project_conv``, ``_conv_head``); its depthwise
-  convolutions are grouped, which LoRA does not support.
+  convolutions are grouped with one channel per group, and LoRA's rank must be a multiple of ``groups``
+  there, so they are impractical targets.
 - ``vit-tiny``: a 4-layer, 64-wide ``transformers`` ViT built from a config with fixed random weights (a
   pure function of ``data.image_size``, default 32), for tests and quick experiments.
 - any local ``transformers`` image-classification folder (``AutoModelForImageClassification``).
