@@ -199,7 +199,6 @@ def test_a_config_class_names_its_own_peft_type_as_in_peft():
 UNSUPPORTED = [
     ("use_qalora", True),
     ("qalora_group_size", 32),
-    ("lora_bias", True),
     ("layer_replication", [[0, 1]]),
     ("loftq_config", {"loftq_bits": 4}),
     ("megatron_config", {"tensor_model_parallel_size": 1}),
@@ -371,7 +370,7 @@ def test_from_pretrained_json_not_an_object(tmp_path):
     assert str(tmp_path / CONFIG_NAME) in str(info.value)
 
 
-@pytest.mark.parametrize("name,value", [("use_qalora", True), ("lora_bias", True), ("layer_replication", [[0, 1]])])
+@pytest.mark.parametrize("name,value", [("use_qalora", True), ("layer_replication", [[0, 1]])])
 def test_from_pretrained_unsupported_peft_value(tmp_path, name, value):
     peft.LoraConfig(r=4, target_modules=["q_proj"]).save_pretrained(str(tmp_path))
     path = tmp_path / CONFIG_NAME

@@ -19,7 +19,7 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "eva_config": None, "corda_config": None, "lora_ga_config": None,
     "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
     "monteclora_config": None, "layer_replication": None, "target_parameters": None, "use_bdlora": None,
-    "arrow_config": None, "kasa_config": None, "lora_bias": False, "ensure_weight_tying": False,
+    "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False,
 }
 # fields where an empty list means the same as the default (PEFT writes ``"target_parameters": []``)
 _EMPTY_IS_DEFAULT = ("target_parameters",)
@@ -102,6 +102,10 @@ class LoraConfig(PeftConfig):
             "True, False, 'gaussian', 'pissa', 'pissa_niter_N', 'olora' or 'loftq'",
         )
         self._check_loftq()
+        check(isinstance(self.lora_bias, bool), "lora_bias", "True or False")
+        if self.lora_bias and (self.use_dora or not isinstance(init, bool)):
+            raise ConfigError("LoraConfig.lora_bias: only with use_dora=False and init_lora_weights True or False "
+                              f"(as in peft); got use_dora={self.use_dora}, init_lora_weights={init!r}")
         for key, value in self.rank_pattern.items():
             if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 raise ConfigError(f"LoraConfig.rank_pattern[{key!r}]: expected an integer > 0, got {value!r}")

@@ -95,6 +95,12 @@ class LoraAdapter(Adapter):
         self.lora_B = nn.Parameter(torch.empty(b_shape, **factory))
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else None
         self.register_parameter("magnitude", None)
+        self.register_parameter("bias_B", None)  # lora_bias: B's bias b, the adapter adds s (B A x + b)
+        if config.lora_bias:
+            if self.kind == "embedding":
+                raise ValueError(f"{key}: lora_bias=True is not supported on embeddings (as in peft)")
+            self.bias_B = nn.Parameter(torch.zeros(d_out, **factory))
+            self.merged_params = ("weight", "bias")  # merging adds s b to the base bias (created if absent)
         self._cache: dict[str, tuple[tuple, Tensor]] = {}
         if init:
             self._init_weights(base, config, key)
@@ -128,6 +134,8 @@ class LoraAdapter(Adapter):
             keys = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
         if self.magnitude is not None:
             keys["magnitude"] = "lora_magnitude_vector"
+        if self.bias_B is not None:
+            keys["bias_B"] = "lora_B.bias"
         return keys
 
     @classmethod
@@ -136,7 +144,7 @@ class LoraAdapter(Adapter):
         r = pattern_value(config.rank_pattern, key, config.r)
         d_out, d_in = layer_dims(base)
         count = LC.param_count(base, r) if isinstance(base, _CONV) else r * (d_in + d_out)
-        return count + (d_out if config.use_dora else 0)
+        return count + (d_out if config.use_dora else 0) + (d_out if config.lora_bias else 0)
 
     # -- init ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -246,17 +254,14 @@ class LoraAdapter(Adapter):
 
     # -- forward ---------------------------------------------------------------------------------------
     def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
-        """Base and adapter in one pass, for a plain Linear / GPT-2 Conv1D base without hooks.
-
-        The base output is computed here on the 2-D view of ``x``, so it is a fresh tensor that its own
-        backward does not keep, and ``s h B^T`` accumulates into it in place: no copy of the output
-        (an out-of-place ``addmm`` first copies its input) and no extra (tokens x d_out) allocation.
-        Inference on many tokens instead forms ``W0 + s B A`` in a scratch buffer and runs one GEMM:
-        that costs d_out d_in r multiply-adds per call against n r (d_in + d_out) in skinny,
-        memory-bound GEMMs for n tokens. The base weight itself is never modified.
-        """
+        """Base and adapter in one pass, for a plain Linear / GPT-2 Conv1D base without hooks: the base output,
+        computed here on the 2-D view of ``x`` (a fresh tensor its backward does not keep), takes ``s h B^T``
+        in place. Inference on many tokens forms ``W0 + s B A`` in a scratch buffer instead and runs one GEMM
+        (d_out d_in r multiply-adds against n r (d_in + d_out) in skinny GEMMs); the base is never modified."""
         transposed = type(base) is not nn.Linear
         if self.kind != "linear" or type(base) not in LINEAR_TYPES or transposed != self.fan_in_fan_out:
+            return None
+        if self.bias_B is not None:
             return None
         w, A = base.weight, self.lora_A
         if x.dtype != w.dtype or A.dtype != w.dtype or has_hooks(base) or torch.is_autocast_enabled(x.device.type):
@@ -290,7 +295,7 @@ class LoraAdapter(Adapter):
             return None
         dtype = adapters[0].lora_A.dtype
         for a in adapters:
-            if a.kind != "linear" or a.magnitude is not None or a.lora_A.dtype != dtype:
+            if a.kind != "linear" or a.magnitude is not None or a.bias_B is not None or a.lora_A.dtype != dtype:
                 return None
             if a.dropout is not None and a.dropout.training:
                 return None
@@ -332,13 +337,31 @@ class LoraAdapter(Adapter):
         if self.dropout is not None:
             x = self.dropout(x)
         if self.kind == "conv":
-            return self._conv_forward(base, x, out)
+            out = self._conv_forward(base, x, out)
+            return out if self.bias_B is None else out + self._bias_term(out, channel_axis=1)
         h = F.linear(x, A)  # (..., r)
         if self.magnitude is not None:
             return self._dora_linear(base, h, out)
         if out.dtype != A.dtype:
-            return out + (F.linear(h, self.lora_B) * self.scaling).to(out.dtype)
-        return self._accumulate(base, h, out)
+            out = out + (F.linear(h, self.lora_B) * self.scaling).to(out.dtype)
+        else:
+            out = self._accumulate(base, h, out)
+        return out if self.bias_B is None else out + self._bias_term(out, channel_axis=-1)
+
+    def _bias_term(self, out: Tensor, channel_axis: int) -> Tensor:
+        """``s b`` shaped to broadcast over ``out`` (lora_bias)."""
+        shape = [1] * out.dim()
+        shape[channel_axis] = -1
+        return (self.scaling * self.bias_B).to(out.dtype).view(shape)
+
+    def merge_param(self, base: nn.Module, name: str, value: Tensor) -> Tensor:
+        return value + (self.scaling * self.bias_B).to(value.dtype)  # the base bias gains s b
+
+    def unmerge_param(self, base: nn.Module, name: str, value: Tensor) -> Tensor:
+        return value - (self.scaling * self.bias_B).to(value.dtype)
+
+    def missing_param(self, base: nn.Module, name: str) -> Tensor | None:
+        return torch.zeros_like(self.bias_B, dtype=base.weight.dtype)  # a bias-free base gets one to merge into
 
     def _accumulate(self, base: nn.Module, h: Tensor, out: Tensor) -> Tensor:
         """``out + s h B^T`` as one GEMM with accumulation (in place when autograd is off and no hook
