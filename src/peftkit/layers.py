@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from . import routing as _routing
 from .peft_surface import PeftLayerSurface
-from .routing import routed_forward
 from .targeting import find_targets
 
 
@@ -186,7 +186,13 @@ class AdapterLayer(PeftLayerSurface, nn.Module):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self._restore: dict[str, dict[str, tuple[Any, Tensor | None, Tensor | None]]] = {}
-        self.routing: list[str] | None = None  # per-row adapter names for a mixed batch, set by the tuner
+
+    @property
+    def routing(self) -> list[str] | None:
+        """Per-row adapter names of the mixed batch (``adapter_names``) this thread is running through this
+        layer, None outside one. Read-only: ``TunerModel.route`` sets it for the calling thread only
+        (``routing.routed``), never on the layer, which other threads share."""
+        return _routing.names_for(self)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -205,8 +211,10 @@ class AdapterLayer(PeftLayerSurface, nn.Module):
             if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        if self.routing is not None:
-            return self._routed_forward(x, *args, **kwargs)
+        if _routing.ANY:  # some call routes somewhere: is it this one, through this layer?
+            names = _routing.names_for(self)
+            if names is not None:
+                return _routing.routed_forward(self, names, x, *args, **kwargs)
         pending = [n for n in self.active_adapters if n not in self.merged_adapters]
         if len(pending) == 1 and not args and not kwargs:
             fused = self.adapters[pending[0]].fused_forward(self.base_layer, x)
@@ -218,11 +226,6 @@ class AdapterLayer(PeftLayerSurface, nn.Module):
             if adapter.changes_output:
                 out = adapter(self.base_layer, x, out)
         return out
-
-    def _routed_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        """A mixed batch: row i goes through adapter ``routing[i]`` ("__base__" or an adapter this layer
-        does not hold: the base alone). See ``routing.py``."""
-        return routed_forward(self, x, *args, **kwargs)
 
     # -- adapters --------------------------------------------------------------------------------------
     def add(self, name: str, adapter: Adapter) -> None:

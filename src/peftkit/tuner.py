@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import unicodedata
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
 from .config import PeftConfig, TaskType
-from . import mha, prompting
+from . import mha, prompting, routing
 from .layers import Adapter, AdapterLayer, SharedState, adapter_layers
 from .registry import get_method
 from .targeting import Conv1D
@@ -70,6 +71,42 @@ class ModulesToSaveWrapper(nn.Module):
             if name in ("original_module", "modules_to_save"):
                 raise
             return getattr(self.current, name)
+
+
+NAME_RULE = ("adapter names are non-empty strings of at most 255 bytes in UTF-8, without '.', '/', '\\', ':' or "
+             f"control characters, other than {BASE!r} and nn.ModuleDict's attribute names")
+
+
+def check_adapter_name(name: Any) -> None:
+    """Raise ``ValueError`` unless ``name`` can name an adapter (``NAME_RULE``).
+
+    The rule is what the adapter storage and the saved layout accept: names key ``nn.ModuleDict``s (no ".", not
+    empty, not one of its attributes such as "keys" or "training"), and ``save_pretrained`` writes adapter
+    ``name`` (other than "default") into ``<folder>/<name>``, so a name is one portable folder name that cannot
+    leave the folder: no path separator of either system, no ":" (a drive on Windows), no "." (so no "..", no
+    hidden or temporary files), no control character, at most 255 bytes. "__base__" means "no adapter" in
+    ``adapter_names``."""
+    if not isinstance(name, str):
+        raise ValueError(f"adapter_name {name!r}: not a str; {NAME_RULE}")
+    if not name:
+        raise ValueError(f"adapter_name '': empty; {NAME_RULE}")
+    shown = repr(name) if len(name) <= 64 else repr(name[:64]) + f"... ({len(name)} characters)"
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"adapter_name {shown}: not encodable in UTF-8 (a lone surrogate); {NAME_RULE}") from None
+    if size > 255:
+        raise ValueError(f"adapter_name {shown}: {size} bytes in UTF-8; {NAME_RULE}")
+    bad = sorted({c for c in name if c in "./\\:" or unicodedata.category(c) == "Cc"})
+    if bad:
+        raise ValueError(f"adapter_name {shown}: contains {', '.join(map(repr, bad))}; {NAME_RULE}")
+    if name == BASE:
+        raise ValueError(f"adapter_name {BASE!r} is reserved (adapter_names uses it for the base model); {NAME_RULE}")
+    if hasattr(_MODULE_DICT, name):
+        raise ValueError(f"adapter_name {shown}: an attribute of nn.ModuleDict, which holds the adapters; {NAME_RULE}")
+
+
+_MODULE_DICT = nn.ModuleDict()  # probe for the names a ModuleDict refuses as keys (its attributes)
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -185,7 +222,10 @@ class TunerModel(nn.Module):
 
         ``meta`` (loading): each layer's adapter is built on the meta device, so nothing is allocated until
         ``checkpoint.load_state`` gives its parameters the loaded tensors; an adapter holding a tensor that
-        the file does not carry (rebuilt from its config) is built on the base layer's device instead."""
+        the file does not carry (rebuilt from its config) is built on the base layer's device instead.
+
+        ``adapter_name`` is checked first (``check_adapter_name``): a bad name changes nothing."""
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; pick another name or delete it first")
         spec = get_method(config)
@@ -286,20 +326,18 @@ class TunerModel(nn.Module):
 
     @contextlib.contextmanager
     def route(self, adapter_names: list[str]) -> Iterator[None]:
-        """Within the block, batch row i uses adapter ``adapter_names[i]`` ("__base__": no adapter)."""
+        """Within the block, batch row i uses adapter ``adapter_names[i]`` ("__base__": no adapter), for calls made
+        in this thread only: concurrent calls from other threads keep their own routing. The block must not
+        ``await`` (the thread's other asyncio tasks would see its routing)."""
         unknown = sorted({n for n in adapter_names if n != BASE and n not in self.peft_config})
         if unknown:
             raise ValueError(f"adapter_names: unknown adapter(s) {unknown}; adapters: {sorted(self.peft_config)}")
         layers = [layer for _, layer in self.adapter_layers()]
         if any(layer.merged_adapters for layer in layers):
             raise ValueError("adapter_names: cannot route a mixed batch while adapters are merged; unmerge first")
-        for layer in layers:
-            layer.routing = list(adapter_names)
-        try:
+        # per call: only this thread sees the names (other threads may be calling the same model)
+        with routing.routed(layers, adapter_names):
             yield
-        finally:
-            for layer in layers:
-                layer.routing = None
 
     def set_disabled(self, disabled: bool) -> None:
         for _, layer in self.adapter_layers():
