@@ -1,9 +1,14 @@
 """Adapter files in the Hugging Face PEFT layout, read and written safely.
 
 A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` whose keys look like
-``base_model.model.<module path>.lora_A.weight`` (adapter name removed). Writes are atomic; reads never
-unpickle (safetensors, or a legacy ``adapter_model.bin`` through ``torch.load(weights_only=True)``), and a
-state dict is fully validated against the model before a single tensor is copied.
+``base_model.model.<module path>.lora_A.weight`` (adapter name removed). The two files are replaced together
+(``io.commit_files``): a save killed at any point leaves the old adapter or the new one, as ``read_adapter``
+sees it, never new weights next to the old config. Reads never unpickle (safetensors, or a legacy
+``adapter_model.bin`` through ``torch.load(weights_only=True)``), and a state dict is fully validated against
+the model before a single tensor is copied; a failed load is undone (``Undo``).
+
+Besides the adapter's own tensors, a file may carry only the base model's input embedding and output layer
+(PEFT's ``save_embedding_layers``, for a resized or trained vocabulary); any other base key is refused.
 
 Tensors an adapter's layers share (``Adapter.uses_shared_state``, e.g. VeRA's projections) sit at the model
 level, ``base_model.<name>`` (as in PEFT: ``base_model.vera_A``). They are written when the method says so
@@ -13,18 +18,23 @@ required); absent, the rebuilt ones stay.
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import warnings
 from collections import namedtuple
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .io import atomic_write
+from .config import CONFIG_NAME, PeftConfig
+from .io import TMP_PREFIX, commit_files, resolve_files
+from .layers import AdapterLayer
 from .registry import get_method
-from .tuner import TunerModel
+from .tuner import ModulesToSaveWrapper, TunerModel
 
 PREFIX = "base_model.model."
 SHARED_PREFIX = "base_model."  # adapter-level shared tensors
@@ -90,15 +100,14 @@ def validate(tuner: TunerModel, adapter_name: str, state: dict[str, Tensor], sou
     """Check every key and shape; return checkpoint key -> destination tensor. Raises before any copy."""
     optional = shared_tensors(tuner, adapter_name)  # loaded when present, rebuilt at injection otherwise
     targets = {**adapter_tensors(tuner, adapter_name), **optional}
-    base = None
+    embeddings = None
     for key in sorted(state):
         if key not in targets:
-            # a full base tensor saved next to the adapter (e.g. a resized embedding) loads into the base
-            base = base or dict(tuner.model.named_parameters())
-            if key.startswith(PREFIX) and key[len(PREFIX):] in base:
-                targets[key] = base[key[len(PREFIX):]]
-            else:
-                raise CheckpointError(f"{source}: key {key!r} matches no parameter of adapter {adapter_name!r}")
+            # the base's input embedding / output layer saved next to the adapter (a resized vocabulary)
+            embeddings = embedding_tensors(tuner, adapter_name) if embeddings is None else embeddings
+            if key not in embeddings:
+                raise CheckpointError(_unexpected(tuner, adapter_name, key, source))
+            targets[key] = embeddings[key]
         if tuple(state[key].shape) != tuple(targets[key].shape):
             raise CheckpointError(
                 f"{source}: shape mismatch for {key!r}: checkpoint {tuple(state[key].shape)}, "
@@ -112,6 +121,43 @@ def validate(tuner: TunerModel, adapter_name: str, state: dict[str, Tensor], sou
     if missing:
         raise CheckpointError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing in all)")
     return targets
+
+
+def embedding_tensors(tuner: TunerModel, adapter_name: str) -> dict[str, Tensor]:
+    """File key -> base parameter of the model's input embedding and output layer (``get_input_embeddings`` /
+    ``get_output_embeddings``, unwrapped from an adapter layer): the base tensors PEFT's
+    ``save_embedding_layers`` writes, keyed as PEFT writes them (``...embed_tokens.weight``, or
+    ``...embed_tokens.base_layer.weight`` when the embedding carries an adapter)."""
+    model = tuner.model
+    layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(model, getter)()
+        except (AttributeError, NotImplementedError, TypeError):
+            continue
+        if isinstance(layer, AdapterLayer):
+            layer = layer.base_layer
+        elif isinstance(layer, ModulesToSaveWrapper):
+            layer = layer.original_module
+        if isinstance(layer, nn.Module):
+            layers.append(layer)
+    if not layers:
+        return {}
+    prefix = SHARED_PREFIX if tuner.peft_config[adapter_name].is_prompt_learning else PREFIX
+    out = {}
+    for path, module in model.named_modules():
+        if path and any(module is layer for layer in layers):
+            out.update({f"{prefix}{path}.{name}": p for name, p in module.named_parameters()})
+    return out
+
+
+def _unexpected(tuner: TunerModel, adapter_name: str, key: str, source: str) -> str:
+    base = dict(tuner.model.named_parameters())
+    for prefix in (PREFIX, SHARED_PREFIX):
+        if key.startswith(prefix) and key[len(prefix):] in base:
+            return (f"{source}: key {key!r} names a parameter of the base model; an adapter file may overwrite "
+                    f"only the input embedding and output layer (PEFT's save_embedding_layers), nothing else")
+    return f"{source}: key {key!r} matches no parameter of adapter {adapter_name!r}"
 
 
 @torch.no_grad()
@@ -144,41 +190,144 @@ def _meta_owners(tuner: TunerModel, adapter_name: str) -> dict[int, torch.device
     return out
 
 
-def save_adapter(tuner: TunerModel, adapter_name: str, folder: str, safe_serialization: bool = True) -> None:
-    """Write one adapter's config and weights into ``folder``, each file atomically."""
-    os.makedirs(folder, exist_ok=True)
+def save_plan(tuner: TunerModel, adapter_name: str, safe_serialization: bool = True) -> dict[str, Any]:
+    """What ``commit_save`` writes for one adapter: its tensors and its config's text (computed, not written)."""
     tensors = {k: v.contiguous() for k, v in state_dict_for_save(tuner, adapter_name).items()}
     config = tuner.peft_config[adapter_name]
     base_name = getattr(getattr(tuner.model, "config", None), "_name_or_path", None)
     if config.base_model_name_or_path is None and base_name:
         config.base_model_name_or_path = base_name
-    if safe_serialization:
-        atomic_write(os.path.join(folder, SAFETENSORS_NAME), lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+    data = config.to_dict()
+    data["inference_mode"] = True  # saved adapters load for inference unless asked otherwise
+    # the layout of PeftConfig.save_pretrained
+    return {"tensors": tensors, "config": json.dumps(data, indent=2, sort_keys=True), "safe": safe_serialization}
+
+
+def commit_save(plan: dict[str, Any], folder: str) -> None:
+    """Write a ``save_plan`` into ``folder``: weights and config replaced together, the other weights format
+    (a stale ``adapter_model.bin`` next to new safetensors, or the reverse) deleted in the same commit."""
+    tensors = plan["tensors"]
+
+    def config(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(plan["config"])
+
+    if plan["safe"]:
+        weights, other = SAFETENSORS_NAME, LEGACY_NAME
+        write = lambda tmp: save_file(tensors, tmp, {"format": "pt"})  # noqa: E731
     else:
-        atomic_write(os.path.join(folder, LEGACY_NAME), lambda tmp: torch.save(tensors, tmp))
-    inference_mode = config.inference_mode
-    config.inference_mode = True  # saved adapters load for inference unless asked otherwise
-    try:
-        config.save_pretrained(folder)
-    finally:
-        config.inference_mode = inference_mode
+        weights, other = LEGACY_NAME, SAFETENSORS_NAME
+        write = lambda tmp: torch.save(tensors, tmp)  # noqa: E731
+    commit_files(folder, {weights: write, CONFIG_NAME: config}, remove=[other])
+
+
+def save_adapter(tuner: TunerModel, adapter_name: str, folder: str, safe_serialization: bool = True) -> None:
+    """Write one adapter's config and weights into ``folder``, together."""
+    commit_save(save_plan(tuner, adapter_name, safe_serialization), folder)
+
+
+def read_adapter(folder: str, config: PeftConfig | None = None) -> tuple[PeftConfig, dict[str, Tensor], str]:
+    """The config (``config`` when given) and tensors of the adapter saved in ``folder``, and the weights
+    file's path: a consistent pair, also in a folder whose last save was killed (the old adapter, or the new
+    one when that save got past its commit point). Never writes."""
+    names = [CONFIG_NAME, SAFETENSORS_NAME, LEGACY_NAME]
+    for attempt in range(3):
+        paths = resolve_files(folder, names)
+        as_named = {n: os.path.join(folder, n) if os.path.exists(os.path.join(folder, n)) else None for n in names}
+        try:
+            if config is None:
+                read = PeftConfig.from_pretrained(paths[CONFIG_NAME] or folder)  # absent: raises, naming the file
+            if paths == as_named:  # the usual case: no interrupted save
+                state, source = read_weights(folder)
+            else:
+                state, source = _read_weights(folder, paths[SAFETENSORS_NAME], paths[LEGACY_NAME])
+        except FileNotFoundError:  # a save in progress renamed a temporary away: read the folder again
+            if attempt == 2 or not any(p and os.path.basename(p).startswith(TMP_PREFIX) for p in paths.values()):
+                raise
+            continue
+        return (config if config is not None else read), state, source
+    raise AssertionError("unreachable")
 
 
 def read_weights(folder: str) -> tuple[dict[str, Tensor], str]:
-    """The tensors in ``folder``'s adapter file, and the file's path. Never unpickles arbitrary objects."""
-    path = os.path.join(folder, SAFETENSORS_NAME)
-    if os.path.isfile(path):
+    """The tensors in ``folder``'s adapter file (as it is under its name), and the file's path. Never unpickles
+    arbitrary objects. ``read_adapter`` reads config and weights together."""
+    safetensors, legacy = (os.path.join(folder, n) for n in (SAFETENSORS_NAME, LEGACY_NAME))
+    return _read_weights(folder, safetensors if os.path.isfile(safetensors) else None,
+                         legacy if os.path.isfile(legacy) else None)
+
+
+def _read_weights(folder: str, path: str | None, legacy: str | None) -> tuple[dict[str, Tensor], str]:
+    if path is not None:
         try:
             return load_file(path), path
+        except FileNotFoundError:
+            raise
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
-    legacy = os.path.join(folder, LEGACY_NAME)
-    if os.path.isfile(legacy):
+    if legacy is not None:
         try:
             state = torch.load(legacy, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
         except Exception as err:  # torch raises several types for corrupt or unsafe pickles
             raise CheckpointError(f"{legacy}: not a readable tensor file ({err})") from None
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise CheckpointError(f"{legacy}: expected a dict of tensors")
         return state, legacy
     raise FileNotFoundError(f"{folder}: no adapter weights ({SAFETENSORS_NAME} or {LEGACY_NAME})")
+
+
+# -- undoing a failed load ---------------------------------------------------------------------------------
+_NONE = object()
+
+
+class Undo:
+    """What a load may change, recorded before it and put back by ``restore()``: every module's attributes
+    (children, parameters, buffers, hooks, training flag, plain attributes; dicts, lists and sets one level
+    deep, in place, so their identity stays), every parameter's ``requires_grad``, and the attributes of the
+    given configs and of the configs nested in them. Tensor values are not recorded: loads validate before
+    copying any."""
+
+    def __init__(self, model: nn.Module, *configs: Any) -> None:
+        objects: dict[int, Any] = {}
+        for module in model.modules():
+            objects[id(module)] = module
+        for config in configs:
+            _collect_configs(config, objects)
+        self._objects = [(obj, _attrs(obj)) for obj in objects.values()]
+        self._flags = [(p, p.requires_grad) for p in model.parameters()]
+
+    def restore(self) -> None:
+        for obj, attrs in self._objects:
+            state = vars(obj)
+            for key in [k for k in state if k not in attrs]:
+                del state[key]
+            for key, (value, contents) in attrs.items():
+                if contents is not _NONE:
+                    if isinstance(value, list):
+                        value[:] = contents
+                    else:
+                        value.clear()
+                        value.update(contents)
+                state[key] = value
+        for p, flag in self._flags:
+            p.requires_grad_(flag)
+
+
+def _attrs(obj: Any) -> dict[str, tuple[Any, Any]]:
+    return {k: (v, copy.copy(v) if isinstance(v, (dict, list, set)) else _NONE) for k, v in vars(obj).items()}
+
+
+def _collect_configs(value: Any, out: dict[int, Any]) -> None:
+    """``value`` and the dataclass objects (configs) inside it, by id."""
+    if isinstance(value, (list, tuple, set)):
+        for item in value:
+            _collect_configs(item, out)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _collect_configs(item, out)
+    elif hasattr(value, "__dataclass_fields__") and not isinstance(value, type) and id(value) not in out:
+        out[id(value)] = value
+        for item in vars(value).values():
+            _collect_configs(item, out)

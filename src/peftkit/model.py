@@ -181,16 +181,28 @@ class PeftModel(nn.Module):
         is_main_process: bool = True,
         **kwargs: Any,
     ) -> None:
-        """Save each adapter: "default" into ``save_directory``, others into ``save_directory/<name>``."""
+        """Save each adapter: "default" into ``save_directory``, others into ``save_directory/<name>``.
+
+        ``selected_adapters``: a list of names, or one name. Every name and folder is checked before anything
+        is written; each adapter's config and weights are replaced together (see checkpoint.py)."""
+        if selected_adapters is None:
+            names = list(self.peft_config)
+        else:
+            names = [selected_adapters] if isinstance(selected_adapters, str) else list(selected_adapters)
+            unknown = [n for n in names if n not in self.peft_config]
+            if unknown:
+                raise ValueError(f"save_pretrained: selected_adapters names unknown adapter(s) {unknown}; "
+                                 f"adapters: {list(self.peft_config)}")
         if not is_main_process:
             return
         save_directory = os.fspath(save_directory)
-        if os.path.isfile(save_directory):
-            raise ValueError(f"{save_directory}: is a file; save_pretrained needs a folder")
-        names = list(self.peft_config) if selected_adapters is None else selected_adapters
-        for name in names:
-            folder = save_directory if name == "default" else os.path.join(save_directory, name)
-            ckpt.save_adapter(self.base_model, name, folder, safe_serialization=safe_serialization)
+        folders = {n: save_directory if n == "default" else os.path.join(save_directory, n) for n in names}
+        for folder in dict.fromkeys([save_directory, *folders.values()]):
+            if os.path.isfile(folder):
+                raise ValueError(f"{folder}: is a file; save_pretrained needs a folder")
+        plans = {n: ckpt.save_plan(self.base_model, n, safe_serialization) for n in names}
+        for name, plan in plans.items():
+            ckpt.commit_save(plan, folders[name])
 
     @classmethod
     def from_pretrained(
@@ -202,22 +214,19 @@ class PeftModel(nn.Module):
         config: PeftConfig | None = None,
         **kwargs: Any,
     ) -> "PeftModel":
-        """Wrap ``model`` with the adapter saved in ``model_id``. On any error ``model`` is left as it was."""
+        """Wrap ``model`` with the adapter saved in ``model_id``. On any error ``model`` (its modules, their
+        attributes and hooks, ``requires_grad`` flags, training modes) and ``config`` are left as they were."""
         folder = _resolve_folder(model_id, kwargs.get("subfolder"))
-        config = config or PeftConfig.from_pretrained(folder)
-        config.inference_mode = not is_trainable
-        state, source = ckpt.read_weights(folder)
-        if cls is PeftModel and config.task_type in TASK_MODEL:
-            cls = TASK_MODEL[config.task_type]
-        flags = {p: p.requires_grad for p in model.parameters()}
-        peft_model = None
+        config, state, source = ckpt.read_adapter(folder, config)
+        undo = ckpt.Undo(model, config)
         try:
+            config.inference_mode = not is_trainable
+            if cls is PeftModel and config.task_type in TASK_MODEL:
+                cls = TASK_MODEL[config.task_type]
             peft_model = cls(model, config, adapter_name, _init=False)
             ckpt.load_state(peft_model.base_model, adapter_name, state, source)
         except BaseException:
-            if peft_model is not None:
-                peft_model.base_model.unload(merge=False)
-            _restore_flags(flags)
+            undo.restore()
             raise
         if not is_trainable:
             peft_model.eval()
@@ -238,33 +247,27 @@ class PeftModel(nn.Module):
         """Load a saved adapter next to the existing ones (inactive until ``set_adapter``).
 
         An existing ``adapter_name`` takes the saved weights in place (what transformers' Trainer does when it
-        resumes from a checkpoint); the file must fit it exactly, or nothing changes."""
+        resumes from a checkpoint); the file must fit it exactly. On any error nothing changes (as
+        ``from_pretrained``), ``peft_config`` included."""
         folder = _resolve_folder(model_id, kwargs.get("subfolder"))
-        config = kwargs.get("peft_config") or PeftConfig.from_pretrained(folder)
-        config.inference_mode = not is_trainable
-        state, source = ckpt.read_weights(folder)
-        if adapter_name in self.peft_config:
-            ckpt.load_state(self.base_model, adapter_name, state, source)
-            self.peft_config[adapter_name].inference_mode = not is_trainable
-            self.base_model.mark_trainable()
-            return ckpt.LoadResult([], [])
-        flags = {p: p.requires_grad for p in self.parameters()}
-        self.base_model.inject(config, adapter_name, init=False, meta=True)
+        config, state, source = ckpt.read_adapter(folder, kwargs.get("peft_config"))
+        undo = ckpt.Undo(self, config, self.peft_config)
         try:
-            ckpt.load_state(self.base_model, adapter_name, state, source)
+            if adapter_name in self.peft_config:
+                ckpt.load_state(self.base_model, adapter_name, state, source)
+                self.peft_config[adapter_name].inference_mode = not is_trainable
+                self.base_model.mark_trainable()
+            else:
+                config.inference_mode = not is_trainable
+                self.base_model.inject(config, adapter_name, init=False, meta=True)
+                ckpt.load_state(self.base_model, adapter_name, state, source)
         except BaseException:
-            self.base_model.delete(adapter_name)
-            _restore_flags(flags)
+            undo.restore()
             raise
         return ckpt.LoadResult([], [])
 
     # LoRA adapter arithmetic with PEFT's signature; the math and the differences from PEFT: merging.py
     add_weighted_adapter = merging.add_weighted_adapter
-
-
-def _restore_flags(flags: dict[nn.Parameter, bool]) -> None:
-    for p, flag in flags.items():
-        p.requires_grad_(flag)
 
 
 def _resolve_folder(model_id: str | os.PathLike, subfolder: str | None) -> str:

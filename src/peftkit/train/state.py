@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from ..io import fsync_dir
+
 CKPT_DIR = "checkpoints"
 
 
@@ -58,36 +60,31 @@ def checkpoint_dirs(run_dir: str) -> list[tuple[int, str]]:
 
 
 def save_checkpoint(run_dir: str, step: int, model: Any, trainer_state: dict[str, Any], keep_last: int) -> str:
+    """Write ``checkpoints/step-NNNNNNN`` under a temporary name and rename it into place. Temporary folders
+    that killed saves left (``.tmp-step-*``, ``.old-step-*``) are removed first."""
     root = os.path.join(run_dir, CKPT_DIR)
     os.makedirs(root, exist_ok=True)
+    for name in os.listdir(root):
+        if name.startswith((".tmp-step-", ".old-step-")):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     final = os.path.join(root, f"step-{step:07d}")
     tmp = os.path.join(root, f".tmp-step-{step:07d}")
-    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
-    _fsync_dir(tmp)
-    if os.path.exists(final):
-        shutil.rmtree(final)
+    fsync_dir(tmp)
+    old = os.path.join(root, f".old-step-{step:07d}")
+    if os.path.exists(final):  # the same step again: moved aside, not deleted, until the new one is in place
+        os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(root)
-    for _, old in checkpoint_dirs(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(root)
+    shutil.rmtree(old, ignore_errors=True)
+    for _, stale in checkpoint_dirs(run_dir)[:-keep_last]:
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
 def load_trainer_state(path: str) -> dict[str, Any]:
     return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class MetricsLog:
