@@ -53,7 +53,7 @@ def assert_unchanged(model, snap):
 
 def test_files_and_keys_follow_peft_layout(saved):
     folder, _ = saved
-    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(folder)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["inference_mode"] is True
     keys = set(load_file(folder / "adapter_model.safetensors"))
@@ -189,7 +189,7 @@ def test_save_is_atomic_when_writing_crashes(family, saved, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(folder)
     assert (folder / "adapter_model.safetensors").read_bytes() == before
-    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(folder)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_unknown_config_keys_warn_and_load(family, saved):

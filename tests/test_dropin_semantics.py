@@ -77,3 +77,70 @@ def test_adaption_prompt_config_defers_its_sizes_to_get_peft_model():
     assert list(model.parameters()) == params and all(p.requires_grad for p in params)
     with pytest.raises(ConfigError, match="adapter_layers"):
         peftkit.AdaptionPromptConfig(adapter_layers=0)
+
+
+def _causal_pair():
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2))
+    base.config._name_or_path = base.name_or_path = "org/tiny-llama"
+    cfg = dict(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False)
+    return (peftkit.get_peft_model(copy.deepcopy(base), peftkit.LoraConfig(**cfg)),
+            peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg)))
+
+
+def test_model_card_metadata_as_peft(tmp_path):
+    from huggingface_hub import ModelCard
+
+    ours, theirs = _causal_pair()
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    a, b = ModelCard.load(tmp_path / "ours/README.md"), ModelCard.load(tmp_path / "theirs/README.md")
+    for key in ("library_name", "tags", "pipeline_tag", "base_model"):
+        assert a.data.to_dict().get(key) == b.data.to_dict().get(key), key
+    assert a.data.to_dict()["base_model"] == "org/tiny-llama" and "base_model:adapter:org/tiny-llama" in a.data.tags
+    card = tmp_path / "ours/README.md"  # an existing card keeps its text; the version line is added once
+    card.write_text(card.read_text().replace("# Model Card for Model ID", "# My adapter"))
+    ours.save_pretrained(tmp_path / "ours")
+    text = card.read_text()
+    assert "# My adapter" in text and text.count(f"- peftkit {peftkit.__version__}") == 1
+
+
+def test_peft_model_switches_and_reports_as_peft():
+    ours, theirs = _causal_pair()
+    ids = torch.randint(0, 50, (1, 6))
+    with torch.no_grad():
+        adapted = ours(input_ids=ids).logits
+        for model in (ours, theirs):
+            assert model.has_active_enabled_adapter and model.active_adapter == "default"
+            assert model.base_model.active_adapter == ["default"]
+            with model.disable_adapter():
+                assert not model.has_active_enabled_adapter
+            model.disable_adapter_layers()
+        # peft's flag only follows the disable_adapter() block; peftkit's follows the layers (docs/compatibility.md)
+        assert not ours.has_active_enabled_adapter and theirs.has_active_enabled_adapter
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
+        assert not torch.allclose(ours(input_ids=ids).logits, adapted)
+        ours.enable_adapter_layers()
+        theirs.enable_adapter_layers()
+        torch.testing.assert_close(ours(input_ids=ids).logits, adapted, atol=0, rtol=0)
+    assert ours.supports_lora_conversion() is theirs.supports_lora_conversion() is True
+    assert ours.modules_to_save == theirs.modules_to_save  # None: no module trained in full
+    prompt = peftkit.get_peft_model(_llama_model(), peftkit.PromptTuningConfig(num_virtual_tokens=2))
+    assert prompt.supports_lora_conversion() is False
+    head = peftkit.get_peft_model(_llama_model(), peftkit.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                     modules_to_save=["norm"]))
+    assert head.modules_to_save == {"norm"}
+    assert [s.name for s in ours.get_layer_status()] == [s.name for s in theirs.get_layer_status()]
+    assert ours.get_model_status().enabled == theirs.get_model_status().enabled is True
+
+
+def test_push_to_hub_offline_says_what_to_do(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    ours, _ = _causal_pair()
+    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE.*save_pretrained"):
+        ours.push_to_hub("org/adapter")

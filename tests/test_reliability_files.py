@@ -26,6 +26,7 @@ from .train_helpers import env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = ["adapter_config.json", "adapter_model.safetensors"]
+TOP = sorted([*FILES, "README.md"])  # save_pretrained's own folder also holds the model card, as with peft
 UP_PROJ = "base_model.model.model.layers.0.mlp.up_proj.weight"
 
 
@@ -108,7 +109,7 @@ def test_killed_save_leaves_the_old_or_the_new_adapter(llama, tmp_path, when, ta
     # the next save cleans what the killed one left and writes a whole adapter
     third = _lora(11, llama, 16)
     third.save_pretrained(folder)
-    assert sorted(os.listdir(folder)) == FILES
+    assert sorted(os.listdir(folder)) == TOP
     assert _is_close(_loaded_logits(llama, folder), llama.run(third))
 
 
@@ -184,7 +185,7 @@ def test_next_save_removes_stale_temporaries_only(llama, tmp_path):
     (folder / "other").mkdir()
     (folder / "other" / "adapter_config.json").write_text("{}")
     _lora(0, llama, 8).save_pretrained(folder)
-    assert sorted(os.listdir(folder)) == sorted([*FILES, *keep, "other"])
+    assert sorted(os.listdir(folder)) == sorted([*TOP, *keep, "other"])
     assert (folder / "other" / "adapter_config.json").read_text() == "{}"
 
 
@@ -194,7 +195,7 @@ def test_saving_in_the_other_format_replaces_the_weights_file(llama, tmp_path):
     _lora(0, llama, 8).save_pretrained(tmp_path)
     new = _lora(3, llama, 16)
     new.save_pretrained(tmp_path, safe_serialization=False)
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.bin"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.bin"]
     assert _is_close(_loaded_logits(llama, tmp_path), llama.run(new))
 
 
@@ -341,7 +342,7 @@ def test_selected_adapters_as_a_string_is_one_name(llama, tmp_path):
     model = _lora(0, llama, 8)
     model.add_adapter("other", LoraConfig(r=2))
     model.save_pretrained(tmp_path, selected_adapters="other")
-    assert sorted(os.listdir(tmp_path)) == ["other"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "other"]
     assert sorted(os.listdir(tmp_path / "other")) == FILES
     with pytest.raises(ValueError, match="'oth'"):
         model.save_pretrained(tmp_path / "x", selected_adapters="oth")

@@ -201,3 +201,16 @@ def test_bf16_autocast_and_loraplus(tmp_path):
     assert logits.dtype == torch.bfloat16
     assert all(math.isfinite(m["loss"]) for m in _metrics(recipe.output_dir) if "loss" in m)
     assert summary["trainable_params"] > 0
+
+
+def test_resume_with_a_changed_recipe_says_what_differs(tmp_path):
+    """A checkpoint records its recipe; resuming with another lr, seed or peft field is refused, naming each."""
+    from peftkit.train.recipe import RecipeError
+
+    steps = ["train.max_steps=4", "train.save_every=2", "train.log_every=2"]
+    _run(tmp_path, *steps)
+    with pytest.raises(RecipeError) as info:
+        _run(tmp_path, *steps, "resume=true", "train.lr=0.123", "peft.r=3", "train.seed=7")
+    msg = str(info.value)
+    assert "train.lr" in msg and "0.123" in msg and "peft.r" in msg and "train.seed" in msg
+    _run(tmp_path, *steps, "resume=true")  # the same recipe resumes

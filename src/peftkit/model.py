@@ -25,11 +25,12 @@ from .functional import (  # noqa: F401 - re-exported: peft has them next to its
     set_peft_model_state_dict,
     tuner_of,
 )
+from .model_api import PeftModelAPI
 from .signature import ForwardWithBaseSignature
 from .tuner import TunerModel
 
 
-class PeftModel(nn.Module):
+class PeftModel(PeftModelAPI, nn.Module):
     """A base model with named adapters. ``base_model`` is the tuner; ``base_model.model`` the user's model."""
 
     def __init__(
@@ -203,6 +204,7 @@ class PeftModel(nn.Module):
         plans = {n: ckpt.save_plan(self.base_model, n, safe_serialization) for n in names}
         for name, plan in plans.items():
             ckpt.commit_save(plan, folders[name])
+        self.create_or_update_model_card(save_directory)  # README.md, as peft writes it
 
     @classmethod
     def from_pretrained(

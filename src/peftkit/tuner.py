@@ -8,8 +8,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
-import unicodedata
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -18,95 +16,14 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
-from .config import PeftConfig, TaskType
+from .config import PeftConfig
 from . import mha, prompting, routing
 from .layers import Adapter, AdapterLayer, SharedState, adapter_layers
 from .registry import get_method
 from .targeting import Conv1D
 
-BASE = "__base__"  # the adapter name that means "no adapter" in a mixed batch
-
-# heads that a task trains in full by default (Hugging Face PEFT's choice)
-TASK_HEADS = {
-    TaskType.SEQ_CLS: ["classifier", "score"],
-    TaskType.TOKEN_CLS: ["classifier", "score"],
-    TaskType.QUESTION_ANS: ["qa_outputs"],
-}
-
-
-class ModulesToSaveWrapper(nn.Module):
-    """A module trained in full: the original stays frozen, each adapter gets its own trainable copy."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.original_module = module
-        self.modules_to_save = nn.ModuleDict()
-        self.active_adapter: str | None = None
-        self.disable_adapters = False
-
-    def add(self, name: str) -> None:
-        self.modules_to_save[name] = copy.deepcopy(self.original_module)
-
-    @property
-    def current(self) -> nn.Module:
-        if self.disable_adapters or self.active_adapter not in self.modules_to_save:
-            return self.original_module
-        return self.modules_to_save[self.active_adapter]
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.current(*args, **kwargs)
-
-    # peft's names, called by transformers' and diffusers' adapter methods on every such wrapper
-    def enable_adapters(self, enabled: bool) -> None:
-        self.disable_adapters = not enabled
-
-    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        self.active_adapter = next((n for n in names if n in self.modules_to_save), None)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("original_module", "modules_to_save"):
-                raise
-            return getattr(self.current, name)
-
-
-NAME_RULE = ("adapter names are non-empty strings of at most 255 bytes in UTF-8, without '.', '/', '\\', ':' or "
-             f"control characters, other than {BASE!r} and nn.ModuleDict's attribute names")
-
-
-def check_adapter_name(name: Any) -> None:
-    """Raise ``ValueError`` unless ``name`` can name an adapter (``NAME_RULE``).
-
-    The rule is what the adapter storage and the saved layout accept: names key ``nn.ModuleDict``s (no ".", not
-    empty, not one of its attributes such as "keys" or "training"), and ``save_pretrained`` writes adapter
-    ``name`` (other than "default") into ``<folder>/<name>``, so a name is one portable folder name that cannot
-    leave the folder: no path separator of either system, no ":" (a drive on Windows), no "." (so no "..", no
-    hidden or temporary files), no control character, at most 255 bytes. "__base__" means "no adapter" in
-    ``adapter_names``."""
-    if not isinstance(name, str):
-        raise ValueError(f"adapter_name {name!r}: not a str; {NAME_RULE}")
-    if not name:
-        raise ValueError(f"adapter_name '': empty; {NAME_RULE}")
-    shown = repr(name) if len(name) <= 64 else repr(name[:64]) + f"... ({len(name)} characters)"
-    try:
-        size = len(name.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise ValueError(f"adapter_name {shown}: not encodable in UTF-8 (a lone surrogate); {NAME_RULE}") from None
-    if size > 255:
-        raise ValueError(f"adapter_name {shown}: {size} bytes in UTF-8; {NAME_RULE}")
-    bad = sorted({c for c in name if c in "./\\:" or unicodedata.category(c) == "Cc"})
-    if bad:
-        raise ValueError(f"adapter_name {shown}: contains {', '.join(map(repr, bad))}; {NAME_RULE}")
-    if name == BASE:
-        raise ValueError(f"adapter_name {BASE!r} is reserved (adapter_names uses it for the base model); {NAME_RULE}")
-    if hasattr(_MODULE_DICT, name):
-        raise ValueError(f"adapter_name {shown}: an attribute of nn.ModuleDict, which holds the adapters; {NAME_RULE}")
-
-
-_MODULE_DICT = nn.ModuleDict()  # probe for the names a ModuleDict refuses as keys (its attributes)
+from .adapter_names import BASE, NAME_RULE, check_adapter_name  # noqa: F401 - re-exported
+from .saved_modules import TASK_HEADS, ModulesToSaveWrapper  # noqa: F401 - re-exported
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -338,6 +255,18 @@ class TunerModel(nn.Module):
         # per call: only this thread sees the names (other threads may be calling the same model)
         with routing.routed(layers, adapter_names):
             yield
+
+    @property
+    def active_adapter(self) -> list[str]:
+        """peft's tuner attribute: the list of active adapters (``PeftModel.active_adapter`` is the name)."""
+        return list(self.active_adapters)
+
+    def disable_adapter_layers(self) -> None:
+        """Every adapter off, in place, until ``enable_adapter_layers`` (peft's tuner methods)."""
+        self.set_disabled(True)
+
+    def enable_adapter_layers(self) -> None:
+        self.set_disabled(False)
 
     def set_disabled(self, disabled: bool) -> None:
         for _, layer in self.adapter_layers():

@@ -40,6 +40,7 @@ from .distributed import (
     shard_fsdp,
     wrap_ddp,
 )
+from .resume import check_resume
 from .state import MetricsLog, checkpoint_dirs, load_trainer_state, lr_factor, rng_state, save_checkpoint, set_rng_state
 from .tasks import TASKS
 
@@ -167,6 +168,7 @@ class Trainer:
             "rng_ranks": rngs,
             "loss_sum": loss_sum,
             "loss_count": loss_count,
+            "recipe": self.recipe.to_dict(),  # a resume compares it with its own recipe (resume.check_resume)
         }
         if full:
             state["trainable"] = full["trainable"]  # full tensors by parameter name: resumes on any world size
@@ -179,6 +181,7 @@ class Trainer:
             return 0, 0.0, 0
         step, path = found[-1]
         state = load_trainer_state(path)
+        check_resume(state.get("recipe"), self.recipe, path)  # a changed peft.* field, seed or lr: say what
         if "trainable" in state:
             load_full_training_state(self.model, self.optimizer, state)
         elif self.fsdp:
