@@ -200,10 +200,13 @@ class AdapterLayer(PeftLayerSurface, nn.Module):
         except AttributeError:
             if name == "base_layer":
                 raise
-            view = self._peft_view(name)
-            if view is not None:
+            try:  # the base layer's attributes first: model code reads .weight / .in_features on hot paths
+                return getattr(self.base_layer, name)
+            except AttributeError:
+                view = self._peft_view(name)
+                if view is None:
+                    raise
                 return view
-            return getattr(self.base_layer, name)
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
