@@ -246,7 +246,8 @@ class PeftModel(PeftModelAPI, nn.Module):
         key_mapping: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> ckpt.LoadResult:
-        """Load a saved adapter next to the existing ones (inactive until ``set_adapter``).
+        """Load a saved adapter next to the existing ones (inactive until ``set_adapter``; with ``is_trainable``
+        its parameters require grad all the same, as in PEFT).
 
         An existing ``adapter_name`` takes the saved weights in place (what transformers' Trainer does when it
         resumes from a checkpoint); the file must fit it exactly. On any error nothing changes (as
@@ -263,6 +264,8 @@ class PeftModel(PeftModelAPI, nn.Module):
                 config.inference_mode = not is_trainable
                 self.base_model.inject(config, adapter_name, init=False, meta=True)
                 ckpt.load_state(self.base_model, adapter_name, state, source)
+                if is_trainable:  # as PEFT: inactive, but its parameters train (set_requires_grad)
+                    self.base_model.mark_trainable(extra=[adapter_name])
         except BaseException:
             undo.restore()
             raise

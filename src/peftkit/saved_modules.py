@@ -17,6 +17,34 @@ TASK_HEADS = {
 }
 
 
+# containers have no forward of their own: PEFT refuses to wrap them
+_NOT_WRAPPABLE = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
+
+
+def select_saved(model: nn.Module, names: list[str], adapter_name: str, layer_cls: type) -> list[str]:
+    """Paths of the modules ``modules_to_save`` (``names``, dotted suffixes) selects, wrapped ones included (the
+    new adapter gets its own copy there). Checked before anything changes: a container (``nn.ModuleDict`` ...)
+    or a layer that already carries an adapter (``layer_cls``) raises ``TypeError``, as PEFT's check_module."""
+    out: list[str] = []
+    skip: tuple[str, ...] = ()
+    for path, module in model.named_modules():
+        if not path or (skip and path.startswith(skip)):
+            continue
+        hit = any(path == n or path.endswith("." + n) for n in names)
+        if isinstance(module, (ModulesToSaveWrapper, layer_cls)):
+            skip = skip + (path + ".",)
+            if hit and isinstance(module, layer_cls):
+                raise TypeError(
+                    f"modules_to_save of adapter {adapter_name!r}: {path!r} carries adapter(s) "
+                    f"{list(module.adapters)}; a module is either adapted or saved in full, expected a plain module")
+        elif hit and isinstance(module, _NOT_WRAPPABLE):
+            raise TypeError(f"modules_to_save of adapter {adapter_name!r}: {path!r} is a {type(module).__name__} "
+                            "(a container without forward); expected a module that runs, e.g. one of its children")
+        if hit:
+            out.append(path)
+    return out
+
+
 class ModulesToSaveWrapper(nn.Module):
     """A module trained in full: the original stays frozen, each adapter gets its own trainable copy."""
 
@@ -29,6 +57,13 @@ class ModulesToSaveWrapper(nn.Module):
 
     def add(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def check_single(self, path: str, names: list[str]) -> None:
+        """Raise when more than one of ``names`` has a copy here: one module runs one copy (as PEFT)."""
+        here = [n for n in names if n in self.modules_to_save]
+        if len(here) > 1:
+            raise ValueError(f"set_adapter: only one adapter can be set at a time for modules_to_save module "
+                             f"{path!r}, got {len(here)} ({here}); activate at most one adapter that saves it")
 
     @property
     def current(self) -> nn.Module:

@@ -23,16 +23,12 @@ from .registry import get_method
 from .targeting import Conv1D
 
 from .adapter_names import BASE, NAME_RULE, check_adapter_name  # noqa: F401 - re-exported
-from .saved_modules import TASK_HEADS, ModulesToSaveWrapper  # noqa: F401 - re-exported
+from .saved_modules import TASK_HEADS, ModulesToSaveWrapper, select_saved  # noqa: F401 - re-exported
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, child = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
-def _is_dotted_suffix(key: str, names: list[str]) -> bool:
-    return any(key == n or key.endswith("." + n) for n in names)
 
 
 class TunerModel(nn.Module):
@@ -147,6 +143,7 @@ class TunerModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} already exists; pick another name or delete it first")
         spec = get_method(config)
         cls = spec.adapter_cls
+        self._check_new_adapter(cls, config, adapter_name)
         named = self.candidates()
         cls.prepare_config(self.model, named, config)  # architecture-dependent defaults (e.g. (IA)3's FFN names)
         # before targeting: a task head is saved in full, never a target
@@ -157,6 +154,8 @@ class TunerModel(nn.Module):
         # nn.MultiheadAttention's out_proj): such targets get a wrapper whose weight is the adapted one
         # (read_by_parent), or are kept from methods that are not weight deltas (mha.py)
         paths, read_by_parent = mha.select_targets(cls, self.model, named, config, spec)
+        saved = select_saved(self.model, list(getattr(config, "modules_to_save", None) or []), adapter_name,
+                             AdapterLayer)
         modules = dict(named)
         wrappers = dict(self.model.named_modules())
         shared, extra = None, {}
@@ -182,13 +181,12 @@ class TunerModel(nn.Module):
             if layer is not wrappers[path]:
                 _set_submodule(self.model, path, layer)
             layer.add(adapter_name, adapter)
-        for path, module in named:
-            if path and _is_dotted_suffix(path, list(getattr(config, "modules_to_save", None) or [])):
-                wrapper = wrappers[path] if isinstance(wrappers[path], ModulesToSaveWrapper) else None
-                if wrapper is None:
-                    wrapper = ModulesToSaveWrapper(module)
-                    _set_submodule(self.model, path, wrapper)
-                wrapper.add(adapter_name)
+        for path in saved:  # a module already saved by another adapter gets one more copy (as PEFT)
+            wrapper = self.model.get_submodule(path)
+            if not isinstance(wrapper, ModulesToSaveWrapper):
+                wrapper = ModulesToSaveWrapper(wrapper)
+                _set_submodule(self.model, path, wrapper)
+            wrapper.add(adapter_name)
         if getattr(cls, "rewrites_inputs", False):  # model-level (prompt) adapters rewrite the call's inputs
             prompting.install(self.model)
         self.peft_config[adapter_name] = config
@@ -196,6 +194,19 @@ class TunerModel(nn.Module):
             self.set_adapter(adapter_name)
         else:
             self.mark_trainable()
+
+    def _check_new_adapter(self, cls: type, config: PeftConfig, adapter_name: str) -> None:
+        """PEFT's ``_check_new_adapter_config``, before anything changes: one adapter may train biases, and a
+        method may add its own rule (``check_new_adapter``: AdaLoRA trains one adapter at a time)."""
+        if getattr(config, "bias", "none") != "none":
+            biased = [n for n, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
+            if biased:
+                raise ValueError(f"bias: adapter {adapter_name!r} has bias={config.bias!r} but adapter {biased[0]!r} "
+                                 f"already trains biases (bias={self.peft_config[biased[0]].bias!r}); only one "
+                                 "adapter may have bias != 'none' (as PEFT): set bias='none' for the others")
+        check = getattr(cls, "check_new_adapter", None)
+        if check is not None:
+            check(self.peft_config, config, adapter_name)
 
     def delete(self, adapter_name: str) -> None:
         """Remove an adapter; layers left with none go back to their plain base module."""
@@ -231,6 +242,8 @@ class TunerModel(nn.Module):
         missing = [n for n in names if n not in self.peft_config]
         if missing:
             raise ValueError(f"unknown adapter(s) {missing}; adapters: {sorted(self.peft_config)}")
+        for path, wrapper in self.saved_modules():
+            wrapper.check_single(path, names)
         if inference_mode is not None:
             for name in names:
                 self.peft_config[name].inference_mode = inference_mode

@@ -106,6 +106,16 @@ class AdaLoraAdapter(Adapter):
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else None
 
     @classmethod
+    def check_new_adapter(cls, configs: dict[str, Any], config: AdaLoraConfig, adapter_name: str) -> None:
+        """PEFT's AdaLoraModel rule: one trainable AdaLoRA adapter (its rank allocator is the model's)."""
+        trainable = [n for n, c in configs.items() if isinstance(c, AdaLoraConfig) and not c.inference_mode]
+        if trainable and not config.inference_mode:
+            raise ValueError(
+                f"inference_mode: AdaLoraModel supports only 1 trainable adapter; adapter {trainable[0]!r} trains, "
+                f"so adapter {adapter_name!r} needs inference_mode=True (set inference_mode to True for all "
+                "adapters except the one you want to train)")
+
+    @classmethod
     def param_count(cls, base: nn.Module, config: AdaLoraConfig, key: str = "") -> int:
         """Closed form of a new adapter: init_r (d_in * prod(kernel) + d_out + 1)."""
         d_out, d_in = layer_dims(base)

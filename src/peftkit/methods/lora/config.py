@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from dataclasses import field
 from typing import Any, ClassVar
 
@@ -112,6 +113,15 @@ class LoraConfig(PeftConfig):
         for key, value in self.alpha_pattern.items():
             if not _positive(value):
                 raise ConfigError(f"LoraConfig.alpha_pattern[{key!r}]: expected a number > 0, got {value!r}")
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and (
+                (isinstance(init, str) and init.startswith("pissa")) or init in ("olora", "corda", "lora_ga")):
+            # PEFT's rule and text: a warning (the conversion is only needed if the user asks for it on save)
+            warnings.warn(
+                "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of modified "
+                "base weights PiSSA/CorDA/OLoRA/LoRA-GA means that you won't be able to pass "
+                "`path_initial_model_for_weight_conversion` to `save_pretrained` to restore the initial values of "
+                "the base weights; if you intend to do this, please ensure not to use rslora or "
+                "rank_pattern/alpha_pattern.", stacklevel=3)
         if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
             raise ConfigError(
                 "LoraConfig.layers_to_transform / layers_pattern: cannot be used when target_modules is a regex "
