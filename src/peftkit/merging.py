@@ -33,6 +33,8 @@ Differences from Hugging Face PEFT 0.21 (see docs/merging.md):
 - PEFT returns silently when ``adapter_name`` exists, and accepts adapters with different targets (the
   union). peftkit raises, naming the adapter or the modules that differ, and refuses other methods, DoRA
   and more than one adapter with ``modules_to_save`` on a module (as PEFT).
+- ``modules_to_save``: when one of the adapters trains a module in full, the merged adapter saves it too (as
+  PEFT), but starts from that adapter's trained copy; PEFT gives it a fresh copy of the original module.
 - ``svd_driver`` is accepted and passed to ``torch.linalg.svd`` (CUDA only, as in PEFT).
 """
 
