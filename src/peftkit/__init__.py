@@ -97,7 +97,7 @@ from .tuner import TunerModel
 
 LoraModel = TunerModel  # the name Hugging Face PEFT gives the LoRA tuner
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 __all__ = [
     "BOFTConfig", "OFTConfig",

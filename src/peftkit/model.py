@@ -26,6 +26,7 @@ from .functional import (  # noqa: F401 - re-exported: peft has them next to its
     tuner_of,
 )
 from .model_api import PeftModelAPI
+from .serving import warn_if_tools_see_real_peft
 from .signature import ForwardWithBaseSignature
 from .tuner import TunerModel
 
@@ -43,8 +44,6 @@ class PeftModel(PeftModelAPI, nn.Module):
         _init: bool = True,
     ) -> None:
         super().__init__()
-        from .compat import warn_if_tools_see_real_peft  # in the body: compat is built on this module
-
         warn_if_tools_see_real_peft()
         self.base_model = TunerModel(model)
         # loading (_init=False): adapters start on the meta device and take the file's tensors

@@ -7,8 +7,12 @@ import os
 import tempfile
 from typing import Any
 
+from ._version import __version__
+from .io import atomic_write_text
 from .model_card import CARD_NAME, update_model_card
 from .registry import get_method
+from .status import get_layer_status as _layer_status
+from .status import get_model_status as _model_status
 
 
 class PeftModelAPI:
@@ -47,22 +51,14 @@ class PeftModelAPI:
 
     # -- reports --------------------------------------------------------------------------------------
     def get_layer_status(self) -> list:
-        from .status import get_layer_status  # in the body: status reads PeftModel, which mixes this in
-
-        return get_layer_status(self)
+        return _layer_status(self)
 
     def get_model_status(self) -> Any:
-        from .status import get_model_status  # in the body: see get_layer_status
-
-        return get_model_status(self)
+        return _model_status(self)
 
     # -- model card and the Hub -----------------------------------------------------------------------
     def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
         """Write or update ``output_dir/README.md`` (peft's card metadata; see model_card.py)."""
-        from . import __version__  # in the body: the package's __init__ imports this module
-
-        from .io import atomic_write_text
-
         folder = os.fspath(output_dir)
         causal = type(self).__name__ == "PeftModelForCausalLM"
         text = update_model_card(self, folder, __version__, causal)

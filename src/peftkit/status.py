@@ -16,9 +16,8 @@ from typing import Literal, Union
 from torch import nn
 
 from .layers import AdapterLayer
-from .model import PeftModel
 from .registry import list_methods
-from .tuner import ModulesToSaveWrapper
+from .tuner import ModulesToSaveWrapper, TunerModel
 
 __all__ = ["TunerLayerStatus", "TunerModelStatus", "get_layer_status", "get_model_status"]
 
@@ -107,10 +106,15 @@ def _layer_status(name: str, module: nn.Module) -> TunerLayerStatus:
     )
 
 
+def _is_peft_model(model: nn.Module) -> bool:
+    """A PeftModel: its ``base_model`` is the tuner (read by structure, so this module need not import it)."""
+    return isinstance(getattr(model, "base_model", None), TunerModel)
+
+
 def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     """The status of every adapter layer and trained-in-full module of a PeftModel (or a model with adapters
     injected by ``inject_adapter_in_model``). Raises ``ValueError`` when there is none."""
-    root = model.base_model if isinstance(model, PeftModel) else model
+    root = model.base_model if _is_peft_model(model) else model
     out = [_layer_status(name, module) for name, module in root.named_modules()
            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper))]
     if not out:
@@ -128,7 +132,7 @@ def _count(model: nn.Module) -> tuple[int, int]:
 
 def get_model_status(model: nn.Module) -> TunerModelStatus:
     """A summary over ``get_layer_status(model)``; ``"irregular"`` marks values the layers disagree on."""
-    if isinstance(model, PeftModel):
+    if _is_peft_model(model):
         base_model_type = type(model.get_base_model()).__name__
         trainable, total = model.get_nb_trainable_parameters()
         peft_types = {k: str(getattr(c.peft_type, "value", c.peft_type)) for k, c in model.peft_config.items()}

@@ -28,39 +28,11 @@ import os
 import sys
 import warnings
 
-from .finder import PEFT_API_VERSION, PeftFinder
-
-ENV_VAR = "PEFTKIT_SERVE_AS_PEFT"
-
-# tool modules that bind ``peft`` names (or decide peft is absent) when they are imported
-_TOOL_MODULES = ("transformers.trainer", "transformers.trainer_utils", "trl", "diffusers.loaders.peft",
-                 "accelerate.utils.modeling")
+from ..serving import ENV_VAR, TOOL_MODULES, serving_as_peft, warn_if_tools_see_real_peft
+from .facade import PEFT_API_VERSION
+from .finder import PeftFinder
 
 __all__ = ["ENV_VAR", "PEFT_API_VERSION", "serve_as_peft", "serving_as_peft", "warn_if_tools_see_real_peft"]
-
-_warned = False
-
-
-def warn_if_tools_see_real_peft() -> None:
-    """Warn (once) when a tool that drives PEFT models is loaded against the real peft, not peftkit: it
-    would not recognise a peftkit model (whole-model checkpoints, labels not shifted for label smoothing)."""
-    global _warned
-    if _warned or serving_as_peft() or "peft" not in sys.modules:
-        return
-    tools = [m for m in _TOOL_MODULES if m in sys.modules]
-    if tools:
-        _warned = True
-        warnings.warn(
-            f"{', '.join(tools)} loaded the real `peft` package, so they will not recognise peftkit models "
-            "(a Trainer would save the whole model and not shift labels for label smoothing). Set "
-            f"{ENV_VAR}=1, or call peftkit.serve_as_peft() before importing them, or uninstall peft",
-            stacklevel=3,
-        )
-
-
-def serving_as_peft() -> bool:
-    """Whether ``import peft`` gives peftkit in this process."""
-    return any(isinstance(f, PeftFinder) for f in sys.meta_path)
 
 
 def serve_as_peft() -> None:
@@ -79,7 +51,7 @@ def serve_as_peft() -> None:
             f"({getattr(real, '__file__', real)!r}); call serve_as_peft() (or set {ENV_VAR}=1) before anything "
             "imports peft, e.g. at the top of the script"
         )
-    late = [m for m in _TOOL_MODULES if m in sys.modules]
+    late = [m for m in TOOL_MODULES if m in sys.modules]
     if late:
         warnings.warn(
             f"peftkit serves `peft` from now on, but {', '.join(late)} was imported before and keeps what it saw "

@@ -25,6 +25,8 @@ from peftkit.layers import AdapterLayer
 from peftkit.methods.lycoris.functional import factorization
 from peftkit.tuner import ModulesToSaveWrapper, TunerModel
 
+PEFT_API_VERSION = "0.21.2"  # the peft release whose API, files and numerics peftkit follows
+
 from .weight_mapping import build_peft_weight_mapping, inject_adapter_in_model
 
 
@@ -143,8 +145,6 @@ def build_module(fullname: str) -> types.ModuleType:
 
     module.__getattr__ = __getattr__  # type: ignore[attr-defined]
     if fullname == "peft":
-        from .finder import PEFT_API_VERSION
-
         module.__version__ = PEFT_API_VERSION
     return module
 

@@ -14,9 +14,7 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
-from .facade import FACADES, build_module
-
-PEFT_API_VERSION = "0.21.2"  # the peft release whose API, files and numerics peftkit follows
+from .facade import FACADES, PEFT_API_VERSION, build_module
 
 
 class _FacadeLoader(importlib.abc.Loader):
@@ -46,6 +44,7 @@ class PeftFinder(importlib.abc.MetaPathFinder):
     """Answers ``import peft`` and ``import peft.<submodule>`` for the modules in :data:`FACADES`."""
 
     _loader = _FacadeLoader()
+    serves_peft = True  # what serving.serving_as_peft looks for
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         if fullname != "peft" and not fullname.startswith("peft."):

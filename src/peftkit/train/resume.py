@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..registry import get_method
 from .recipe import Recipe, RecipeError
 
 # fields that change only what is logged, evaluated or kept, never the trained weights: they may differ on resume
@@ -33,8 +34,6 @@ def _flat(tree: dict[str, Any]) -> dict[str, Any]:
 
 
 def _config_defaults(method: Any) -> dict[str, Any]:
-    from ..registry import get_method
-
     try:
         cls = get_method(str(method)).config_cls
     except (KeyError, ValueError):

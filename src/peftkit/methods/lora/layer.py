@@ -24,13 +24,13 @@ from ...layers import Adapter
 from ...kernel_helpers import has_hooks, is_transposed, layer_dims, scratch
 from ...targeting import LINEAR_TYPES
 from ...quant import dequantize_weight, guard_cpu_repack
-from ...routing import cached_stack
 from ...registry import register_method
 from ...targeting import pattern_value
 from . import conv as LC
+from . import batched as LB
 from . import functional as LF
 from .config import LoraConfig
-from .kernels import DoraLinear, LoraLinear, ScaleShift, stack_lora
+from .kernels import DoraLinear, LoraLinear, ScaleShift
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -283,36 +283,10 @@ class LoraAdapter(Adapter):
     def batched_forward(
         cls, adapters: list["LoraAdapter"], base: nn.Module, x: Tensor, out: Tensor, index: Tensor, cache: dict
     ) -> Tensor | None:
-        """Mixed batch, BGMV style: ``out_i += x_i A_{k(i)}^T (s_k B_k)^T`` for every row i at once.
-
-        The adapters' ``A`` (r_max, d_in) and ``s B^T`` (r_max, d_out) are stacked once, ranks padded with
-        zeros to the largest (exact: the padded rows add zero), plus a zero slot for rows without an
-        adapter here; each row gathers its pair and two ``bmm`` run over the batch (the first as
-        ``A_i x_i^T``: on CPU about 3x faster than ``x_i A_i^T`` for a small rank). Linear / Conv1D adapters
-        without DoRA and with dropout inactive; anything else declines (the generic loop).
-        """
+        """Mixed batch, BGMV style (``batched.py``)."""
         if cls.forward is not LoraAdapter.forward:  # a subclass with its own math brings its own batched path
             return None
-        dtype = adapters[0].lora_A.dtype
-        for a in adapters:
-            if a.kind != "linear" or a.magnitude is not None or a.bias_B is not None or a.lora_A.dtype != dtype:
-                return None
-            if a.dropout is not None and a.dropout.training:
-                return None
-        As, Bt = cached_stack(cache, "lora", [t for a in adapters for t in (a.lora_A, a.lora_B)],
-                              lambda: stack_lora(adapters), extra=tuple(a.scaling for a in adapters))
-        rows = x.shape[0]
-        x3 = x.reshape(rows, -1, x.shape[-1])
-        if x3.dtype != dtype:
-            x3 = x3.to(dtype)
-        h = torch.bmm(As.index_select(0, index), x3.transpose(1, 2)).transpose(1, 2)  # (rows, tokens, r_max)
-        Bi = Bt.index_select(0, index)  # (rows, r_max, d_out)
-        out3 = out.reshape(rows, -1, out.shape[-1])
-        if out.dtype != dtype:
-            return out + torch.bmm(h, Bi).view(out.shape).to(out.dtype)
-        if not torch.is_grad_enabled() and not has_hooks(base) and out3.data_ptr() == out.data_ptr():
-            return out3.baddbmm_(h, Bi).view(out.shape)
-        return torch.baddbmm(out3, h, Bi).view(out.shape)
+        return LB.batched_lora(adapters, base, x, out, index, cache)
 
     def _merged_weight_forward(self, base: nn.Module, x2d: Tensor, transposed: bool) -> Tensor:
         w = base.weight
@@ -354,11 +328,11 @@ class LoraAdapter(Adapter):
         shape[channel_axis] = -1
         return (self.scaling * self.bias_B).to(out.dtype).view(shape)
 
-    def merge_param(self, base: nn.Module, name: str, value: Tensor) -> Tensor:
-        return value + (self.scaling * self.bias_B).to(value.dtype)  # the base bias gains s b
+    def merge_param(self, base: nn.Module, name: str, value: Tensor, sign: int = 1) -> Tensor:
+        return value + sign * (self.scaling * self.bias_B).to(value.dtype)  # the base bias gains s b
 
     def unmerge_param(self, base: nn.Module, name: str, value: Tensor) -> Tensor:
-        return value - (self.scaling * self.bias_B).to(value.dtype)
+        return self.merge_param(base, name, value, sign=-1)
 
     def missing_param(self, base: nn.Module, name: str) -> Tensor | None:
         return torch.zeros_like(self.bias_B, dtype=base.weight.dtype)  # a bias-free base gets one to merge into
