@@ -58,8 +58,9 @@ def adapter_tensors(tuner: TunerModel, adapter_name: str, for_save: bool = False
         raise KeyError(f"no adapter named {adapter_name!r}; adapters: {sorted(tuner.peft_config)}")
     out: dict[str, Tensor] = {}
     for path, adapter in tuner.adapters(adapter_name):
-        if hasattr(adapter, "file_tensors"):
-            out.update(adapter.file_tensors(for_save))
+        own = adapter.file_tensors(for_save)
+        if own is not None:
+            out.update(own)
             continue
         for param, suffix in adapter.checkpoint_keys.items():
             out[f"{PREFIX}{path}.{suffix}"] = getattr(adapter, param)

@@ -62,14 +62,8 @@ def effective_param(adapter: Adapter, base: nn.Module, name: str, value: Tensor)
     """``value`` (the base parameter ``name``, or the result of the adapters before this one) with ``adapter``
     applied, differentiable in the adapter's parameters and free of side effects.
 
-    An adapter defines ``effective_param(base, name, value)`` when its merge is not that (selective methods
-    merge a detached delta, LN tuning records the original); otherwise its merge is used."""
-    own = getattr(adapter, "effective_param", None)
-    if own is not None:
-        return own(base, name, value)
-    if name == "weight":
-        return adapter.merge(base, value)[0]
-    return adapter.merge_param(base, name, value)
+    ``Adapter.effective_param``: the merge, unless the method says otherwise."""
+    return adapter.effective_param(base, name, value)
 
 
 class EffectiveWeightLayer(AdapterLayer):
@@ -138,7 +132,7 @@ def select_targets(
     through a weight: ``"all-linear"`` leaves those modules out of its candidates with a warning (before the
     method selects, as a method may record its selection), an explicit target raises ``TargetError`` naming
     the path."""
-    weight_like = spec.mergeable and getattr(cls, "layer_cls", AdapterLayer) is AdapterLayer
+    weight_like = spec.mergeable and cls.layer_cls in (None, AdapterLayer)
     targets = getattr(config, "target_modules", None)
     if not weight_like and isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         hidden = {p: r[1] for p, _ in named if p and (r := read_by_parent(model, p))}
@@ -162,7 +156,7 @@ def select_targets(
     dropouts = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
                 if f.name.endswith("dropout") and isinstance(getattr(config, f.name), (int, float))
                 and getattr(config, f.name) > 0} if dataclasses.is_dataclass(config) else {}
-    if attention and dropouts and not hasattr(cls, "effective_param"):  # (OFT's own applies its dropout)
+    if attention and dropouts and not cls.has_own_effective_param():  # (OFT's own applies its dropout)
         warnings.warn(
             f"{spec.name}: {dropouts} is not applied on {attention}: nn.MultiheadAttention reads out_proj's weight "
             "instead of calling it, so the adapter acts there through its effective weight (as if merged)",

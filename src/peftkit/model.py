@@ -139,9 +139,7 @@ class PeftModel(PeftModelAPI, nn.Module):
         """
         names = [adapter_name] if adapter_name is not None else list(self.peft_config)
         for name in names:
-            hook = getattr(get_method(self.peft_config[name]).adapter_cls, "prepare_selection", None)
-            if hook is not None:
-                hook(self, name, dataloader, loss_fn, **kwargs)
+            get_method(self.peft_config[name]).adapter_cls.prepare_selection(self, name, dataloader, loss_fn, **kwargs)
 
     # -- merging ---------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:

@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
 from .config import PeftConfig
-from . import mha, prompting, routing
+from . import mha, routing
 from .layers import Adapter, AdapterLayer, SharedState, adapter_layers
 from .registry import get_method
 from .targeting import Conv1D
@@ -42,6 +42,7 @@ class TunerModel(nn.Module):
         # adapter name -> tensors its layers share (methods with ``uses_shared_state``, e.g. VeRA): one copy
         self.shared_state = nn.ModuleDict()
         self.hook_state: dict[str, Any] = {}  # adapter name -> state its method's on_step keeps between steps
+        self.hooked_methods: set[type] = set()  # adapter classes whose install_model_hooks ran (unload undoes them)
 
     @classmethod
     def over(cls, model: nn.Module) -> "TunerModel":
@@ -172,7 +173,7 @@ class TunerModel(nn.Module):
             built.append((path, base, _build(cls, base, config, path, init, meta, extra)))
         if shared is not None:
             self.shared_state[adapter_name] = shared
-        layer_cls = getattr(cls, "layer_cls", AdapterLayer)  # a method may need its own wrapper (e.g. attention)
+        layer_cls = cls.layer_cls or AdapterLayer  # a method may need its own wrapper (e.g. attention)
         for path, base, adapter in built:
             if isinstance(wrappers[path], AdapterLayer):
                 layer = wrappers[path]
@@ -187,8 +188,8 @@ class TunerModel(nn.Module):
                 wrapper = ModulesToSaveWrapper(wrapper)
                 _set_submodule(self.model, path, wrapper)
             wrapper.add(adapter_name)
-        if getattr(cls, "rewrites_inputs", False):  # model-level (prompt) adapters rewrite the call's inputs
-            prompting.install(self.model)
+        cls.install_model_hooks(self.model)  # methods acting on the whole call (prompts rewrite its inputs)
+        self.hooked_methods.add(cls)
         self.peft_config[adapter_name] = config
         if not self.active_adapters:
             self.set_adapter(adapter_name)
@@ -204,9 +205,7 @@ class TunerModel(nn.Module):
                 raise ValueError(f"bias: adapter {adapter_name!r} has bias={config.bias!r} but adapter {biased[0]!r} "
                                  f"already trains biases (bias={self.peft_config[biased[0]].bias!r}); only one "
                                  "adapter may have bias != 'none' (as PEFT): set bias='none' for the others")
-        check = getattr(cls, "check_new_adapter", None)
-        if check is not None:
-            check(self.peft_config, config, adapter_name)
+        cls.check_new_adapter(self.peft_config, config, adapter_name)
 
     def delete(self, adapter_name: str) -> None:
         """Remove an adapter; layers left with none go back to their plain base module."""
@@ -332,6 +331,7 @@ class TunerModel(nn.Module):
     @torch.no_grad()
     def unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         """Put every base module back (merged first if asked) and return the plain model."""
+        methods = self.hooked_methods | {type(a) for _, layer in self.adapter_layers() for a in layer.adapters.values()}
         for path, layer in self.adapter_layers():
             if merge:
                 layer.merge(adapter_names, safe_merge=safe_merge)
@@ -340,7 +340,9 @@ class TunerModel(nn.Module):
             # the active trained copy replaces the original, as in Hugging Face PEFT
             active = wrapper.active_adapter
             _set_submodule(self.model, path, wrapper.modules_to_save[active] if active else wrapper.original_module)
-        prompting.uninstall(self.model)
+        for cls in methods:
+            cls.remove_model_hooks(self.model)
+        self.hooked_methods.clear()
         self.peft_config.clear()
         self.shared_state.clear()
         self.hook_state.clear()
@@ -361,7 +363,7 @@ class _OnMeta(TorchFunctionMode):
 def _build(cls: type, base: nn.Module, config: PeftConfig, path: str, init: bool, meta: bool,
            extra: dict[str, Any]) -> nn.Module:
     """One layer's adapter; with ``meta`` on the meta device when every tensor it holds comes from the file."""
-    if meta and not init and not hasattr(cls, "file_tensors"):
+    if meta and not init and not cls.names_file_keys():
         try:
             with _OnMeta():
                 adapter = cls(base, config, path, init=False, **extra)

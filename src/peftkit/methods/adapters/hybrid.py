@@ -13,7 +13,7 @@ and right where the adapter joins the residual before a LayerNorm: ``original_ln
 padding included), "token" keeps one per position.
 
 A prompt part (prefix tuning) lives on the input embedding and rewrites the call's inputs through the engine's
-prompt hook (``peftkit.prompting``): the prefix ``P_K, P_V`` of every attention layer goes in through the KV
+prompt hook (``methods.prompt.hook``): the prefix ``P_K, P_V`` of every attention layer goes in through the KV
 cache, built once per call. Gated, it gets UniPELT's prefix gate: per attention layer l,
 ``G_P = mean_seq sigmoid(W_gp x_l + b_gp)`` (one scalar per example, as in AdapterHub; a per-token gate cannot
 scale keys that every query shares) from that layer's attention input x_l, and the layer attends over
@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from ...config import ConfigError, PeftConfig
 from ...layers import Adapter
-from ...prompting import PromptAdapter
+from ..prompt.hook import PromptAdapter, install, uninstall
 from ...registry import get_method, register_method
 from ...targeting import Conv1D, NotApplicableError, TargetError, model_family
 from .bottleneck import BottleneckAdapter, adapter_factory, block_dims, norm_width
@@ -161,7 +161,14 @@ class HybridAdapter(Adapter):
     """The parts of a hybrid present on one layer, with their gates (and, on a query projection, the prefix's)."""
 
     supported_layers = (nn.Module,)
-    rewrites_inputs: ClassVar[bool] = True  # a prefix part rewrites the call's inputs (engine hook, idempotent)
+
+    @classmethod
+    def install_model_hooks(cls, model: nn.Module) -> None:
+        install(model)  # a prefix part rewrites the call's inputs (idempotent, a no-op without an active prompt)
+
+    @classmethod
+    def remove_model_hooks(cls, model: nn.Module) -> None:
+        uninstall(model)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "HybridAdapter":
         if not args:  # copy / pickle

@@ -11,7 +11,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ...prompting import PromptAdapter, cache_length, is_encoder_decoder, pop_cache
+from ..prompt.hook import PromptAdapter
+from ..prompt.inputs import cache_length, is_encoder_decoder, pop_cache
 from ...targeting import NotApplicableError, TargetError, role_paths
 
 
@@ -52,7 +53,7 @@ def prefix_gate_hosts(model: nn.Module, named: list[tuple[str, nn.Module]]) -> d
 
 class _PromptPart(PromptAdapter):
     """Mixed into a hybrid's adapter on the input embedding when it has a prompt part, so that the engine's
-    prompt hook (``peftkit.prompting.active_prompt``) finds it and the checkpoint reads its file tensors."""
+    prompt hook (``methods.prompt.hook.active_prompt``) finds it and the checkpoint reads its file tensors."""
 
     def _prompt(self) -> PromptAdapter:
         return next(p for p in self.parts.values() if isinstance(p, PromptAdapter))

@@ -9,7 +9,8 @@ from typing import Any, ClassVar
 from torch import nn
 
 from ...config import ConfigError, PeftConfig, TaskType
-from ...prompting import PromptAdapter, accepts_cache, forward_params, input_embeddings
+from .hook import PromptAdapter
+from .inputs import accepts_cache, forward_params, input_embeddings
 from ...targeting import NotApplicableError
 
 # what to suggest when a method does not fit a model

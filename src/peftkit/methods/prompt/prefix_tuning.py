@@ -9,7 +9,7 @@ dropped after training: the checkpoint holds its output, ``prompt_embeddings`` (
 
 The prefix goes in through the model's KV cache (a ``transformers`` DynamicCache; the decoder's self-attention
 cache for encoder-decoder models) with the attention mask extended by n ones, so it works with ``generate``
-with and without a cache (see ``peftkit.prompting``). On grouped-query models the prefix has the key/value
+with and without a cache (see ``methods.prompt.hook``). On grouped-query models the prefix has the key/value
 heads' width (``token_dim = head_dim * num_key_value_heads``), as PEFT fills it.
 """
 
@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ...prompt_cache import prefix_kv
+from .cache import prefix_kv
 from ...registry import register_method
 from .base import KVPrompt, PromptLearningConfig
 

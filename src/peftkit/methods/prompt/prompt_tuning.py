@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ...config import ConfigError
-from ...prompting import embed_encoder_prompts, embed_prompts
+from .inputs import embed_encoder_prompts, embed_prompts
 from ...registry import register_method
 from .base import EmbeddingPrompt, PromptLearningConfig
 

@@ -4,7 +4,7 @@
 Under activation checkpointing the prefix goes in a read-only cache (``update`` returns ``[prefix; new]``
 without storing) that checkpointed layers may keep, and ``hold_in_layers`` hands it, for the one call, to
 every layer, including those a backbone passes no cache under checkpointing (GPT-2's); the model's forward
-hook (``prompting.install``) releases them when the call returns.
+hook (``hook.install``) releases them when the call returns.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .prompting import CACHE_KEYS, batch_size, cache_length, is_encoder_decoder, pop_cache, prepend_ones
+from .inputs import CACHE_KEYS, batch_size, cache_length, is_encoder_decoder, pop_cache, prepend_ones
 
 
 def prefix_cache(model: nn.Module, cache: Any, layers: list[tuple[Tensor, Tensor]]) -> Any:

@@ -1,0 +1,208 @@
+"""The adapter contract: everything a method may implement, declared in one class.
+
+A method is a config class plus an ``Adapter`` subclass registered with ``@register_method``. The engine
+(``tuner.py``, ``layers.py``, ``checkpoint.py``, ``routing.py``, ``mha.py``) calls only what this class
+declares; each hook has a default that does nothing or the common thing, so a new method implements its
+math (``forward``, ``delta_weight`` or ``merge``/``unmerge``) and ``checkpoint_keys``, and nothing else
+unless it needs to.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from .targeting import find_targets
+
+
+class Adapter(nn.Module):
+    """One named adapter on one base layer.
+
+    Subclasses implement ``forward(base, x, out)`` (return the layer output with the adapter applied,
+    given the running output ``out``, which the adapter owns: it may accumulate into it in place, so a
+    caller that reads ``out`` afterwards passes a copy) and, when mergeable, ``delta_weight(base)`` in the base weight's
+    layout, or ``merge``/``unmerge`` for methods that are not additive (e.g. DoRA, OFT).
+    ``checkpoint_keys`` maps each parameter name to its key suffix in the Hugging Face PEFT file layout.
+    """
+
+    checkpoint_keys: ClassVar[dict[str, str]] = {}
+    supported_layers: ClassVar[tuple[type, ...]] = ()
+    # False for adapters that change the layer output's shape (VPT inserts tokens): a mixed batch
+    # (``adapter_names``) cannot route their rows, and says so instead of failing on shapes
+    supports_routing: ClassVar[bool] = True
+    changes_output: ClassVar[bool] = True  # False: the layer's forward skips it (prompts rewrite model inputs)
+    default_roles: ClassVar[tuple[str, ...]] = ("query", "value")
+
+    @classmethod
+    def prepare_config(cls, model: nn.Module, named: list[tuple[str, nn.Module]], config: Any) -> None:
+        """Fill architecture-dependent config defaults before targeting (``named``: candidate modules)."""
+
+    @classmethod
+    def select_targets(cls, model: nn.Module, named: list[tuple[str, nn.Module]], config: Any) -> list[str]:
+        """Paths of the modules to wrap (default: the config's targets; selective methods pick by parameter)."""
+        return find_targets(model, named, config, cls.default_roles, cls.supported_layers)
+
+    @classmethod
+    def check_new_adapter(cls, configs: dict[str, Any], config: Any, adapter_name: str) -> None:
+        """Refuse a new adapter before anything changes (``configs``: the model's adapters so far). Raise
+        ``ValueError`` naming the rule (AdaLoRA: one trainable adapter per model)."""
+
+    @classmethod
+    def param_count(cls, base: nn.Module, config: Any, key: str = "") -> int:
+        """Closed form of the trainable parameters a new adapter adds on ``base`` (``key``: the layer's path, for
+        rank / alpha patterns). The method table (``counts.py``) and the contract suite compare it with the
+        measured count."""
+        raise NotImplementedError(f"{cls.__name__} has no closed-form parameter count")
+
+    # -- the wrapper and the model ---------------------------------------------------------------------
+    # The wrapper class of this method's layers; None: the shared ``AdapterLayer``. A method whose adapter must
+    # see more than one layer's input and output (LLaMA-Adapter's gated attention) brings its own subclass.
+    layer_cls: ClassVar[type | None] = None
+
+    @classmethod
+    def install_model_hooks(cls, model: nn.Module) -> None:
+        """Called after an adapter of this method is added to ``model`` (the user's model, not the wrapper):
+        methods that act on the whole call rather than on one layer's output (prompt methods rewrite the
+        call's inputs) install their forward hooks here. Must be idempotent: it runs once per added adapter."""
+
+    @classmethod
+    def remove_model_hooks(cls, model: nn.Module) -> None:
+        """Undo ``install_model_hooks`` (``unload``): the model is left as it was before the first adapter."""
+
+    # -- data-dependent setup ----------------------------------------------------------------------------
+    @classmethod
+    def prepare_selection(cls, model: Any, adapter_name: str, dataloader: Any = None, loss_fn: Any = None,
+                          **kwargs: Any) -> None:
+        """``PeftModel.prepare_selection``: a step on data before training (the FISH mask scores parameters by
+        Fisher information over ``dataloader``). The default does nothing, so a training loop may always call it."""
+
+    # -- the adapter file ----------------------------------------------------------------------------------
+    def file_tensors(self, for_save: bool) -> dict[str, Tensor] | None:
+        """Checkpoint key -> tensor, whole keys, for an adapter that names its own (prompt methods: PEFT's
+        ``prompt_embeddings``); what it saves may be computed (``for_save``: P-tuning saves its encoder's output)
+        and differ from where a load copies to. None (the default): the keys are ``<layer path>.<suffix>`` from
+        ``checkpoint_keys``."""
+        return None
+
+    @classmethod
+    def names_file_keys(cls) -> bool:
+        """Whether the method overrides ``file_tensors`` (its tensors are not described by ``checkpoint_keys``)."""
+        return cls.file_tensors is not Adapter.file_tensors
+
+    # -- optional training-loop hooks; the TunerModel calls them for each active, trainable adapter -------
+    @classmethod
+    def on_step(cls, tuner: Any, adapter_name: str, global_step: int) -> None:
+        """Once per training step (``PeftModel.update_and_allocate``), after backward, before zero_grad.
+
+        Per-adapter state kept between steps goes in ``tuner.hook_state[adapter_name]`` (e.g. AdaLoRA's
+        importance averages)."""
+
+    @classmethod
+    def extra_loss(cls, tuner: Any, adapter_name: str) -> Tensor | None:
+        """A term the forward adds to the model's loss when it computes one (e.g. AdaLoRA's penalty)."""
+        return None
+
+    def requires_grad_(self, requires_grad: bool = True) -> "Adapter":
+        """As ``nn.Module.requires_grad_``, without the generic recursive walk (the tuner calls it for every
+        adapter of every layer whenever the trainable set changes, e.g. on each adapter load)."""
+        for p in self._parameters.values():
+            if p is not None:
+                p.requires_grad_(requires_grad)
+        for m in self._modules.values():
+            if m is not None:
+                m.requires_grad_(requires_grad)
+        return self
+
+    def before_load(self) -> None:
+        """Called on each adapter before a state dict is validated and copied in (e.g. AdaLoRA drops the
+        ranks its files leave out)."""
+
+    def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
+        """Optional fast path: base and adapter output in one pass, or None to decline.
+
+        Called when this is the single unmerged active adapter and the layer got only ``x``.
+        """
+        return None
+
+    @classmethod
+    def batched_forward(
+        cls, adapters: list["Adapter"], base: nn.Module, x: Tensor, out: Tensor, index: Tensor, cache: dict
+    ) -> Tensor | None:
+        """Optional mixed-batch path: ``out`` with row i passed through ``adapters[index[i]]``, all rows at
+        once; ``index[i] == len(adapters)`` means no adapter of this method (the row stays as it is).
+
+        ``cache``: a dict owned by the layer for stacked tensors (``routing.cached_stack``). Return None to
+        decline; the layer then loops over the adapters, one ``forward`` on each one's rows.
+        """
+        return None
+
+    def delta_weight(self, base: nn.Module) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weight")
+
+    def merge(self, base: nn.Module, weight: Tensor) -> tuple[Tensor, Any]:
+        """The merged weight, plus whatever ``unmerge`` needs later (here nothing)."""
+        return weight + self.delta_weight(base).to(weight.dtype), None
+
+    def unmerge(self, base: nn.Module, weight: Tensor, state: Any) -> Tensor:
+        return weight - self.delta_weight(base).to(weight.dtype)
+
+    # base parameters a merge rewrites; methods that also fold into others (e.g. a bias) list them
+    merged_params: ClassVar[tuple[str, ...]] = ("weight",)
+
+    def merge_param(self, base: nn.Module, name: str, value: Tensor) -> Tensor:
+        """Merged value of a base parameter other than the weight (see ``merged_params``)."""
+        raise NotImplementedError
+
+    def unmerge_param(self, base: nn.Module, name: str, value: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def missing_param(self, base: nn.Module, name: str) -> Tensor | None:
+        """Neutral value of a ``merged_params`` entry the base lacks (e.g. a zero bias for SSF's shift on a
+        bias-free Linear): the merge creates the parameter from it and unmerge removes it again. None (the
+        default): the merge skips that parameter."""
+        return None
+
+    def effective_param(self, base: nn.Module, name: str, value: Tensor) -> Tensor:
+        """``value`` (the base parameter ``name``, or the result of the adapters before this one) with this adapter
+        applied, differentiable in the adapter's parameters and free of side effects: used where a parent module
+        reads a child's weight instead of calling it (``nn.MultiheadAttention``'s ``out_proj``, ``mha.py``).
+        The default is the merge; a method whose merge is not that (selective methods merge a detached delta,
+        LN tuning records the original) overrides it."""
+        if name == "weight":
+            return self.merge(base, value)[0]
+        return self.merge_param(base, name, value)
+
+    @classmethod
+    def has_own_effective_param(cls) -> bool:
+        """Whether the method overrides ``effective_param`` (it applies its own dropout there, say)."""
+        return cls.effective_param is not Adapter.effective_param
+
+    # -- adapter-level state, shared by all of one adapter's layers (e.g. VeRA's random projections) ------
+    # The tuner builds it once per injection with ``build_shared`` and keeps it as frozen buffers in one
+    # place (``TunerModel.shared_state[adapter_name]``); every layer's adapter receives it as ``shared=``.
+    uses_shared_state: ClassVar[bool] = False
+    # shared tensor name -> its key in the adapter file after "base_model." (PEFT: "base_model.vera_A")
+    shared_checkpoint_keys: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def build_shared(
+        cls,
+        targets: list[tuple[str, nn.Module]],
+        config: Any,
+        others: dict[str, tuple[Any, dict[str, Tensor]]],
+    ) -> dict[str, Tensor]:
+        """The shared tensors of a new adapter on ``targets`` (path, base layer), built before any layer.
+
+        ``others``: adapters of the same method already on the model, name -> (config, shared tensors).
+        Called with ``init=False`` too (loading): tensors a file may omit must be rebuilt deterministically.
+        """
+        return {}
+
+    @classmethod
+    def saves_shared(cls, config: Any) -> bool:
+        """Whether the adapter file holds the shared tensors (when absent on load, the rebuilt ones stay)."""
+        return True
