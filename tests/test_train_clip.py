@@ -13,28 +13,23 @@ import pytest
 import torch
 
 from peftkit.train import RecipeError, load_recipe, train
-from peftkit.train import clip_fewshot
-from peftkit.train.clip_fewshot import (
+from peftkit.train import clip_tiny
+from peftkit.train.clip_fewshot import few_shot_indices
+from peftkit.train.clip_tiny import (
     DIGITS_PRETRAINING,
     PRETRAIN_RECORD,
     DigitsPretraining,
     clip_tiny_digits_dir,
     clip_tiny_digits_path,
     digits_rows,
-    few_shot_indices,
     pretrain_clip_tiny,
     pretrain_pool,
 )
 from peftkit.train.data import DataError
 from peftkit.train.tasks import TASKS
-from peftkit.train.vision import digits
+from peftkit.train.images import digits
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
 
 
 def _recipe(tmp_path, *overrides):
@@ -110,7 +105,6 @@ def test_bad_fields(tmp_path):
 @pytest.fixture(scope="module")
 def digits_clip(tmp_path_factory):
     """clip-tiny-digits with its shipped settings, built once for this module into a private cache."""
-    torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PEFTKIT_CACHE", str(tmp_path_factory.mktemp("peftkit-cache")))
         yield Path(clip_tiny_digits_dir())
@@ -157,7 +151,7 @@ def test_pretrained_clip_is_cached_and_reused(digits_clip, monkeypatch):
     def no_retraining(*args, **kwargs):
         raise AssertionError("clip-tiny-digits was pre-trained again")
 
-    monkeypatch.setattr(clip_fewshot, "pretrain_clip_tiny", no_retraining)
+    monkeypatch.setattr(clip_tiny, "pretrain_clip_tiny", no_retraining)
     assert clip_tiny_digits_dir() == str(digits_clip) == str(clip_tiny_digits_path())
     from peftkit.train.models import resolve_model
 

@@ -18,22 +18,10 @@ from safetensors.torch import load_file
 from peftkit.train import load_recipe, train
 from peftkit.train.data import DataError
 from peftkit.train.tasks import TASKS
-from peftkit.train.vision import (
-    DIGIT_LABELS,
-    FASHION_MNIST_LABELS,
-    FrozenBatchNorm2d,
-    efficientnet_lite0,
-    efficientnet_weights_path,
-    load_images,
-    read_idx,
-)
+from peftkit.train.images import DIGIT_LABELS, FASHION_MNIST_LABELS, load_images, read_idx
+from peftkit.train.vision import FrozenBatchNorm2d, efficientnet_lite0, efficientnet_weights_path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
 
 
 def _write_idx(path: Path, array: np.ndarray, code: int, compress: bool) -> None:

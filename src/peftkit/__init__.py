@@ -90,7 +90,7 @@ from .peft_utils import (
     shift_tokens_right,
 )
 from .status import get_layer_status, get_model_status
-from .optim import create_loraplus_optimizer
+from .methods.lora.optim import create_loraplus_optimizer
 from .quant import prepare_model_for_kbit_training, quantize_model
 from .registry import MethodSpec, get_method, list_methods, register_method
 from .tuner import TunerModel

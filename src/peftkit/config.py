@@ -13,7 +13,7 @@ import math
 import numbers
 import os
 import warnings
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from .io import atomic_write_text
 
@@ -32,6 +32,17 @@ class TaskType(str, enum.Enum):
 
 
 NAME_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules")
+
+
+# peft_type -> config class, for ``PeftConfig.from_dict`` on the base class. The registry (which imports this
+# module, so it cannot be imported here) installs its lookup when it loads: ``set_config_lookup``.
+_config_class_of: Callable[[str], type] | None = None
+
+
+def set_config_lookup(lookup: Callable[[str], type]) -> None:
+    """Install ``lookup(peft_type) -> config class`` (raising KeyError for an unknown type): the registry's."""
+    global _config_class_of
+    _config_class_of = lookup
 
 
 class ConfigError(ValueError):
@@ -123,13 +134,11 @@ class PeftConfig:
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "PeftConfig":
         """Build a config from a dict; unknown keys warn (naming ``source``) and are dropped."""
         if cls is PeftConfig:
-            from .registry import get_method
-
             peft_type = data.get("peft_type")
             if not peft_type:
                 raise ConfigError(f"{source}: missing 'peft_type'; cannot tell which method the adapter uses")
             try:
-                cls = get_method(str(peft_type)).config_cls
+                cls = _config_class_of(str(peft_type))
             except KeyError as err:
                 raise ConfigError(f"{source}: peft_type {peft_type!r} is not a peftkit method ({err})") from None
         known = {f.name for f in dataclasses.fields(cls)}

@@ -26,6 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layers import adapter_layers
+from .model import get_peft_model
+from .registry import get_method
+from .train.models import BUILTIN, resolve_model
+
 MB = 2**20
 RUNTIME_MB = 410.0  # imports (torch, transformers, peftkit, bitsandbytes: 360) + first-step workspaces (50), here
 # autograd's saved tensors per transformer layer, in units of (tokens x width x 4 bytes); see module docstring
@@ -52,7 +57,6 @@ def load_config(model: str) -> Any:
     if model in CONFIGS:
         spec = dict(CONFIGS[model])
         return AutoConfig.for_model(spec.pop("model_type"), max_position_embeddings=2048, **spec)
-    from .train.models import BUILTIN, resolve_model
 
     text = sorted(k for k in BUILTIN if not k.startswith("clip"))  # the estimate covers language models
     if model not in text and not _is_dir(model):
@@ -110,9 +114,6 @@ def estimate(
     quant: str | None = None, target_modules: Any = "all-linear", runtime_mb: float | None = None,
 ) -> dict[str, Any]:
     """Predicted peak training memory: ``{"predicted_peak_mb": ..., "parts": {part: MB}}`` (see module doc)."""
-    from . import get_peft_model
-    from .layers import adapter_layers
-    from .registry import get_method
 
     if quant not in (None, "4bit", "8bit"):
         raise ValueError(f"estimate: quant={quant!r}; expected None, '4bit' or '8bit'")

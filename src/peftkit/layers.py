@@ -14,7 +14,7 @@ weight bit for bit, provided the adapter's parameters did not change while merge
 from __future__ import annotations
 
 import warnings
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from . import routing as _routing
 from .adapter import Adapter
 from .peft_surface import PeftLayerSurface
+from .quant import merge_quantized, unmerge_quantized
 
 
 class SharedState(nn.Module):
@@ -127,8 +128,6 @@ class AdapterLayer(PeftLayerSurface, nn.Module):
         names = self.active_adapters if adapter_names is None else adapter_names
         base = self.base_layer
         if _quantized(base):  # dequantize, merge, re-quantize and report the error (peftkit.quant)
-            from .quant import merge_quantized
-
             merge_quantized(self, list(names), safe_merge)
             return
         for name in names:
@@ -180,8 +179,6 @@ class AdapterLayer(PeftLayerSurface, nn.Module):
         """Undo merges, most recent first; restores the base parameters bit for bit."""
         names = list(self.merged_adapters) if adapter_names is None else adapter_names
         if _quantized(self.base_layer):
-            from .quant import unmerge_quantized
-
             return unmerge_quantized(self, names)
         for name in reversed(list(self.merged_adapters)):
             if name not in names:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import merging
+from .methods.lora import merging
 from .config import PeftConfig, TaskType
 from .registry import get_method
 from .functional import (  # noqa: F401 - re-exported: peft has them next to its PeftModel

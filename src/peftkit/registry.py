@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from .config import PeftConfig
+from .config import PeftConfig, set_config_lookup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +88,7 @@ def register_method(
 
 
 def _load_builtin_methods() -> None:
+    # late by necessity: every method module imports this one to register itself
     from . import methods  # noqa: F401  (importing registers every built-in method)
 
 
@@ -109,3 +110,6 @@ def list_methods() -> list[MethodSpec]:
     """Every registered method with its metadata, sorted by name."""
     _load_builtin_methods()
     return [_METHODS[k] for k in sorted(_METHODS)]
+
+
+set_config_lookup(lambda peft_type: get_method(peft_type).config_cls)  # PeftConfig.from_dict on the base class

@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from .config import TaskType
+from .registry import get_method
 from .default_targets import (  # noqa: F401  (re-exported: the tables are part of this module's interface)
     DEFAULT_SCOPES,
     FAMILY_ALIASES,
@@ -158,8 +159,6 @@ def default_target_names(model_type: str, roles: str | Roles = "lora", paths: It
     if family is None:
         raise TargetError(f"model type {model_type!r} has no entry in peftkit's role table")
     if isinstance(roles, str):
-        from .registry import get_method
-
         roles = get_method(roles).adapter_cls.default_roles
     paths = None if paths is None else list(paths)
     names = _pick(_role_entries(family, model_type, roles), paths)

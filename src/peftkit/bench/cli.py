@@ -8,6 +8,11 @@ import shlex
 import sys
 import time
 
+from .grid import BenchError, resolve_methods, resolve_models
+from .peft_side import PeftMissingError, load_peft
+from .report import print_tables, write_outputs
+from .run import Options, run_grid
+
 DEFAULT_METHODS = "lora,dora,ia3,loha,lokr,vera,oft,boft,adalora,fourierft,ln_tuning"
 
 
@@ -52,10 +57,6 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def command(args: argparse.Namespace) -> int:
-    from .grid import BenchError, resolve_methods, resolve_models
-    from .peft_side import PeftMissingError, load_peft
-    from .report import print_tables, write_outputs
-    from .run import Options, run_grid
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:

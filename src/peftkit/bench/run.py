@@ -20,6 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._version import __version__
+from ..methods.selective import SelectionError
+from ..model import get_peft_model
+from ..targeting import TargetError
+from ..train import load_recipe, train
+
 from . import measure as M
 from .grid import BenchModel, MethodChoice, cell_config, recipe_path
 from .peft_side import load_peft, peft_model
@@ -94,7 +100,6 @@ class _Side:
 
 
 def _builders(choice: MethodChoice, model: BenchModel, config: dict, vs_peft: bool) -> dict[str, Callable]:
-    from ..model import get_peft_model
 
     def prepared(wrapped: nn.Module) -> nn.Module:
         if hasattr(wrapped, "prepare_selection"):
@@ -127,8 +132,6 @@ def _with_our_targets(build: Callable, choice: MethodChoice, model: BenchModel, 
 
 
 def _skip_reason(impl: str, exc: BaseException) -> str:
-    from ..methods.selective import SelectionError
-    from ..targeting import TargetError
 
     # ours: only "this method does not apply here" (no targets, no data-free selection) is a skip
     if impl == "peftkit" and not isinstance(exc, (TargetError, SelectionError)):
@@ -182,7 +185,6 @@ def ratio_record(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]
 
 def finetune(path: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Any, dict[str, Any]]:
     """Run the ``peftkit train`` recipe at ``path`` (no checkpoints, quiet); returns (recipe, summary)."""
-    from ..train import load_recipe, train
 
     recipe = load_recipe(path, ["train.save_every=0", *overrides])
     return recipe, train(recipe, quiet=True)
@@ -225,7 +227,6 @@ def _meta(opts: Options, methods: list[MethodChoice], models: list[BenchModel], 
 
     import transformers
 
-    from .. import __version__
 
     meta = {"peftkit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "machine": platform.platform(), "cpus": os.cpu_count(),

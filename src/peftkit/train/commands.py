@@ -6,6 +6,10 @@ import json
 import os
 from typing import Any
 
+from ..config import PeftConfig
+from ..model import PeftModel, get_peft_model
+from ..registry import get_method
+from .models import resolve_model
 from .recipe import Recipe, load_recipe
 from .tasks import TASKS, Task
 
@@ -27,7 +31,6 @@ def open_run(path: str, overrides: list[str] = ()) -> tuple[Recipe, Task, str]:
 
 def load_trained(path: str, overrides: list[str] = (), *, need_data: bool = False) -> tuple[Any, Task]:
     """The base model of a run with its adapter loaded (a peftkit PeftModel), and the run's task."""
-    from ..model import PeftModel
 
     recipe, task, adapter = open_run(path, overrides)
     if recipe.train.num_threads:
@@ -42,8 +45,6 @@ def load_trained(path: str, overrides: list[str] = (), *, need_data: bool = Fals
 
 def merge(path: str, out: str) -> str:
     """Merge a run's (or an adapter folder's) adapter into its base model and save it in transformers format."""
-    from ..config import PeftConfig
-    from ..model import PeftModel
 
     if os.path.isfile(os.path.join(path, "config.yaml")):
         model, task = load_trained(path)
@@ -74,15 +75,12 @@ def inspect_model(name: str, method: str | None, fields: dict[str, Any] | None =
     """The module tree of ``name`` (a built-in name, folder or model id) and what ``method`` would target."""
     from transformers import AutoConfig, AutoModel
 
-    from ..registry import get_method
-    from .models import resolve_model
 
     path = resolve_model(name)
     model = AutoModel.from_config(AutoConfig.from_pretrained(path))
     lines = [f"{name}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,d} parameters"]
     targeted: dict[str, int] = {}
     if method:
-        from ..model import get_peft_model
 
         spec = get_method(method)
         config = spec.config_cls(**(fields or {}))

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from .data import DataError
 from .models import ModelError
-from .tasks import Task, register_task
-from .vision import load_images, to_model_input
+from .images import load_images, to_model_input
+from .task import Task, register_task
 
 SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon"}
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

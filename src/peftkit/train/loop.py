@@ -16,6 +16,7 @@ what one process sees at batch ``W*B``, and a resumed run sees what an uninterru
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -27,10 +28,14 @@ import torch
 import yaml
 from torch import nn
 
+from ..checkpoint import read_weights
 from ..io import atomic_write_text
+from ..methods.lora.optim import create_loraplus_optimizer
 from ..model import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from ..registry import get_method
 from .models import quantize_base
 from .recipe import Recipe, build_peft_config
+from .report import plot_metrics, summary_table
 from .distributed import (
     full_training_state,
     gather_objects,
@@ -131,8 +136,6 @@ class Trainer:
     def _optimizer(self) -> torch.optim.Optimizer:
         t = self.recipe.train
         if t.loraplus_lr_ratio:
-            from ..optim import create_loraplus_optimizer
-
             return create_loraplus_optimizer(
                 self.model, torch.optim.AdamW, lr=t.lr, loraplus_lr_ratio=t.loraplus_lr_ratio,
                 weight_decay=t.weight_decay,
@@ -188,7 +191,6 @@ class Trainer:
             raise TrainingError(f"resume: {path} was written by a run without train.strategy=fsdp; "
                                 "resume it with the strategy it was trained with")
         else:
-            from ..checkpoint import read_weights
 
             tensors, _ = read_weights(path)
             set_peft_model_state_dict(self.model, tensors)
@@ -340,18 +342,12 @@ class Trainer:
             atomic_write_text(os.path.join(self.run_dir, "config.yaml"),
                               yaml.safe_dump(r.to_dict(), sort_keys=False))
             atomic_write_text(os.path.join(self.run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
-            from .report import plot_metrics, summary_table
-
             plot_metrics(self.metrics.read(), os.path.join(self.run_dir, "metrics.png"), self.task.main_metric)
             self.log(summary_table(summary))
         return summary
 
 
 def _has_task_type(recipe: Recipe) -> bool:
-    import dataclasses
-
-    from ..registry import get_method
-
     fields = {f.name for f in dataclasses.fields(get_method(recipe.method).config_cls)}
     return "task_type" in fields and "task_type" not in recipe.peft
 

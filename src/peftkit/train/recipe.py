@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from ..registry import get_method
+
 from .data import HF_PREFIX, DataError, parse_hf
 
 
@@ -268,7 +270,6 @@ def _get(recipe: Recipe, dotted: str) -> Any:
 
 
 def _validate(recipe: Recipe, base_dir: str) -> None:
-    from ..registry import get_method
 
     for dotted, allowed in CHOICES.items():
         if _get(recipe, dotted) not in allowed:
@@ -364,7 +365,6 @@ def _check_hf_source(field: str, source: str) -> None:
 
 def build_peft_config(recipe: Recipe, spec: Any = None, **extra: Any):
     """The method's config object from ``recipe.peft`` (unknown fields are errors here, not warnings)."""
-    from ..registry import get_method
 
     spec = spec or get_method(recipe.method)
     fields = {f.name for f in dataclasses.fields(spec.config_cls)}

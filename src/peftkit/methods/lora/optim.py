@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import AdapterLayer
+from ...layers import AdapterLayer
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
 

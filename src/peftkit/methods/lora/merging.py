@@ -48,6 +48,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .config import LoraConfig
+
 COMBINATION_TYPES = (
     "svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd",
     "magnitude_prune", "magnitude_prune_svd",
@@ -161,8 +163,6 @@ def add_weighted_adapter(model: Any, adapters: list[str], weights: list[float], 
                          svd_full_matrices: bool = True, svd_driver: str | None = None,
                          density: float | None = None, majority_sign_method: str = "total") -> None:
     """Add ``adapter_name``: the LoRA adapters ``adapters`` combined with ``weights`` (module docstring)."""
-    from .methods.lora.config import LoraConfig
-
     tuner = getattr(model, "base_model", model)
     configs = tuner.peft_config
     if adapter_name in configs:
