@@ -209,3 +209,59 @@ def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _jsonable(dataclasses.asdict(value))
     return value
+
+
+# -- field checks the methods' configs share ------------------------------------------------------------------
+# Each raises ConfigError "<Config>.<field>: expected <what>, got <value>" (``PeftConfig._check``). Bools are
+# never numbers here: a JSON ``true`` in a hand-edited file must not become 1.
+def is_int(value: Any) -> bool:
+    """An int, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool (finiteness is checked for every field by ``PeftConfig``)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_int(config: PeftConfig, field: str, minimum: int | None = None, *, optional: bool = False,
+              expected: str | None = None) -> None:
+    """``field`` is an integer ``>= minimum`` (any integer when None); ``optional``: None passes too."""
+    value = getattr(config, field)
+    if optional and value is None:
+        return
+    what = expected or ("an integer" if minimum is None else "an integer > 0" if minimum == 1
+                        else f"an integer >= {minimum}")
+    config._check(is_int(value) and (minimum is None or value >= minimum), field, what)
+
+
+def check_number(config: PeftConfig, field: str, *, above: float | None = None, minimum: float | None = None,
+                 expected: str | None = None) -> None:
+    """``field`` is a number, ``> above`` and / or ``>= minimum`` when given."""
+    value = getattr(config, field)
+    ok = is_number(value) and (above is None or value > above) and (minimum is None or value >= minimum)
+    what = expected or ("a number" + (f" > {above:g}" if above is not None else "")
+                        + (f" >= {minimum:g}" if minimum is not None else ""))
+    config._check(ok, field, what)
+
+
+def check_probability(config: PeftConfig, field: str, *, closed: bool = False) -> None:
+    """``field`` is a number in [0, 1) (a dropout, a decay), or in [0, 1] when ``closed``."""
+    value = getattr(config, field)
+    ok = is_number(value) and 0 <= value and (value <= 1 if closed else value < 1)
+    config._check(ok, field, "a number in [0, 1]" if closed else "a number in [0, 1)")
+
+
+def check_bool(config: PeftConfig, *fields: str) -> None:
+    """Each of ``fields`` is True or False."""
+    for field in fields:
+        config._check(isinstance(getattr(config, field), bool), field, "True or False")
+
+
+def check_pattern(config: PeftConfig, field: str, *, integer: bool) -> None:
+    """Every value of the dict ``field`` (``rank_pattern``, ``alpha_pattern``: module regex -> value) is an integer
+    > 0 (``integer``) or a number > 0."""
+    for key, value in (getattr(config, field) or {}).items():
+        if not ((is_int(value) if integer else is_number(value)) and value > 0):
+            raise ConfigError(f"{type(config).__name__}.{field}[{key!r}]: expected "
+                              f"{'an integer' if integer else 'a number'} > 0, got {value!r}")

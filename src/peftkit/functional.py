@@ -35,7 +35,8 @@ def inject_adapter_in_model(
             "on the tuner; use get_peft_model instead"
         )
     tuner = TunerModel.over(model)
-    tuner.inject(peft_config, adapter_name, init=state_dict is None)
+    init = state_dict is None and not low_cpu_mem_usage  # low_cpu_mem_usage: on the meta device until loaded
+    tuner.inject(peft_config, adapter_name, init=init, meta=low_cpu_mem_usage)
     if state_dict is not None:
         try:
             ckpt.load_state(tuner, adapter_name, {_with_prefix(k): v for k, v in state_dict.items()}, "state_dict")
@@ -74,10 +75,13 @@ def get_peft_model_state_dict(
     unwrap_compiled: bool = False,
     save_embedding_layers: bool | str = "auto",
 ) -> dict[str, torch.Tensor]:
-    """One adapter's tensors under Hugging Face PEFT's key names (adapter name removed)."""
+    """One adapter's tensors under Hugging Face PEFT's key names (adapter name removed). ``save_embedding_layers``
+    (True, False or peft's "auto"): the base input embedding and output layer too (``ckpt.saved_embeddings``)."""
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
-    state = ckpt.state_dict_for_save(tuner_of(model), adapter_name)
+    tuner = tuner_of(model)
+    state = {**ckpt.state_dict_for_save(tuner, adapter_name),
+             **ckpt.saved_embeddings(tuner, adapter_name, save_embedding_layers)}
     if _bare(model):
         state = {k.removeprefix(ckpt.PREFIX): v for k, v in state.items()}
     return state
@@ -90,9 +94,11 @@ def set_peft_model_state_dict(
     ignore_mismatched_sizes: bool = False,
     low_cpu_mem_usage: bool = False,
 ) -> ckpt.LoadResult:
-    """Load PEFT-layout tensors into an existing adapter: validated in full first, then copied."""
+    """Load PEFT-layout tensors into an existing adapter: validated in full first, then copied. Tensors on the
+    meta device (adapters built with ``low_cpu_mem_usage``) take the given ones whatever the flag.
+    ``ignore_mismatched_sizes``: tensors whose shape differs from the model's are skipped with a warning."""
     state = peft_model_state_dict
     if _bare(model):
         state = {_with_prefix(k): v for k, v in state.items()}
-    ckpt.load_state(tuner_of(model), adapter_name, state)
+    ckpt.load_state(tuner_of(model), adapter_name, state, ignore_mismatched_sizes=ignore_mismatched_sizes)
     return ckpt.LoadResult([], [])

@@ -1,5 +1,5 @@
-"""What adapter methods' layers and kernels share: a base layer's shape and weight layout, whether a fused
-path would skip a hook, and a reusable scratch buffer."""
+"""What adapter methods' layers and kernels share: a base layer's shape and weight layout, the dtype of a new
+adapter's tensors, whether a fused path would skip a hook, and a reusable scratch buffer."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from .targeting import Conv1D
+
+# GPT-2's Conv1D as a tuple to add to a method's layer types (empty without transformers)
+CONV1D_TYPES: tuple[type, ...] = (Conv1D,) if isinstance(Conv1D, type) else ()
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def is_transposed(base: nn.Module) -> bool:
@@ -27,6 +31,30 @@ def layer_dims(base: nn.Module) -> tuple[int, int]:
         return base.out_features, base.in_features
     w = base.weight
     return (w.shape[1], w.shape[0]) if is_transposed(base) else (w.shape[0], w.shape[1])
+
+
+def adapter_dtype(base: nn.Module | Tensor | None, *, keep_half: bool = False) -> torch.dtype:
+    """The dtype of a new adapter's tensors on ``base`` (a layer, or the tensor that stands for it).
+
+    A float base gives its own dtype; a bitsandbytes 4-/8-bit base (``peftkit.quant``: its packed weight is an
+    integer tensor) gives the float dtype it computes in (``compute_dtype``, float32 when it names none); no
+    reference tensor gives float32. Half-precision results become float32 (PEFT's ``autocast_adapter_dtype``)
+    unless ``keep_half`` (methods whose tensors follow the base's dtype: CLIP's and the prompt methods).
+    A module's reference tensor is its ``weight``, or its first parameter when it has none (a whole block).
+    """
+    if isinstance(base, nn.Module):
+        ref = getattr(base, "weight", None)
+        if not isinstance(ref, Tensor):
+            ref = next(base.parameters(), None)
+    else:
+        ref = base
+    if ref is None:
+        dtype = torch.float32
+    elif ref.is_floating_point():
+        dtype = ref.dtype
+    else:  # a quantized base
+        dtype = getattr(base, "compute_dtype", None) or torch.float32
+    return torch.float32 if dtype in _HALF and not keep_half else dtype
 
 
 def has_hooks(module: nn.Module) -> bool:

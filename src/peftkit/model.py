@@ -46,8 +46,10 @@ class PeftModel(PeftModelAPI, nn.Module):
         super().__init__()
         warn_if_tools_see_real_peft()
         self.base_model = TunerModel(model)
-        # loading (_init=False): adapters start on the meta device and take the file's tensors
-        self.base_model.inject(peft_config, adapter_name, init=_init, meta=not _init)
+        # loading (_init=False) or low_cpu_mem_usage (peft's): adapters start on the meta device and take the
+        # tensors of the file / state dict loaded next (set_peft_model_state_dict, load_adapter)
+        init = _init and not low_cpu_mem_usage
+        self.base_model.inject(peft_config, adapter_name, init=init, meta=not init)
 
     def _forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """Run the model; ``adapter_names`` (one per batch row, "__base__" for none) mixes adapters in a batch."""
@@ -100,8 +102,9 @@ class PeftModel(PeftModelAPI, nn.Module):
         low_cpu_mem_usage: bool = False,
         autocast_adapter_dtype: bool = True,
     ) -> None:
-        """Attach another adapter; it stays inactive until ``set_adapter``."""
-        self.base_model.inject(peft_config, adapter_name)
+        """Attach another adapter; it stays inactive until ``set_adapter`` (``low_cpu_mem_usage``: its tensors on
+        the meta device until a state dict is loaded, as in peft)."""
+        self.base_model.inject(peft_config, adapter_name, init=not low_cpu_mem_usage, meta=low_cpu_mem_usage)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Activate one adapter, or several at once (their outputs add up); they train unless ``inference_mode``."""
@@ -198,7 +201,8 @@ class PeftModel(PeftModelAPI, nn.Module):
         for folder in dict.fromkeys([save_directory, *folders.values()]):
             if os.path.isfile(folder):
                 raise ValueError(f"{folder}: is a file; save_pretrained needs a folder")
-        plans = {n: ckpt.save_plan(self.base_model, n, safe_serialization) for n in names}
+        embeddings = kwargs.get("save_embedding_layers", "auto")  # peft's argument and default
+        plans = {n: ckpt.save_plan(self.base_model, n, safe_serialization, embeddings) for n in names}
         for name, plan in plans.items():
             ckpt.commit_save(plan, folders[name])
         self.create_or_update_model_card(save_directory)  # README.md, as peft writes it
@@ -217,13 +221,20 @@ class PeftModel(PeftModelAPI, nn.Module):
         attributes and hooks, ``requires_grad`` flags, training modes) and ``config`` are left as they were."""
         folder = _resolve_folder(model_id, kwargs.get("subfolder"))
         config, state, source = ckpt.read_adapter(folder, config)
+        key_mapping = kwargs.get("key_mapping")
+        if key_mapping is None and not config.is_prompt_learning:  # peft: the model's own checkpoint renames
+            key_mapping = getattr(model, "_checkpoint_conversion_mapping", {})
+        state = ckpt.apply_load_options(state, source, config, kwargs.get("torch_device"), key_mapping,
+                                        kwargs.get("ephemeral_gpu_offload", False))
         undo = ckpt.Undo(model, config)
         try:
             config.inference_mode = not is_trainable
             if cls is PeftModel and config.task_type in TASK_MODEL:
                 cls = TASK_MODEL[config.task_type]
-            peft_model = cls(model, config, adapter_name, _init=False)
-            ckpt.load_state(peft_model.base_model, adapter_name, state, source)
+            # ignore_mismatched_sizes: the skipped tensors keep their init values (built with init, as peft)
+            ignore = bool(kwargs.get("ignore_mismatched_sizes", False))
+            peft_model = cls(model, config, adapter_name, _init=ignore and not kwargs.get("low_cpu_mem_usage"))
+            ckpt.load_state(peft_model.base_model, adapter_name, state, source, ignore)
         except BaseException:
             undo.restore()
             raise
@@ -251,16 +262,19 @@ class PeftModel(PeftModelAPI, nn.Module):
         ``from_pretrained``), ``peft_config`` included."""
         folder = _resolve_folder(model_id, kwargs.get("subfolder"))
         config, state, source = ckpt.read_adapter(folder, kwargs.get("peft_config"))
+        state = ckpt.apply_load_options(state, source, config, torch_device, key_mapping, ephemeral_gpu_offload)
         undo = ckpt.Undo(self, config, self.peft_config)
+        ignore = bool(kwargs.get("ignore_mismatched_sizes", False))
         try:
             if adapter_name in self.peft_config:
-                ckpt.load_state(self.base_model, adapter_name, state, source)
+                ckpt.load_state(self.base_model, adapter_name, state, source, ignore)
                 self.peft_config[adapter_name].inference_mode = not is_trainable
                 self.base_model.mark_trainable()
             else:
                 config.inference_mode = not is_trainable
-                self.base_model.inject(config, adapter_name, init=False, meta=True)
-                ckpt.load_state(self.base_model, adapter_name, state, source)
+                init = ignore and not low_cpu_mem_usage  # ignored tensors keep their init values
+                self.base_model.inject(config, adapter_name, init=init, meta=not init)
+                ckpt.load_state(self.base_model, adapter_name, state, source, ignore)
                 if is_trainable:  # as PEFT: inactive, but its parameters train (set_requires_grad)
                     self.base_model.mark_trainable(extra=[adapter_name])
         except BaseException:
@@ -333,4 +347,4 @@ def get_peft_model(
     if revision is not None:
         peft_config.revision = revision
     cls = TASK_MODEL.get(peft_config.task_type, PeftModel)
-    return cls(model, peft_config, adapter_name)
+    return cls(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)

@@ -93,16 +93,22 @@ def _load_builtin_methods() -> None:
 
 
 def get_method(key: str | PeftConfig) -> MethodSpec:
-    """Look a method up by registry name (``"lora"``), PEFT type (``"LORA"``) or config instance."""
+    """Look a method up by registry name (``"lora"``), PEFT type (``"LORA"``) or config instance.
+
+    Several methods may share a PEFT type: a preset whose config class inherits its parent's ``PEFT_TYPE``
+    (P-tuning v2 saves as ``PREFIX_TUNING``). The type then names the method whose config class declares it
+    (prefix tuning), whatever the import order; a name always wins over a type."""
     _load_builtin_methods()
     if isinstance(key, PeftConfig):
         for spec in _METHODS.values():
             if type(key) is spec.config_cls:
                 return spec
         key = str(key.peft_type)
-    for spec in _METHODS.values():
-        if key == spec.name or key.upper() == spec.peft_type:
-            return spec
+    if key in _METHODS:
+        return _METHODS[key]
+    typed = [spec for spec in _METHODS.values() if key.upper() == spec.peft_type]
+    if typed:
+        return next((spec for spec in typed if "PEFT_TYPE" in vars(spec.config_cls)), typed[0])
     raise KeyError(f"unknown method {key!r}; registered: {sorted(_METHODS)}")
 
 

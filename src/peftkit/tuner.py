@@ -178,7 +178,9 @@ class TunerModel(nn.Module):
             if isinstance(wrappers[path], AdapterLayer):
                 layer = wrappers[path]
             else:
-                layer = mha.EffectiveWeightLayer(base, path) if path in read_by_parent else layer_cls(base)
+                # an adapter class may bring its own wrapper for its base (LoRA's nn.MultiheadAttention)
+                own = type(adapter).layer_cls or layer_cls
+                layer = mha.EffectiveWeightLayer(base, path) if path in read_by_parent else own(base)
             if layer is not wrappers[path]:
                 _set_submodule(self.model, path, layer)
             layer.add(adapter_name, adapter)
@@ -215,7 +217,7 @@ class TunerModel(nn.Module):
         if merged:
             raise ValueError(f"adapter {adapter_name!r} is merged into {merged[0]} ({len(merged)} layers); "
                              "unmerge it (unmerge_adapter) before deleting it")
-        for path, layer in self.adapter_layers():
+        for path, layer in reversed(self.adapter_layers()):  # a wrapper inside another's base first
             if adapter_name in layer.adapters:
                 layer.remove(adapter_name)
             if not len(layer.adapters):
@@ -332,7 +334,7 @@ class TunerModel(nn.Module):
     def unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         """Put every base module back (merged first if asked) and return the plain model."""
         methods = self.hooked_methods | {type(a) for _, layer in self.adapter_layers() for a in layer.adapters.values()}
-        for path, layer in self.adapter_layers():
+        for path, layer in reversed(self.adapter_layers()):  # a wrapper inside another's base first
             if merge:
                 layer.merge(adapter_names, safe_merge=safe_merge)
             _set_submodule(self.model, path, layer.base_layer)

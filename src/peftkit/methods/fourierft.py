@@ -12,27 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError, PeftConfig
+from ..config import ConfigError, PeftConfig, check_bool, check_int, check_number, check_pattern
 from ..layers import Adapter
-from ..kernel_helpers import has_hooks, layer_dims
+from ..kernel_helpers import adapter_dtype, has_hooks, is_transposed, layer_dims
 from ..targeting import LINEAR_TYPES
 from ..registry import register_method
 from ..targeting import pattern_value
-
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = None  # type: ignore[assignment,misc]
-
-
-def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclasses.dataclass
@@ -73,16 +64,14 @@ class FourierFTConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check = self._check
-        check(_int(self.n_frequency) and self.n_frequency > 0, "n_frequency", "an integer > 0")
-        check(isinstance(self.scaling, (int, float)) and not isinstance(self.scaling, bool), "scaling", "a number")
-        check(_int(self.random_loc_seed), "random_loc_seed", "an integer")
+        check_int(self, "n_frequency", 1)
+        check_number(self, "scaling")
+        check_int(self, "random_loc_seed")
         check(self.bias in ("none", "all", "fourier_only"), "bias", "'none', 'all' or 'fourier_only'")
-        check(isinstance(self.init_weights, bool), "init_weights", "True or False")
+        check_bool(self, "init_weights")
         if self.n_frequency_pattern is None:
             self.n_frequency_pattern = {}
-        for key, value in self.n_frequency_pattern.items():
-            if not (_int(value) and value > 0):
-                raise ConfigError(f"FourierFTConfig.n_frequency_pattern[{key!r}]: expected an integer > 0, got {value!r}")
+        check_pattern(self, "n_frequency_pattern", integer=True)
         if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
             raise ConfigError(
                 "FourierFTConfig.layers_to_transform / layers_pattern: cannot be used when target_modules is a "
@@ -155,7 +144,7 @@ def fourier_delta_half(
     examples={"fourierft": {"n_frequency": 16, "init_weights": True}},
 )
 class FourierFTAdapter(Adapter):
-    supported_layers = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+    supported_layers = LINEAR_TYPES
     # PEFT's defaults: LoRA's (query, value), except GPT-2's MLP output projection
     default_roles = {"gpt2": ("ffn_out",), "btlm": ("qkv", "attn_out", "ffn_out"), "*": ("query", "value")}
     checkpoint_keys: ClassVar[dict[str, str]] = {"fourierft_spectrum": "fourierft_spectrum"}
@@ -163,7 +152,7 @@ class FourierFTAdapter(Adapter):
     def __init__(self, base: nn.Module, config: FourierFTConfig, key: str = "", init: bool = True) -> None:
         super().__init__()
         self.d_out, self.d_in = layer_dims(base)
-        self.transposed = Conv1D is not None and isinstance(base, Conv1D)
+        self.transposed = is_transposed(base)
         self.n = n = pattern_value(config.n_frequency_pattern, key, config.n_frequency)
         if n > self.d_out * self.d_in:
             raise ValueError(
@@ -172,7 +161,7 @@ class FourierFTAdapter(Adapter):
             )
         self.scaling = float(config.scaling)
         w = base.weight
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        dtype = adapter_dtype(base)  # fp32 on half-precision / quantized bases
         rows, cols = spectral_locations(self.d_out, self.d_in, n, config.random_loc_seed)
         # fixed, regenerated from the seed: buffers that follow the device but are never saved
         self.register_buffer("rows", rows.to(w.device), persistent=False)

@@ -21,17 +21,11 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, PeftConfig
 from ..layers import Adapter
-from ..kernel_helpers import layer_dims
+from ..kernel_helpers import adapter_dtype, is_transposed, layer_dims
 from ..registry import register_method
 from ..routing import cached_stack, row_view
-from ..targeting import role_names
+from ..targeting import LINEAR_TYPES as _LINEAR, role_names
 
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = None  # type: ignore[assignment,misc]
-
-_LINEAR = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
 _CONV = (nn.Conv2d, nn.Conv3d)
 
 
@@ -120,7 +114,7 @@ class IA3Adapter(Adapter):
         super().__init__()
         self.feedforward = is_feedforward(config, key)
         self.conv = isinstance(base, _CONV)
-        self.transposed = Conv1D is not None and isinstance(base, Conv1D)
+        self.transposed = is_transposed(base)
         # output scaling also scales the bias when merged; input scaling leaves it alone
         self.merged_params = ("weight",) if self.feedforward else ("weight", "bias")
         d_out, d_in = layer_dims(base)
@@ -130,9 +124,8 @@ class IA3Adapter(Adapter):
         else:
             shape = (1, n) if self.feedforward else (n, 1)
         w = base.weight
-        # low-precision and quantized (peftkit.quant) bases keep fp32 vectors
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) or not w.is_floating_point() else w.dtype
-        self.ia3_l = nn.Parameter(torch.ones(shape, device=w.device, dtype=dtype))
+        # fp32 vectors on half-precision / quantized bases
+        self.ia3_l = nn.Parameter(torch.ones(shape, device=w.device, dtype=adapter_dtype(base)))
         if init and not config.init_ia3_weights:
             with torch.no_grad():
                 self.ia3_l.copy_(torch.randn(shape))

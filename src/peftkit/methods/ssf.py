@@ -27,13 +27,9 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, PeftConfig
 from ..layers import Adapter
+from ..kernel_helpers import CONV1D_TYPES, adapter_dtype, is_transposed, layer_dims
 from ..registry import register_method
 from ..targeting import model_family, role_names
-
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = None  # type: ignore[assignment,misc]
 
 
 @dataclasses.dataclass
@@ -106,7 +102,7 @@ def _kind(base: nn.Module) -> str:
         return "norm"
     if isinstance(base, nn.Conv2d):
         return "conv"
-    return "conv1d" if Conv1D is not None and isinstance(base, Conv1D) else "linear"
+    return "conv1d" if is_transposed(base) else "linear"
 
 
 def _channels(base: nn.Module) -> int:
@@ -115,7 +111,7 @@ def _channels(base: nn.Module) -> int:
         return base.normalized_shape[-1]
     if kind == "conv":
         return base.out_channels
-    return base.weight.shape[1] if kind == "conv1d" else base.weight.shape[0]
+    return layer_dims(base)[0]  # d_out (a quantized Linear's packed weight has another shape)
 
 
 def layer_norm_names(named: list[tuple[str, nn.Module]]) -> list[str]:
@@ -148,7 +144,7 @@ def layer_norm_names(named: list[tuple[str, nn.Module]]) -> list[str]:
     examples={"ssf": {}},
 )
 class SSFAdapter(Adapter):
-    supported_layers = (nn.Linear, nn.Conv2d, nn.LayerNorm) + ((Conv1D,) if Conv1D is not None else ())
+    supported_layers = (nn.Linear, nn.Conv2d, nn.LayerNorm) + CONV1D_TYPES
     default_roles = ("query", "key", "value", "attn_out", "ffn_gate", "ffn_in", "ffn_out")
     checkpoint_keys: ClassVar[dict[str, str]] = {"ssf_scale": "ssf_scale", "ssf_shift": "ssf_shift"}
     merged_params = ("weight", "bias")
@@ -163,7 +159,7 @@ class SSFAdapter(Adapter):
         self.weight_axis = {"linear": 0, "conv": 0, "conv1d": 1, "norm": -1}[self.kind]
         w = getattr(base, "weight", None)
         device = w.device if w is not None else None
-        dtype = torch.float32 if w is None or w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        dtype = adapter_dtype(w)  # fp32 on half-precision / quantized bases and without a weight
         self.ssf_scale = nn.Parameter(torch.ones(d, device=device, dtype=dtype))  # gamma (d_out,)
         self.ssf_shift = nn.Parameter(torch.zeros(d, device=device, dtype=dtype))  # beta (d_out,)
         if init and not config.init_weights:

@@ -27,23 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError, PeftConfig
+from ..config import ConfigError, PeftConfig, check_bool, check_int, check_number, check_probability
 from ..layers import Adapter, SharedState
-from ..kernel_helpers import layer_dims
+from ..kernel_helpers import adapter_dtype, is_transposed, layer_dims
 from ..registry import register_method
-
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = None  # type: ignore[assignment,misc]
-
-
-def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+from ..targeting import LINEAR_TYPES
 
 
 @dataclasses.dataclass
@@ -86,13 +74,13 @@ class VeraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check = self._check
-        check(_int(self.r) and self.r > 0, "r", "an integer > 0")
-        check(_int(self.projection_prng_key), "projection_prng_key", "an integer")
-        check(isinstance(self.save_projection, bool), "save_projection", "True or False")
-        check(_number(self.vera_dropout) and 0 <= self.vera_dropout < 1, "vera_dropout", "a number in [0, 1)")
-        check(_number(self.d_initial), "d_initial", "a number")
+        check_int(self, "r", 1)
+        check_int(self, "projection_prng_key")
+        check_bool(self, "save_projection")
+        check_probability(self, "vera_dropout")
+        check_number(self, "d_initial")
         check(self.bias in ("none", "all", "vera_only"), "bias", "'none', 'all' or 'vera_only'")
-        check(isinstance(self.init_weights, bool), "init_weights", "True or False")
+        check_bool(self, "init_weights")
         if isinstance(self.target_modules, (set, tuple, frozenset)):
             self.target_modules = sorted(self.target_modules)
         if self.layers_pattern and self.layers_to_transform is None:
@@ -142,7 +130,7 @@ def vera_delta(lambda_b: Tensor, lambda_d: Tensor, a: Tensor, b: Tensor) -> Tens
     },
 )
 class VeraAdapter(Adapter):
-    supported_layers = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+    supported_layers = LINEAR_TYPES
     # PEFT's VeRA defaults are LoRA's, but query and value only on phi (where LoRA adds fc1 / fc2)
     default_roles = {"phi": ("query", "value"), "*": ("query", "value")}
     checkpoint_keys: ClassVar[dict[str, str]] = {"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d"}
@@ -155,14 +143,14 @@ class VeraAdapter(Adapter):
         super().__init__()
         self.d_out, self.d_in = layer_dims(base)
         self.r = config.r
-        self.transposed = Conv1D is not None and isinstance(base, Conv1D)
+        self.transposed = is_transposed(base)
         if shared is None:  # a stand-alone adapter (outside a tuner) owns projections sized for its layer
             shared = SharedState(self.build_shared([(key, base)], config, {}))
         # a reference to the tuner's single copy, deliberately not a submodule (no per-layer copy or key)
         self.__dict__["shared"] = shared
         self.dropout = nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()
         w = base.weight
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        dtype = adapter_dtype(base)  # fp32 on half-precision / quantized bases
         self.vera_lambda_b = nn.Parameter(torch.zeros(self.d_out, device=w.device, dtype=dtype))  # (d_out,)
         self.vera_lambda_d = nn.Parameter(torch.zeros(self.r, device=w.device, dtype=dtype))  # (r,)
         if init:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import field
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from ...config import ConfigError
+from ...config import ConfigError, check_int, check_number, check_probability
 from ..lora.config import LoraConfig
 
 
@@ -61,23 +61,21 @@ class AdaLoraConfig(LoraConfig):
         finally:
             self.rank_pattern = pattern
         check = self._check
-        check(_int(self.init_r) and self.init_r > 0, "init_r", "an integer > 0")
-        check(_int(self.target_r) and self.target_r > 0, "target_r", "an integer > 0")
+        check_int(self, "init_r", 1)
+        check_int(self, "target_r", 1)
         if self.target_r > self.init_r:
             raise ConfigError(
                 f"AdaLoraConfig.target_r: expected at most init_r={self.init_r} (ranks only shrink), "
                 f"got {self.target_r}"
             )
-        check(_int(self.tinit) and self.tinit >= 0, "tinit", "an integer >= 0")
-        check(_int(self.tfinal) and self.tfinal >= 0, "tfinal", "an integer >= 0")
-        check(_int(self.deltaT) and self.deltaT > 0, "deltaT", "an integer > 0")
-        check(_number(self.beta1) and 0 <= self.beta1 < 1, "beta1", "a number in [0, 1)")
-        check(_number(self.beta2) and 0 <= self.beta2 < 1, "beta2", "a number in [0, 1)")
-        check(_number(self.orth_reg_weight) and self.orth_reg_weight >= 0, "orth_reg_weight", "a number >= 0")
-        check(
-            _int(self.total_step) and self.total_step > 0, "total_step",
-            "an integer > 0 (AdaLoRA's schedule needs the number of training steps)",
-        )
+        check_int(self, "tinit", 0)
+        check_int(self, "tfinal", 0)
+        check_int(self, "deltaT", 1)
+        check_probability(self, "beta1")
+        check_probability(self, "beta2")
+        check_number(self, "orth_reg_weight", minimum=0)
+        check_int(self, "total_step", 1,
+                  expected="an integer > 0 (AdaLoRA's schedule needs the number of training steps)")
         if self.tinit + self.tfinal >= self.total_step:
             raise ConfigError(
                 f"AdaLoraConfig.tinit + tfinal: expected less than total_step={self.total_step} so that a "
@@ -102,11 +100,3 @@ class AdaLoraConfig(LoraConfig):
         for key, mask in self.rank_pattern.items():
             if not (isinstance(mask, list) and all(isinstance(v, bool) for v in mask)):
                 raise ConfigError(f"AdaLoraConfig.rank_pattern[{key!r}]: expected a list of booleans, got {mask!r}")
-
-
-def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)

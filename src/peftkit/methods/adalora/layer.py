@@ -22,19 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...layers import Adapter
-from ...kernel_helpers import has_hooks, layer_dims
+from ...kernel_helpers import CONV1D_TYPES, adapter_dtype, has_hooks, is_transposed, layer_dims
 from ...targeting import LINEAR_TYPES
 from ...registry import register_method
 from ..lora.kernels import LoraLinear
 from .allocator import Mask, RankAllocator, orthogonality_penalty
 from .config import AdaLoraConfig
-
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = None  # type: ignore[assignment,misc]
-
-_CONV1D = (Conv1D,) if Conv1D is not None else ()
 
 
 def pattern_mask(rank_pattern: dict[str, Mask] | None, path: str) -> Mask | None:
@@ -58,7 +51,7 @@ def pattern_mask(rank_pattern: dict[str, Mask] | None, path: str) -> Mask | None
     examples={"adalora": {"init_r": 4, "target_r": 2, "lora_alpha": 8, "total_step": 10, "tinit": 2, "tfinal": 2}},
 )
 class AdaLoraAdapter(Adapter):
-    supported_layers = (nn.Linear, nn.Conv2d, *_CONV1D)
+    supported_layers = (nn.Linear, nn.Conv2d) + CONV1D_TYPES
     # PEFT's AdaLoRA defaults: LoRA's, except every projection of T5, BART and OPT, and q / k / v + every
     # "dense" of RoBERTa and DeBERTa-v2 (peft's TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING)
     default_roles = {"t5": ("query", "key", "value", "attn_out", "ffn_in", "ffn_out"),
@@ -82,9 +75,9 @@ class AdaLoraAdapter(Adapter):
         # which triplets a file keeps; set by the allocator while training (None: all)
         self.rank_mask: Mask | None = mask if init else None
         self.scaling = float(config.lora_alpha)
-        self.fan_in_fan_out = isinstance(base, _CONV1D)
+        self.fan_in_fan_out = is_transposed(base)
         w = base.weight
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        dtype = adapter_dtype(base)  # fp32 on half-precision / quantized bases
         d_out, d_in = layer_dims(base)
         d_in *= base.kernel_size[0] * base.kernel_size[1] if self.is_conv else 1
         shapes = {"lora_A": (r, d_in), "lora_E": (r, 1), "lora_B": (d_out, r)}

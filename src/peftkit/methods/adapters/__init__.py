@@ -3,11 +3,9 @@
 Importing the package registers every method in it.
 """
 
-import importlib
-import pkgutil
+from .. import import_submodules
 
-for _info in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_info.name}")
+import_submodules(__name__, __path__)  # importing registers every method in the package
 
 from .adaptformer import AdaptFormerConfig  # noqa: E402
 from .bottleneck import BottleneckConfig, HoulsbyConfig, ParallelAdapterConfig, PfeifferConfig  # noqa: E402

@@ -11,12 +11,32 @@ input is already LN(x); on BERT-like models the split FFN is handled as for the 
 
 from __future__ import annotations
 
-from .bottleneck import _register
+import dataclasses
+from typing import ClassVar
 
-AdaptFormerConfig = _register(
-    "adaptformer", "arXiv 2205.13535 (Chen et al. 2022)",
-    {"positions": ["ffn"], "mode": "parallel", "bottleneck_size": 64, "scaling": 0.1, "init_weights": "lora"},
-    {"bottleneck_size": 4},
-    "AdaptFormer: ``MLP(LN(x)) + s Up(ReLU(Down(LN(x))))``, m = 64, s = 0.1, Up zero-init.",
-    modalities=("vision", "vision-language", "text"),
-)
+from ...registry import register_method
+from .bottleneck import VARIANT_META, BottleneckAdapter
+from .bottleneck_config import BottleneckConfig
+
+
+@dataclasses.dataclass
+class AdaptFormerConfig(BottleneckConfig):
+    """AdaptFormer: ``MLP(LN(x)) + s Up(ReLU(Down(LN(x))))``, m = 64, s = 0.1, Up zero-init.
+
+    Args: as :class:`BottleneckConfig`.
+    """
+
+    PEFT_TYPE: ClassVar[str] = "ADAPTFORMER"
+
+    positions: list[str] = dataclasses.field(default_factory=lambda: ["ffn"])
+    mode: str = "parallel"
+    bottleneck_size: int | None = 64
+    scaling: float = 0.1
+    init_weights: str = "lora"
+
+
+@register_method("adaptformer", config=AdaptFormerConfig, modalities=("vision", "vision-language", "text"),
+                 paper="arXiv 2205.13535 (Chen et al. 2022)", examples={"adaptformer": {"bottleneck_size": 4}},
+                 **VARIANT_META)
+class AdaptFormerAdapter(BottleneckAdapter):
+    """AdaptFormer: ``MLP(LN(x)) + s Up(ReLU(Down(LN(x))))``, m = 64, s = 0.1, Up zero-init."""

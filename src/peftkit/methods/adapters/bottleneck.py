@@ -42,13 +42,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...layers import Adapter
-from ...kernel_helpers import layer_dims
+from ...kernel_helpers import adapter_dtype, layer_dims
 from ...registry import register_method
 from ...targeting import (
     LINEAR_TYPES, SPLIT_FFN, NotApplicableError, TargetError, find_targets, model_family, role_paths,
 )
 
-from .bottleneck_config import ACTIVATIONS, BottleneckConfig
+from .bottleneck_config import ACTIVATIONS, BottleneckConfig, HoulsbyConfig, ParallelAdapterConfig, PfeifferConfig
 
 
 class _Stash:
@@ -63,12 +63,12 @@ _PENDING: dict[tuple[int, str], _Stash] = {}
 
 
 def adapter_factory(base: nn.Module) -> dict[str, Any]:
-    """Device and dtype for an adapter's parameters: the base's, but float32 when the base is half precision."""
+    """Device and dtype for an adapter's parameters: the base's, but float32 when the base is half precision
+    or quantized (``adapter_dtype``)."""
     ref = next(iter(base.parameters()), None)
     if ref is None:
         return {}
-    half = ref.dtype in (torch.float16, torch.bfloat16) or not ref.is_floating_point()
-    return {"device": ref.device, "dtype": torch.float32 if half else ref.dtype}
+    return {"device": ref.device, "dtype": adapter_dtype(base)}
 
 
 def norm_width(module: nn.Module) -> int:
@@ -278,40 +278,31 @@ def _sibling_norm(modules: dict[str, nn.Module], path: str) -> str:
     return norms[0]
 
 
-def _register(name: str, paper: str, defaults: dict[str, Any], example: dict[str, Any], doc: str,
-              modalities: tuple[str, ...] = ("text", "vision", "vision-language", "generation")) -> type:
-    """Register a bottleneck variant: a config subclass with ``defaults`` and an adapter subclass."""
-    fields = [(k, type(v) if v is not None else Any, dataclasses.field(
-        default_factory=(lambda v=v: list(v))) if isinstance(v, list) else dataclasses.field(default=v))
-        for k, v in defaults.items()]
-    stem = "AdaptFormer" if name == "adaptformer" else name.title().replace("_", "")
-    config_cls = dataclasses.make_dataclass(f"{stem}Config", fields, bases=(BottleneckConfig,))
-    config_cls.PEFT_TYPE = name.upper()
-    config_cls.__doc__ = f"{doc}\n\n{BottleneckConfig.__doc__}"
-    config_cls.__module__ = __name__
-    adapter_cls = type(f"{stem}Adapter", (BottleneckAdapter,),
-                       {"__doc__": doc, "__module__": __name__})
-    register_method(
-        name, config=config_cls, category="additive", modalities=modalities,
-        mergeable=False, param_formula="m (d_in + 1) + d (m + 1) per adapter (2dm + m + d in sequence)",
-        position="bottleneck modules after / beside sublayers", changes_structure=True,
-        starts_at_base=True, paper=paper, examples={name: example},
-    )(adapter_cls)
-    return config_cls
+# what every registered bottleneck variant shares (each is a config with other defaults, and an adapter subclass)
+VARIANT_META: dict[str, Any] = dict(
+    category="additive", mergeable=False,
+    param_formula="m (d_in + 1) + d (m + 1) per adapter (2dm + m + d in sequence)",
+    position="bottleneck modules after / beside sublayers", changes_structure=True, starts_at_base=True,
+)
+_ALL_MODALITIES = ("text", "vision", "vision-language", "generation")
 
 
-HoulsbyConfig = _register(
-    "houlsby", "arXiv 1902.00751 (Houlsby et al. 2019)",
-    {"positions": ["attention_output", "ffn_output"], "bottleneck_size": 64, "init_weights": "bert"},
-    {"bottleneck_size": 4, "init_weights": "lora"},
-    "Houlsby adapter: after the attention output and the FFN output, ``h + W_up f(W_down h)``, m = 64.")
-PfeifferConfig = _register(
-    "pfeiffer", "arXiv 2005.00247 (Pfeiffer et al. 2021)",
-    {"positions": ["ffn_output"], "bottleneck_size": None, "reduction_factor": 16.0, "init_weights": "bert"},
-    {"reduction_factor": 8.0, "init_weights": "lora"},
-    "Pfeiffer adapter: after the FFN output only, reduction factor 16, ReLU.")
-ParallelAdapterConfig = _register(
-    "parallel_adapter", "arXiv 2110.04366 (He et al. 2022)",
-    {"positions": ["ffn"], "mode": "parallel", "bottleneck_size": 512, "scaling": 4.0, "init_weights": "lora"},
-    {"bottleneck_size": 4},
-    "Scaled parallel adapter beside the FFN: ``FFN(x) + s W_up ReLU(W_down x)``, s = 4, m = 512, up zero-init.")
+@register_method("houlsby", config=HoulsbyConfig, modalities=_ALL_MODALITIES,
+                 paper="arXiv 1902.00751 (Houlsby et al. 2019)",
+                 examples={"houlsby": {"bottleneck_size": 4, "init_weights": "lora"}}, **VARIANT_META)
+class HoulsbyAdapter(BottleneckAdapter):
+    """Houlsby adapter: after the attention output and the FFN output, ``h + W_up f(W_down h)``, m = 64."""
+
+
+@register_method("pfeiffer", config=PfeifferConfig, modalities=_ALL_MODALITIES,
+                 paper="arXiv 2005.00247 (Pfeiffer et al. 2021)",
+                 examples={"pfeiffer": {"reduction_factor": 8.0, "init_weights": "lora"}}, **VARIANT_META)
+class PfeifferAdapter(BottleneckAdapter):
+    """Pfeiffer adapter: after the FFN output only, reduction factor 16, ReLU."""
+
+
+@register_method("parallel_adapter", config=ParallelAdapterConfig, modalities=_ALL_MODALITIES,
+                 paper="arXiv 2110.04366 (He et al. 2022)", examples={"parallel_adapter": {"bottleneck_size": 4}},
+                 **VARIANT_META)
+class ParallelAdapterAdapter(BottleneckAdapter):
+    """Scaled parallel adapter beside the FFN: ``FFN(x) + s W_up ReLU(W_down x)``, s = 4, m = 512, up zero-init."""

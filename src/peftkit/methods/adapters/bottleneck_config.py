@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ...config import ConfigError, PeftConfig
+from ...config import ConfigError, PeftConfig, check_int, check_probability
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu, "silu": F.silu, "tanh": torch.tanh,
                "identity": lambda t: t}
@@ -75,14 +75,12 @@ class BottleneckConfig(PeftConfig):
         if bad:
             raise ConfigError(f"{type(self).__name__}.positions: unknown role(s) {bad}; expected some of {ROLES}")
         self._check(self.mode in ("sequential", "parallel"), "mode", '"sequential" or "parallel"')
-        self._check(self.bottleneck_size is None or (isinstance(self.bottleneck_size, int)
-                                                     and self.bottleneck_size > 0), "bottleneck_size",
-                    "a positive int or None")
+        check_int(self, "bottleneck_size", 1, optional=True, expected="a positive int or None")
         self._check(self.bottleneck_size is not None or (self.reduction_factor or 0) > 0, "reduction_factor",
                     "a positive number when bottleneck_size is None")
         self._check(self.non_linearity in ACTIVATIONS, "non_linearity", f"one of {sorted(ACTIVATIONS)}")
         self._check(self.init_weights in ("bert", "lora"), "init_weights", '"bert" or "lora"')
-        self._check(0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)")
+        check_probability(self, "dropout")
         self._check(self.split_ffn is None or len(self.split_ffn) == 2, "split_ffn",
                     "None or [output module, input module]")
         if self.original_ln_before:
@@ -96,3 +94,49 @@ class BottleneckConfig(PeftConfig):
         if self.bottleneck_size is not None:
             return self.bottleneck_size
         return max(1, int(d // self.reduction_factor))
+
+
+# -- the registered variants: the same adapter, other defaults (registered in ``bottleneck``) -------------------
+@dataclasses.dataclass
+class HoulsbyConfig(BottleneckConfig):
+    """Houlsby adapter: after the attention output and the FFN output, ``h + W_up f(W_down h)``, m = 64.
+
+    Args: as :class:`BottleneckConfig`.
+    """
+
+    PEFT_TYPE: ClassVar[str] = "HOULSBY"
+
+    positions: list[str] = dataclasses.field(default_factory=lambda: ["attention_output", "ffn_output"])
+    bottleneck_size: int | None = 64
+    init_weights: str = "bert"
+
+
+@dataclasses.dataclass
+class PfeifferConfig(BottleneckConfig):
+    """Pfeiffer adapter: after the FFN output only, reduction factor 16, ReLU.
+
+    Args: as :class:`BottleneckConfig`.
+    """
+
+    PEFT_TYPE: ClassVar[str] = "PFEIFFER"
+
+    positions: list[str] = dataclasses.field(default_factory=lambda: ["ffn_output"])
+    bottleneck_size: int | None = None
+    reduction_factor: float | None = 16.0
+    init_weights: str = "bert"
+
+
+@dataclasses.dataclass
+class ParallelAdapterConfig(BottleneckConfig):
+    """Scaled parallel adapter beside the FFN: ``FFN(x) + s W_up ReLU(W_down x)``, s = 4, m = 512, up zero-init.
+
+    Args: as :class:`BottleneckConfig`.
+    """
+
+    PEFT_TYPE: ClassVar[str] = "PARALLEL_ADAPTER"
+
+    positions: list[str] = dataclasses.field(default_factory=lambda: ["ffn"])
+    mode: str = "parallel"
+    bottleneck_size: int | None = 512
+    scaling: float = 4.0
+    init_weights: str = "lora"

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...config import check_int
 from ...registry import register_method
 from ...targeting import TargetError
 from .bottleneck import ACTIVATIONS, BottleneckAdapter, BottleneckConfig, _piece, adapter_factory
@@ -62,7 +63,7 @@ class CompacterConfig(BottleneckConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check(self.mode == "sequential", "mode", '"sequential" (Compacter sits after its sublayer)')
-        self._check(isinstance(self.phm_dim, int) and self.phm_dim > 0, "phm_dim", "a positive int")
+        check_int(self, "phm_dim", 1, expected="a positive int")
 
 
 @dataclasses.dataclass

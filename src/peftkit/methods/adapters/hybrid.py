@@ -49,7 +49,7 @@ from ..prompt.hook import PromptAdapter, install, uninstall
 from ...registry import get_method, register_method
 from ...targeting import Conv1D, NotApplicableError, TargetError, model_family
 from .bottleneck import BottleneckAdapter, adapter_factory, block_dims, norm_width
-from .hybrid_prefix import PrefixStash, prefix_gate_hosts, with_prompt
+from .hybrid_prefix import PrefixStash, PromptPart, prefix_gate_hosts
 
 # injections in progress, by hybrid config id
 _PLAN: dict[int, "_Plan"] = {}
@@ -176,7 +176,12 @@ class HybridAdapter(Adapter):
         config, key = args[1], args[2] if len(args) > 2 else kwargs.get("key", "")
         names = _PLAN[id(config)].paths.get(key, [])
         prompt = any(issubclass(get_method(n).adapter_cls, PromptAdapter) for n in names)
-        return super().__new__(with_prompt(cls) if prompt and not issubclass(cls, PromptAdapter) else cls)
+        if not prompt or issubclass(cls, PromptAdapter):
+            return super().__new__(cls)
+        if cls not in WITH_PROMPT:  # on the input embedding: the class with the prompt mixin
+            raise TypeError(f"{cls.__name__} has a prompt part but no prompt class: define "
+                            f"class {cls.__name__}WithPrompt({cls.__name__}, PromptPart) and add it to WITH_PROMPT")
+        return super().__new__(WITH_PROMPT[cls])
 
     def __init__(self, base: nn.Module, config: HybridConfig, key: str = "", init: bool = True) -> None:
         super().__init__()
@@ -350,3 +355,20 @@ register_method("unipelt", config=UniPeltConfig,
                                                                        "init_weights": "lora"}, "lora": {"r": 2}}}},
                 **_META)(UniPeltAdapter)
 
+
+
+# a hybrid's adapter on the input embedding when it holds a prompt part (HybridAdapter.__new__ picks it)
+class HybridAdapterWithPrompt(HybridAdapter, PromptPart):
+    """A hybrid's adapter that holds its prompt part (on the input embedding)."""
+
+
+class MamAdapterWithPrompt(MamAdapter, PromptPart):
+    """MAM adapter's adapter that holds its prefix part (on the input embedding)."""
+
+
+class UniPeltAdapterWithPrompt(UniPeltAdapter, PromptPart):
+    """UniPELT's adapter that holds its prefix part (on the input embedding)."""
+
+
+WITH_PROMPT: dict[type, type] = {HybridAdapter: HybridAdapterWithPrompt, MamAdapter: MamAdapterWithPrompt,
+                                 UniPeltAdapter: UniPeltAdapterWithPrompt}

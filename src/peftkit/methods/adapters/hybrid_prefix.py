@@ -1,5 +1,6 @@
 """The prefix side of a hybrid adapter: the prompt mixin that lets the engine's prompt hook find a hybrid's
-prefix part (``with_prompt``), and UniPELT's prefix gate plumbing: where the gates sit (one per attention
+prefix part (``PromptPart``; hybrid.py mixes it into its adapter classes), and UniPELT's prefix gate
+plumbing: where the gates sit (one per attention
 layer, on its query projection: ``prefix_gate_hosts``) and the call's ungated prefix entries they scale
 (``PrefixStash``). The gate itself is ``HybridAdapter.gate_prefix`` (hybrid.py).
 """
@@ -51,9 +52,13 @@ def prefix_gate_hosts(model: nn.Module, named: list[tuple[str, nn.Module]]) -> d
     return hosts
 
 
-class _PromptPart(PromptAdapter):
+class PromptPart(PromptAdapter):
     """Mixed into a hybrid's adapter on the input embedding when it has a prompt part, so that the engine's
-    prompt hook (``methods.prompt.hook.active_prompt``) finds it and the checkpoint reads its file tensors."""
+    prompt hook (``methods.prompt.hook.active_prompt``) finds it and the checkpoint reads its file tensors.
+
+    It comes after the hybrid adapter class in the bases (``class XWithPrompt(XAdapter, PromptPart)``), so the
+    hybrid's own methods (``forward``, the hooks) win over ``PromptAdapter``'s; this class adds ``rewrite`` and
+    ``file_tensors``."""
 
     def _prompt(self) -> PromptAdapter:
         return next(p for p in self.parts.values() if isinstance(p, PromptAdapter))
@@ -74,19 +79,3 @@ class _PromptPart(PromptAdapter):
     def file_tensors(self, for_save: bool) -> dict[str, Tensor]:
         name = next(n for n, p in self.parts.items() if isinstance(p, PromptAdapter))
         return {f"{name}.{k}": v for k, v in self._prompt().file_tensors(for_save).items()}
-
-    def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
-        from .hybrid import HybridAdapter  # the hybrid's own forward, past PromptAdapter's in the MRO
-
-        return HybridAdapter.forward(self, base, x, out)  # type: ignore[arg-type]
-
-
-_PROMPT_CLASSES: dict[type, type] = {}
-
-
-def with_prompt(cls: type) -> type:
-    """``cls`` with the prompt mixin (one class per hybrid adapter class)."""
-    if cls not in _PROMPT_CLASSES:
-        _PROMPT_CLASSES[cls] = type(f"{cls.__name__}WithPrompt", (_PromptPart, cls),
-                                    {"__module__": __name__, "__doc__": cls.__doc__})
-    return _PROMPT_CLASSES[cls]

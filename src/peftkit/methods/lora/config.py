@@ -8,7 +8,11 @@ import warnings
 from dataclasses import field
 from typing import Any, ClassVar
 
-from ...config import ConfigError, PeftConfig
+from ...config import (
+    ConfigError, PeftConfig, check_bool, check_int, check_number, check_pattern, check_probability, is_int,
+)
+
+from .dispatch import register_custom_module
 
 _INIT_NAMES = ("gaussian", "pissa", "olora", "loftq")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
@@ -92,9 +96,9 @@ class LoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check = self._check
-        check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, "r", "an integer > 0")
-        check(_positive(self.lora_alpha), "lora_alpha", "a number > 0")
-        check(_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "a number in [0, 1)")
+        check_int(self, "r", 1)
+        check_number(self, "lora_alpha", above=0)
+        check_probability(self, "lora_dropout")
         check(self.bias in ("none", "all", "lora_only"), "bias", "'none', 'all' or 'lora_only'")
         init = self.init_lora_weights
         check(
@@ -103,16 +107,12 @@ class LoraConfig(PeftConfig):
             "True, False, 'gaussian', 'pissa', 'pissa_niter_N', 'olora' or 'loftq'",
         )
         self._check_loftq()
-        check(isinstance(self.lora_bias, bool), "lora_bias", "True or False")
+        check_bool(self, "lora_bias")
         if self.lora_bias and (self.use_dora or not isinstance(init, bool)):
             raise ConfigError("LoraConfig.lora_bias: only with use_dora=False and init_lora_weights True or False "
                               f"(as in peft); got use_dora={self.use_dora}, init_lora_weights={init!r}")
-        for key, value in self.rank_pattern.items():
-            if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-                raise ConfigError(f"LoraConfig.rank_pattern[{key!r}]: expected an integer > 0, got {value!r}")
-        for key, value in self.alpha_pattern.items():
-            if not _positive(value):
-                raise ConfigError(f"LoraConfig.alpha_pattern[{key!r}]: expected a number > 0, got {value!r}")
+        check_pattern(self, "rank_pattern", integer=True)
+        check_pattern(self, "alpha_pattern", integer=False)
         if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and (
                 (isinstance(init, str) and init.startswith("pissa")) or init in ("olora", "corda", "lora_ga")):
             # PEFT's rule and text: a warning (the conversion is only needed if the user asks for it on save)
@@ -136,6 +136,14 @@ class LoraConfig(PeftConfig):
                 allowed = f"{default!r} or []" if name in _EMPTY_IS_DEFAULT else repr(default)
                 raise ConfigError(f"LoraConfig.{name}={value!r} is not supported by peftkit (only {allowed})")
 
+    _custom_modules = None  # {layer type: adapter class}, peft's attribute (not a field: never saved)
+
+    def _register_custom_module(self, mapping: dict[type, type]) -> None:
+        """peft's experimental API for layer types LoRA does not know: ``{LayerType: AdapterClass}``, where in
+        peftkit ``AdapterClass`` is an ``Adapter`` subclass (usually of ``LoraAdapter``; see
+        ``methods/lora/dispatch.py`` and docs/compatibility.md, 'Custom layer types')."""
+        register_custom_module(self, mapping)
+
     def _check_loftq(self) -> None:
         cfg = self.loftq_config or {}
         if not isinstance(cfg, dict):
@@ -148,7 +156,7 @@ class LoraConfig(PeftConfig):
         if cfg.get("loftq_bits", 4) not in (4, 8):
             raise ConfigError(f"LoraConfig.loftq_config['loftq_bits']: expected 4 or 8, got {cfg['loftq_bits']!r}")
         it = cfg.get("loftq_iter", 1)
-        if not (isinstance(it, int) and not isinstance(it, bool) and it >= 1):
+        if not (is_int(it) and it >= 1):
             raise ConfigError(f"LoraConfig.loftq_config['loftq_iter']: expected an integer >= 1, got {it!r}")
 
     @property
@@ -160,11 +168,3 @@ class LoraConfig(PeftConfig):
     def pissa_niter(self) -> int | None:
         m = _PISSA_NITER.fullmatch(str(self.init_lora_weights))
         return int(m.group(1)) if m else None
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _positive(v: Any) -> bool:
-    return _number(v) and v > 0

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ...quant import require_bnb
+
 
 def lora_delta(A: Tensor, B: Tensor, scaling: float) -> Tensor:
     """``s * B @ A`` (d_out, d_in). For conv layers A is (r, c_in, *k) and B is (d_out, r, 1...)."""
@@ -90,8 +92,6 @@ def quantize_dequantize(w: Tensor, bits: int) -> Tensor:
     if bits == 8:
         scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
         return torch.round(w / scale).clamp(-127, 127) * scale
-    from ...quant import require_bnb
-
     bnbf = require_bnb().functional
     packed, state = bnbf.quantize_4bit(w.float().contiguous(), blocksize=64, compress_statistics=True, quant_type="nf4")
     return bnbf.dequantize_4bit(packed, state).float()

@@ -21,21 +21,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...layers import Adapter
-from ...kernel_helpers import has_hooks, is_transposed, layer_dims, scratch
+from ...kernel_helpers import CONV1D_TYPES, adapter_dtype, has_hooks, is_transposed, layer_dims, scratch
 from ...targeting import LINEAR_TYPES
 from ...quant import dequantize_weight, guard_cpu_repack
 from ...registry import register_method
 from ...targeting import pattern_value
 from . import conv as LC
+from . import dispatch
 from . import batched as LB
 from . import functional as LF
 from .config import LoraConfig
 from .kernels import DoraLinear, LoraLinear, ScaleShift
-
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = None  # type: ignore[assignment,misc]
 
 _CONV = LC.CONV_TYPES
 
@@ -65,8 +61,20 @@ def _kind(base: nn.Module) -> str:
     },
 )
 class LoraAdapter(Adapter):
-    supported_layers = (nn.Linear, nn.Embedding, *_CONV) + ((Conv1D,) if Conv1D is not None else ())
+    supported_layers = (nn.Linear, nn.Embedding, *_CONV) + CONV1D_TYPES
     default_roles = ("query", "value")
+
+    def __new__(cls, base: Any = None, config: Any = None, *args: Any, **kwargs: Any) -> "LoraAdapter":
+        # another adapter class for some bases (nn.MultiheadAttention, LoraConfig._register_custom_module):
+        # methods/lora/dispatch.py
+        sub = dispatch.adapter_cls_for(base, config) if cls is LoraAdapter else None
+        if sub is None or issubclass(sub, cls):
+            return super().__new__(sub or cls)  # Python then runs sub.__init__ with the same arguments
+        return sub(base, config, *args, **kwargs)  # an Adapter of its own: built whole here
+
+    @classmethod
+    def select_targets(cls, model: nn.Module, named: list[tuple[str, nn.Module]], config: Any) -> list[str]:
+        return dispatch.select_targets(cls, model, named, config, extra=cls is LoraAdapter)
 
     def __init__(self, base: nn.Module, config: LoraConfig, key: str = "", init: bool = True) -> None:
         super().__init__()
@@ -77,14 +85,13 @@ class LoraAdapter(Adapter):
         self.lora_alpha = alpha
         # alpha / r (rsLoRA: alpha / sqrt(r)); ``scaling`` is that times the weight a tool may set (set_scale)
         self.unit_scaling = self.scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
-        self.fan_in_fan_out = Conv1D is not None and isinstance(base, Conv1D) or (
+        self.fan_in_fan_out = is_transposed(base) or (
             self.kind == "linear" and config.fan_in_fan_out
         )
         w = base.weight
         if not w.is_floating_point():  # a bitsandbytes 4-/8-bit base (peftkit.quant)
             guard_cpu_repack(base)
-        # low-precision and quantized bases keep fp32 adapters (as PEFT's autocast_adapter_dtype)
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) or not w.is_floating_point() else w.dtype
+        dtype = adapter_dtype(base)  # fp32 on half-precision / quantized bases (PEFT's autocast_adapter_dtype)
         factory = {"device": w.device, "dtype": dtype}
         d_out, d_in = self._dims(base)
         if self.kind == "conv":

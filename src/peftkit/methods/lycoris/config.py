@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import field
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from ...config import ConfigError, PeftConfig
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+from ...config import (
+    ConfigError, PeftConfig, check_bool, check_int, check_number, check_pattern, check_probability, is_int,
+)
 
 
 @dataclasses.dataclass
@@ -45,18 +39,13 @@ class _LycorisConfig(PeftConfig):
     use_effective_conv2d: bool = False
 
     def _validate_common(self) -> None:
-        check = self._check
         name = type(self).__name__
-        check(_int(self.r) and self.r > 0, "r", "an integer > 0")
-        check(_number(self.alpha) and self.alpha > 0, "alpha", "a number > 0")
-        check(_number(self.rank_dropout) and 0 <= self.rank_dropout < 1, "rank_dropout", "a number in [0, 1)")
-        check(_number(self.module_dropout) and 0 <= self.module_dropout < 1, "module_dropout", "a number in [0, 1)")
-        for key, value in (self.rank_pattern or {}).items():
-            if not (_int(value) and value > 0):
-                raise ConfigError(f"{name}.rank_pattern[{key!r}]: expected an integer > 0, got {value!r}")
-        for key, value in (self.alpha_pattern or {}).items():
-            if not (_number(value) and value > 0):
-                raise ConfigError(f"{name}.alpha_pattern[{key!r}]: expected a number > 0, got {value!r}")
+        check_int(self, "r", 1)
+        check_number(self, "alpha", above=0)
+        check_probability(self, "rank_dropout")
+        check_probability(self, "module_dropout")
+        check_pattern(self, "rank_pattern", integer=True)
+        check_pattern(self, "alpha_pattern", integer=False)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError(f"{name}.layers_pattern: only meaningful together with layers_to_transform")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
@@ -82,7 +71,7 @@ class LoHaConfig(_LycorisConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._validate_common()
-        self._check(isinstance(self.init_weights, bool), "init_weights", "True or False")
+        check_bool(self, "init_weights")
 
 
 @dataclasses.dataclass
@@ -112,7 +101,7 @@ class LoKrConfig(_LycorisConfig):
         super().__post_init__()
         self._validate_common()
         self._check(
-            _int(self.decompose_factor) and (self.decompose_factor == -1 or self.decompose_factor > 0),
+            is_int(self.decompose_factor) and (self.decompose_factor == -1 or self.decompose_factor > 0),
             "decompose_factor", "-1 or an integer > 0",
         )
         self._check(

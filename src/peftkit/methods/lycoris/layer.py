@@ -26,21 +26,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...layers import Adapter
-from ...kernel_helpers import has_hooks, is_transposed, layer_dims
+from ...kernel_helpers import CONV1D_TYPES, adapter_dtype, has_hooks, is_transposed, layer_dims
 from ...targeting import LINEAR_TYPES
 from ...registry import register_method
 from ...targeting import pattern_value
 from . import functional as YF
 from .config import LoHaConfig, LoKrConfig
 
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = None  # type: ignore[assignment,misc]
-
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_SUPPORTED = (nn.Linear, *_CONV) + ((Conv1D,) if Conv1D is not None else ())
+_SUPPORTED = (nn.Linear, *_CONV) + CONV1D_TYPES
 _MODALITIES = ("text", "vision", "vision-language", "generation")
 
 
@@ -70,8 +65,7 @@ class _LycorisAdapter(Adapter):
         self.rank_dropout = float(config.rank_dropout)
         self.module_dropout = float(config.module_dropout)
         w = base.weight
-        # low-precision bases keep fp32 adapters (as PEFT's autocast_adapter_dtype)
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        dtype = adapter_dtype(base)  # fp32 on half-precision / quantized bases
         for name, shape in self.shapes(config, key).items():
             self.register_parameter(name, nn.Parameter(torch.empty(shape, device=w.device, dtype=dtype)))
         self._names = tuple(self.shapes(config, key))

@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from ...config import ConfigError, PeftConfig
+from ...config import ConfigError, PeftConfig, check_bool, check_int, check_number, check_probability
 
 
 NEUMANN_SERIES_VERSION = "0.18.0"
@@ -19,14 +19,6 @@ NEUMANN_SERIES_VERSION = "0.18.0"
 
 def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", str(version).partition("@")[0])[:3])
-
-
-def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _check_targeting(cfg: PeftConfig) -> None:
@@ -45,8 +37,8 @@ def _check_exactly_one(cfg: PeftConfig, a: str, b: str) -> None:
     """PEFT's rule: exactly one of two sizes is set (non-zero); the layer width fixes the other."""
     name = type(cfg).__name__
     va, vb = getattr(cfg, a), getattr(cfg, b)
-    cfg._check(_int(va) and va >= 0, a, "an integer >= 0")
-    cfg._check(_int(vb) and vb >= 0, b, "an integer >= 0")
+    check_int(cfg, a, 0)
+    check_int(cfg, b, 0)
     if va == 0 and vb == 0:
         raise ConfigError(
             f"{name}.{a} / {b}: expected exactly one of them > 0 (the layer width fixes the other), got both 0"
@@ -110,13 +102,11 @@ class OFTConfig(PeftConfig):
         check = self._check
         _check_exactly_one(self, "r", "oft_block_size")
         check(self.oft_block_size != 1, "oft_block_size", "a block size >= 2 (a 1 x 1 rotation has no parameters)")
-        check(_number(self.module_dropout) and 0 <= self.module_dropout < 1, "module_dropout", "a number in [0, 1)")
+        check_probability(self, "module_dropout")
         check(self.bias in ("none", "all", "oft_only"), "bias", "'none', 'all' or 'oft_only'")
-        check(_number(self.eps) and self.eps > 0, "eps", "a number > 0")
-        for flag in ("fan_in_fan_out", "init_weights", "coft", "block_share", "use_cayley_neumann"):
-            check(isinstance(getattr(self, flag), bool), flag, "True or False")
-        check(_int(self.num_cayley_neumann_terms) and self.num_cayley_neumann_terms >= 1,
-              "num_cayley_neumann_terms", "an integer >= 1")
+        check_number(self, "eps", above=0)
+        check_bool(self, "fan_in_fan_out", "init_weights", "coft", "block_share", "use_cayley_neumann")
+        check_int(self, "num_cayley_neumann_terms", 1, expected="an integer >= 1")
         _check_targeting(self)
         if self.use_cayley_neumann:
             if self.peft_version is None:
@@ -171,8 +161,7 @@ class BOFTConfig(PeftConfig):
         super().__post_init__()
         check = self._check
         _check_exactly_one(self, "boft_block_size", "boft_block_num")
-        check(_int(self.boft_n_butterfly_factor) and self.boft_n_butterfly_factor >= 1,
-              "boft_n_butterfly_factor", "an integer >= 1")
+        check_int(self, "boft_n_butterfly_factor", 1, expected="an integer >= 1")
         if self.boft_n_butterfly_factor > 1:
             if self.boft_block_size % 2:
                 raise ConfigError(
@@ -184,8 +173,7 @@ class BOFTConfig(PeftConfig):
                     f"BOFTConfig.boft_block_num: expected a multiple of 2^(boft_n_butterfly_factor - 1) = "
                     f"{2 ** (self.boft_n_butterfly_factor - 1)}, got {self.boft_block_num}"
                 )
-        check(_number(self.boft_dropout) and 0 <= self.boft_dropout < 1, "boft_dropout", "a number in [0, 1)")
+        check_probability(self, "boft_dropout")
         check(self.bias in ("none", "all", "boft_only"), "bias", "'none', 'all' or 'boft_only'")
-        for flag in ("fan_in_fan_out", "init_weights"):
-            check(isinstance(getattr(self, flag), bool), flag, "True or False")
+        check_bool(self, "fan_in_fan_out", "init_weights")
         _check_targeting(self)

@@ -25,19 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...layers import Adapter
-from ...kernel_helpers import has_hooks, is_transposed, layer_dims
+from ...kernel_helpers import CONV1D_TYPES, adapter_dtype, has_hooks, is_transposed, layer_dims
+from ...quant import dequantize_weight
 from ...registry import register_method
+from ...targeting import LINEAR_TYPES as _LINEAR
 from ..lora.kernels import ScaleShift
 from . import functional as OF
 from .config import BOFTConfig, OFTConfig
 from .kernels import RotatedLinear
 
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = None  # type: ignore[assignment,misc]
-
-_LINEAR = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
 _MODALITIES = ("text", "vision", "vision-language", "generation")
 _DEFECT_TOLERANCE = 0.5  # max |R R^T - I| above which an unmerge by inversion is not trusted
 # training on fewer tokens than this rotates the weight even when the input is smaller: a few tokens make
@@ -123,8 +119,7 @@ class _RotationAdapter(Adapter):
         self.kind, self.width, self.d_out, self._what = _geometry(base, key)
         self.transposed = is_transposed(base)
         w = base.weight
-        # low-precision bases keep fp32 adapters (as PEFT's autocast_adapter_dtype)
-        self._dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        self._dtype = adapter_dtype(base)  # fp32 on half-precision / quantized bases
         self._device = w.device
 
     @property
@@ -206,7 +201,8 @@ class _RotationAdapter(Adapter):
             return out + base._conv_forward(x.to(delta.dtype), delta, None).to(out.dtype)
         scale = self._scale()
         x2d = x.reshape(-1, self.width).to(blocks.dtype)
-        w = self._matrix(base.weight).to(blocks.dtype)
+        w = base.weight if base.weight.is_floating_point() else dequantize_weight(base)  # a 4-/8-bit base
+        w = self._matrix(w).to(blocks.dtype)
         z = F.linear(OF.butterfly_apply(x2d, blocks, self.perms), w)
         if scale is not None:
             z = z * scale
@@ -278,7 +274,7 @@ class _RotationAdapter(Adapter):
 class OFTAdapter(_RotationAdapter):
     """``R = diag(cayley(Q_1) .. cayley(Q_D))`` from ``oft_R`` (D, b (b - 1) / 2); D = 1 with block_share."""
 
-    supported_layers = (nn.Linear, nn.Conv2d, nn.Embedding) + ((Conv1D,) if Conv1D is not None else ())
+    supported_layers = (nn.Linear, nn.Conv2d, nn.Embedding) + CONV1D_TYPES
 
     def __init__(self, base: nn.Module, config: OFTConfig, key: str = "", init: bool = True) -> None:
         super().__init__()
@@ -341,7 +337,7 @@ class OFTAdapter(_RotationAdapter):
 class BOFTAdapter(_RotationAdapter):
     """``R = prod_i P_i diag(cayley(R_i1) .. cayley(R_iD)) P_i^T`` from ``boft_R`` (m, D, b, b), scale ``boft_s``."""
 
-    supported_layers = (nn.Linear, nn.Conv2d) + ((Conv1D,) if Conv1D is not None else ())
+    supported_layers = (nn.Linear, nn.Conv2d) + CONV1D_TYPES
     checkpoint_keys = {"boft_R": "boft_R", "boft_s": "boft_s"}  # noqa: RUF012
 
     def __init__(self, base: nn.Module, config: BOFTConfig, key: str = "", init: bool = True) -> None:

@@ -1,15 +1,20 @@
 """Prompt methods for language models: prompt tuning, P-tuning, prefix tuning, P-tuning v2, LLaMA-Adapter.
 
-Importing this package registers them (each module holds one ``@register_method``). Prefix tuning is
-imported before P-tuning v2 so that the PEFT type ``PREFIX_TUNING`` resolves to prefix tuning.
+Importing this package registers them (each module holds one ``@register_method``). P-tuning v2 shares
+prefix tuning's PEFT type ``PREFIX_TUNING``; it registers with ``primary=False``, so the type resolves to
+prefix tuning whatever the import order.
 """
 
-from .adaption_prompt import AdaptionPromptConfig
-from .base import PromptLearningConfig
-from .p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
-from .prefix_tuning import PrefixTuningConfig
-from .p_tuning_v2 import PTuningV2Config  # noqa: I001  (after prefix_tuning, see above)
-from .prompt_tuning import PromptTuningConfig, PromptTuningInit
+from .. import import_submodules
+
+import_submodules(__name__, __path__)  # importing registers every method in the package
+
+from .adaption_prompt import AdaptionPromptConfig  # noqa: E402
+from .base import PromptLearningConfig  # noqa: E402
+from .p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType  # noqa: E402
+from .p_tuning_v2 import PTuningV2Config  # noqa: E402
+from .prefix_tuning import PrefixTuningConfig  # noqa: E402
+from .prompt_tuning import PromptTuningConfig, PromptTuningInit  # noqa: E402
 
 __all__ = ["AdaptionPromptConfig", "PTuningV2Config", "PrefixTuningConfig", "PromptEncoderConfig",
            "PromptEncoderReparameterizationType", "PromptLearningConfig", "PromptTuningConfig", "PromptTuningInit"]

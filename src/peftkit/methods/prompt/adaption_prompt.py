@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...config import PeftConfig
+from ...config import PeftConfig, check_int
+from ...kernel_helpers import adapter_dtype
 from ...layers import Adapter, AdapterLayer
 from ...registry import register_method
 from ...targeting import NotApplicableError
@@ -69,8 +70,8 @@ class AdaptionPromptConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("adapter_len", "adapter_layers"):  # None until set: checked again at get_peft_model (peft
-            value = getattr(self, name)  # also builds such a config and refuses it there)
-            self._check(value is None or isinstance(value, int) and value >= 1, name, "a positive int")
+            check_int(self, name, 1, optional=True, expected="a positive int")  # also builds such a config and
+            # refuses it there)
 
     def check_complete(self) -> None:
         """Both sizes set: the adapter cannot be built without them."""
@@ -207,6 +208,7 @@ class AdaptionPromptAdapter(Adapter):
     def __init__(self, base: nn.Module, config: AdaptionPromptConfig, key: str = "", init: bool = True) -> None:
         super().__init__()
         if not _ATTENTION_FUNCTIONS:
+            # late: transformers' modeling module loads on first use, not at import peftkit
             from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
             AttentionInterface.register(_IMPLEMENTATION, attention_with_prompts)
@@ -217,7 +219,7 @@ class AdaptionPromptAdapter(Adapter):
         self.num_heads = base.config.num_attention_heads
         self.head_dim = base.head_dim
         weight = getattr(base, self.k_name).weight
-        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        dtype = adapter_dtype(getattr(base, self.k_name), keep_half=True)
         d = base.config.hidden_size
         self.adaption_prompt = nn.Parameter(torch.empty(1, config.adapter_len, d, device=weight.device,
                                                         dtype=dtype).normal_())
@@ -231,7 +233,7 @@ class AdaptionPromptAdapter(Adapter):
             raise NotApplicableError(
                 f"adaption_prompt supports {sorted(MODEL_TABLE)} attention, not {type(model).__name__} "
                 f"(model_type {model_type!r}); prompt_tuning / prefix_tuning apply to most transformers LMs")
-        import transformers.modeling_utils
+        import transformers.modeling_utils  # late, as in __init__ (and older releases lack AttentionInterface)
 
         if not hasattr(transformers.modeling_utils, "AttentionInterface"):
             raise NotApplicableError("adaption_prompt adds its prompts through transformers' AttentionInterface; "

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ...config import ConfigError, PeftConfig, TaskType
+from ...config import ConfigError, PeftConfig, TaskType, check_int
 from .hook import PromptAdapter
 from .inputs import accepts_cache, forward_params, input_embeddings
 from ...targeting import NotApplicableError
@@ -40,8 +40,7 @@ class PromptLearningConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        n = self.num_virtual_tokens
-        self._check(n is None or (isinstance(n, int) and n >= 1), "num_virtual_tokens", "a positive int")
+        check_int(self, "num_virtual_tokens", 1, optional=True, expected="a positive int")
         s = self.num_transformer_submodules
         self._check(s in (None, 1, 2), "num_transformer_submodules", "1 or 2")
 

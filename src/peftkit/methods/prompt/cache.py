@@ -22,7 +22,7 @@ from .inputs import CACHE_KEYS, batch_size, cache_length, is_encoder_decoder, po
 def prefix_cache(model: nn.Module, cache: Any, layers: list[tuple[Tensor, Tensor]]) -> Any:
     """A cache holding the prefix keys/values (per layer, (batch, heads, n, head_dim)); an empty cache given by
     the caller (``generate``) is filled in place so the caller keeps its object."""
-    from transformers import DynamicCache, EncoderDecoderCache
+    from transformers import DynamicCache, EncoderDecoderCache  # late: not loaded at import peftkit
 
     if cache is None:
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache()) if is_encoder_decoder(model) else DynamicCache()
@@ -46,7 +46,7 @@ def checkpointing_layers(model: nn.Module) -> list[nn.Module]:
 
 @functools.lru_cache(maxsize=None)
 def _read_only_cache_types() -> tuple[type, type, type]:
-    from transformers import DynamicCache
+    from transformers import DynamicCache  # late: not loaded at import peftkit
 
     class PrefixCache(DynamicCache):
         """Holds the prefix; ``update`` returns ``[prefix; new]`` without storing."""
@@ -77,7 +77,7 @@ def read_only_prefix_cache(model: nn.Module, layers: list[tuple[Tensor, Tensor]]
     Activation-checkpointed layers drop a cache they could write to (the backward replay would write twice, and
     would read cross-attention keys/values the first run stored); this one they may keep
     (``_can_checkpoint_with_cache``): the replay computes what the first run did."""
-    from transformers import DynamicCache, EncoderDecoderCache
+    from transformers import DynamicCache, EncoderDecoderCache  # late: not loaded at import peftkit
 
     prefix_cls, cross_cls, never_updated = _read_only_cache_types()
     cache = prefix_cls()

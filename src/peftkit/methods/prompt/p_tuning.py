@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ...config import ConfigError
+from ...config import ConfigError, check_probability
 from .inputs import embed_encoder_prompts, embed_prompts
 from ...registry import register_method
 from .base import EmbeddingPrompt, PromptLearningConfig
@@ -58,7 +58,7 @@ class PromptEncoderConfig(PromptLearningConfig):
                               f"{kind!r}") from None
         self._check(isinstance(self.encoder_num_layers, int) and self.encoder_num_layers >= 1,
                     "encoder_num_layers", "a positive int")
-        self._check(0.0 <= self.encoder_dropout < 1.0, "encoder_dropout", "a probability in [0, 1)")
+        check_probability(self, "encoder_dropout")
 
 
 def encoder_param_count(config: PromptEncoderConfig) -> int:

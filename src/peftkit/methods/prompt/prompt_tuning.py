@@ -76,7 +76,7 @@ def init_token_ids(config: PromptTuningConfig, total: int) -> list[int]:
     """The token ids whose embeddings initialise a ``TEXT`` prompt: the text's ids, repeated and cut to ``total``."""
     tok = config.tokenizer_name_or_path
     if isinstance(tok, str):
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # late: the tokenizer stack loads only for a TEXT init
 
         kwargs = dict(config.tokenizer_kwargs or {})
         kwargs.pop("trust_remote_code", None)  # loading a config must never run remote code

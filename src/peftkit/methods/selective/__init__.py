@@ -5,9 +5,12 @@ module on one shared adapter (``adapter.py``): a delta on the selected entries, 
 frozen base until merged, saved sparse (``config.py`` describes the file formats).
 """
 
-from . import bitfit, child_tuning, diff_pruning, lastk, layernorm, masked  # noqa: F401  (registration)
-from .adapter import SelectiveAdapter
-from .config import (
+from .. import import_submodules
+
+import_submodules(__name__, __path__)  # importing registers every method in the package
+
+from .adapter import SelectiveAdapter  # noqa: E402
+from .config import (  # noqa: E402
     BitFitConfig,
     ChildTuningConfig,
     DiffPruningConfig,
@@ -15,10 +18,10 @@ from .config import (
     LastKConfig,
     SelectionError,
 )
-from .diff_pruning import l0_penalty, project_to_sparsity
-from .fisher import default_loss, fisher_diagonal, fisher_mask
-from .layernorm import LNTuningConfig
-from .lastk import block_stacks
+from .diff_pruning import l0_penalty, project_to_sparsity  # noqa: E402
+from .fisher import default_loss, fisher_diagonal, fisher_mask  # noqa: E402
+from .layernorm import LNTuningConfig  # noqa: E402
+from .lastk import block_stacks  # noqa: E402
 
 __all__ = [
     "BitFitConfig", "ChildTuningConfig", "DiffPruningConfig", "FishMaskConfig", "LNTuningConfig", "LastKConfig",

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from ...config import ConfigError, PeftConfig
+from ...config import ConfigError, PeftConfig, is_int, is_number
 
 FORMATS = ("full", "sparse", "masked", "gated")
 CRITERIA = ("fisher", "random")
@@ -32,14 +32,6 @@ CRITERIA = ("fisher", "random")
 
 class SelectionError(ValueError):
     """A selection cannot be made or does not fit the model (bad Fisher estimate, wrong shapes, no mask yet)."""
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass
@@ -60,7 +52,7 @@ class SelectiveConfig(PeftConfig):
         super().__post_init__()
         if self.selected_params is not None:
             ok = isinstance(self.selected_params, dict) and all(
-                isinstance(v, dict) and v.get("format") in FORMATS and _is_int(v.get("nnz"))
+                isinstance(v, dict) and v.get("format") in FORMATS and is_int(v.get("nnz"))
                 and isinstance(v.get("shape"), (list, tuple))
                 for v in self.selected_params.values()
             )
@@ -68,7 +60,7 @@ class SelectiveConfig(PeftConfig):
 
     def _check_density(self, field: str) -> None:
         value = getattr(self, field)
-        self._check(_is_number(value) and 0 < value <= 1, field, "a fraction in (0, 1]")
+        self._check(is_number(value) and 0 < value <= 1, field, "a fraction in (0, 1]")
 
 
 @dataclasses.dataclass
@@ -114,11 +106,11 @@ class LastKConfig(SelectiveConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check(_is_int(self.k) and self.k >= 0, "k", "a non-negative integer")
+        self._check(is_int(self.k) and self.k >= 0, "k", "a non-negative integer")
         layers = self.layers_to_transform
-        if _is_int(layers):
+        if is_int(layers):
             self.layers_to_transform = layers = [layers]
-        self._check(layers is None or (isinstance(layers, list) and all(_is_int(i) and i >= 0 for i in layers)),
+        self._check(layers is None or (isinstance(layers, list) and all(is_int(i) and i >= 0 for i in layers)),
                     "layers_to_transform", "a list of non-negative layer indices")
 
 
@@ -134,9 +126,9 @@ class _MaskConfig(SelectiveConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check(_is_int(self.num_samples) and self.num_samples > 0, "num_samples", "a positive integer")
+        self._check(is_int(self.num_samples) and self.num_samples > 0, "num_samples", "a positive integer")
         self._check(self.criterion in CRITERIA, "criterion", f"one of {CRITERIA}")
-        self._check(_is_int(self.seed), "seed", "an integer")
+        self._check(is_int(self.seed), "seed", "an integer")
 
 
 @dataclasses.dataclass
@@ -169,7 +161,7 @@ class FishMaskConfig(_MaskConfig):
                 self.density = 0.005
             self._check_density("density")
         else:
-            self._check(_is_int(self.top_k) and self.top_k > 0, "top_k", "a positive integer")
+            self._check(is_int(self.top_k) and self.top_k > 0, "top_k", "a positive integer")
 
 
 @dataclasses.dataclass
@@ -224,8 +216,8 @@ class DiffPruningConfig(SelectiveConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_density("density")
-        self._check(_is_number(self.l0_lambda) and self.l0_lambda >= 0, "l0_lambda", "a number >= 0")
-        self._check(_is_number(self.alpha_init), "alpha_init", "a number")
-        self._check(_is_number(self.temperature) and self.temperature > 0, "temperature", "a number > 0")
-        self._check(_is_number(self.limit_l) and self.limit_l < 0, "limit_l", "a number < 0")
-        self._check(_is_number(self.limit_r) and self.limit_r > 1, "limit_r", "a number > 1")
+        self._check(is_number(self.l0_lambda) and self.l0_lambda >= 0, "l0_lambda", "a number >= 0")
+        self._check(is_number(self.alpha_init), "alpha_init", "a number")
+        self._check(is_number(self.temperature) and self.temperature > 0, "temperature", "a number > 0")
+        self._check(is_number(self.limit_l) and self.limit_l < 0, "limit_l", "a number < 0")
+        self._check(is_number(self.limit_r) and self.limit_r > 1, "limit_r", "a number > 1")

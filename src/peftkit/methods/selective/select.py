@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...saved_modules import TASK_HEADS
 from ...targeting import is_target
 from .config import SelectionError
 
@@ -22,8 +23,6 @@ Candidate = tuple[str, str, nn.Parameter]
 
 def task_heads(config: Any) -> list[str]:
     """``modules_to_save`` plus the task head the engine adds for classification task types."""
-    from ...tuner import TASK_HEADS  # the engine's table (imported late: the tuner imports the registry)
-
     heads = list(getattr(config, "modules_to_save", None) or [])
     return heads + [h for h in TASK_HEADS.get(getattr(config, "task_type", None), []) if h not in heads]
 

@@ -8,6 +8,9 @@
 does it the same way); CoCoOp conditions each image's prompts on it, so ``w`` becomes (B, N, D); an active
 Tip-Adapter adds its cache term ``alpha * exp(-beta (1 - f F^T)) L``.
 
+The adapters ``classify`` consults subclass the two classes here, ``ClassPrompts`` (CoOp / CoCoOp, ``coop``) and
+``LogitCache`` (Tip-Adapter, ``tip_adapter``): those modules import this one, never the other way round.
+
 Class names are strings (a ``tokenizer``, any callable like a transformers tokenizer, is then needed) or
 token ids of each name without special tokens (the start / end ids come from the text config).
 ``classify`` (and ``build_cache``) are bound onto the CLIP model when CoOp, CoCoOp or Tip-Adapter is attached,
@@ -24,15 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...layers import AdapterLayer
+from ...layers import Adapter, AdapterLayer
+from ...tuner import TunerModel
 
 PLACEHOLDER = "X"  # CoOp's placeholder word for the context slots
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's model inside a PeftModel / TunerModel (or the model itself)."""
-    from ...tuner import TunerModel
-
     if isinstance(model, TunerModel):
         return model.model
     if isinstance(getattr(model, "base_model", None), TunerModel):  # a PeftModel
@@ -134,6 +136,27 @@ def prompt_ids(
     return ids, mask
 
 
+class ClassPrompts(Adapter):
+    """An adapter that gives ``classify`` its class logits from learned prompt context (CoOp, CoCoOp)."""
+
+    n_ctx: int  # context slots in each class prompt (``prompt_ids(n_ctx=...)``)
+
+    def class_logits(self, clip: nn.Module, f: Tensor, ids: Tensor, mask: Tensor, scale: Tensor) -> Tensor:
+        """Logits (B, N) of the normalised image features ``f`` (B, D) over the class prompts ``ids`` / ``mask``."""
+        raise NotImplementedError
+
+
+class LogitCache(Adapter):
+    """An adapter that adds a term to ``classify``'s logits and is filled by ``build_cache`` (Tip-Adapter)."""
+
+    def cache_logits(self, f: Tensor, num_classes: int) -> Tensor:
+        """The term (B, N) added to the logits of the normalised image features ``f`` (B, D)."""
+        raise NotImplementedError
+
+    def set_cache(self, feats: Tensor, labels: Tensor, num_classes: int | None = None) -> None:
+        raise NotImplementedError
+
+
 def active(model: nn.Module, cls: type) -> list[tuple[AdapterLayer, nn.Module]]:
     """(layer, adapter) for the active, unmerged, enabled adapters of type ``cls`` in ``model``."""
     out = []
@@ -156,14 +179,11 @@ def classify(
 ) -> Tensor:
     """Class logits (B, N) of ``images`` over ``class_names``: logit_scale.exp() * cosine, plus the cache term
     of an active Tip-Adapter. Works on a plain CLIPModel (zero-shot CLIP) and through any active adapters."""
-    from .coop import CoOpContext
-    from .tip_adapter import TipCache
-
     clip = unwrap(model)
     tokenizer = tokenizer if tokenizer is not None else vars(clip).get("_peftkit_tokenizer")
     f = encode_images(clip, images, processor)  # (B, D)
     scale = clip.logit_scale.exp()
-    coop = active(clip, CoOpContext)
+    coop = active(clip, ClassPrompts)
     if len(coop) > 1:
         raise ValueError("classify: more than one active CoOp / CoCoOp adapter; activate one (set_adapter)")
     if coop:
@@ -172,7 +192,7 @@ def classify(
     else:
         ids, mask = prompt_ids(clip, class_names, tokenizer, template=template)
         logits = scale * f @ encode_texts(clip, ids, mask).t()
-    for _, tip in active(clip, TipCache):
+    for _, tip in active(clip, LogitCache):
         logits = logits + tip.cache_logits(f, len(class_names))
     return logits
 
@@ -184,11 +204,9 @@ def build_cache(
 ) -> None:
     """Fill the Tip-Adapter cache: keys F = normalised image features of the few-shot ``images`` (N*K, D),
     values L = one-hot ``labels`` (N*K, N). Build the optimizer afterwards (Tip-Adapter-F trains F)."""
-    from .tip_adapter import TipCache
-
     clip = unwrap(model)
     tips = [a for layer in clip.modules() if isinstance(layer, AdapterLayer)
-            for n, a in layer.adapters.items() if isinstance(a, TipCache) and adapter_name in (None, n)]
+            for n, a in layer.adapters.items() if isinstance(a, LogitCache) and adapter_name in (None, n)]
     if len(tips) != 1:
         raise ValueError(f"build_cache: expected one Tip-Adapter (adapter_name={adapter_name!r}), found {len(tips)}")
     feats = encode_images(clip, images, processor)  # the same features classify compares with the keys

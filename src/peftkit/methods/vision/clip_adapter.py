@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...config import PeftConfig
+from ...config import PeftConfig, check_bool, check_int, check_probability
+from ...kernel_helpers import adapter_dtype
 from ...layers import Adapter
 from ...registry import register_method
 from ._roles import find_path, not_applicable
@@ -47,11 +48,9 @@ class ClipAdapterConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check(isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0, "alpha", "a float in [0, 1]")
-        r = self.reduction
-        self._check(isinstance(r, int) and not isinstance(r, bool) and r >= 1, "reduction", "an int >= 1")
-        self._check(isinstance(self.image, bool), "image", "True or False")
-        self._check(isinstance(self.text, bool), "text", "True or False")
+        check_probability(self, "alpha", closed=True)
+        check_int(self, "reduction", 1, expected="an int >= 1")
+        check_bool(self, "image", "text")
         self._check(self.image or self.text, "image", "True, or text=True (nothing to adapt otherwise)")
 
 
@@ -78,10 +77,10 @@ class ClipFeatureAdapter(Adapter):
         super().__init__()
         d = base.out_features
         hidden = _hidden(d, config.reduction)
-        w = base.weight
+        factory = {"dtype": adapter_dtype(base, keep_half=True), "device": base.weight.device}
         self.alpha = float(config.alpha)
-        self.clip_adapter_down = nn.Parameter(torch.empty(hidden, d, dtype=w.dtype, device=w.device))
-        self.clip_adapter_up = nn.Parameter(torch.empty(d, hidden, dtype=w.dtype, device=w.device))
+        self.clip_adapter_down = nn.Parameter(torch.empty(hidden, d, **factory))
+        self.clip_adapter_up = nn.Parameter(torch.empty(d, hidden, **factory))
         for p in (self.clip_adapter_down, self.clip_adapter_up):  # nn.Linear's default init
             nn.init.kaiming_uniform_(p, a=math.sqrt(5)) if init else nn.init.zeros_(p)
 

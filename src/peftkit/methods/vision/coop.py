@@ -30,8 +30,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ...config import PeftConfig
-from ...layers import Adapter, AdapterLayer
+from ...config import PeftConfig, check_int, check_number
+from ...kernel_helpers import adapter_dtype
+from ...layers import AdapterLayer
 from ...registry import register_method
 from . import clip as clip_api
 from ._roles import find_path, not_applicable
@@ -75,13 +76,11 @@ class CoOpConfig(PeftConfig):
                         f"len(ctx_init) = {len(ids)} (the context is initialised from those tokens)")
         if self.num_virtual_tokens is None:
             self.num_virtual_tokens = self.DEFAULT_M
-        n = self.num_virtual_tokens
-        self._check(isinstance(n, int) and not isinstance(n, bool) and n >= 1, "num_virtual_tokens", "an int >= 1")
+        check_int(self, "num_virtual_tokens", 1, expected="an int >= 1")
         self._check(self.class_token_position == "end", "class_token_position", '"end"')
-        self._check(isinstance(self.init_std, (int, float)) and self.init_std > 0, "init_std", "a positive float")
+        check_number(self, "init_std", above=0, expected="a positive float")
         if self.class_specific:
-            k = self.num_classes
-            self._check(isinstance(k, int) and k >= 1, "num_classes", "an int >= 1 (class_specific=True)")
+            check_int(self, "num_classes", 1, expected="an int >= 1 (class_specific=True)")
 
 
 @register_method(
@@ -96,7 +95,7 @@ class CoOpConfig(PeftConfig):
     paper="arXiv 2109.01134 (CoOp, Zhou et al. 2022)",
     examples={"coop": {"num_virtual_tokens": 3}},
 )
-class CoOpContext(Adapter):
+class CoOpContext(clip_api.ClassPrompts):
     """The learned context on CLIP's text token embedding; ``coop_ctx``: (M, d_t) or (N, M, d_t)."""
 
     checkpoint_keys: ClassVar[dict[str, str]] = {"coop_ctx": "coop_ctx"}
@@ -109,7 +108,7 @@ class CoOpContext(Adapter):
         self.num_classes = config.num_classes if config.class_specific else None
         w = base.weight  # (V, d_t)
         shape = (self.n_ctx, w.shape[1]) if self.num_classes is None else (self.num_classes, self.n_ctx, w.shape[1])
-        self.coop_ctx = nn.Parameter(torch.zeros(shape, dtype=w.dtype, device=w.device))
+        self.coop_ctx = nn.Parameter(torch.zeros(shape, dtype=adapter_dtype(base, keep_half=True), device=w.device))
         if init:
             with torch.no_grad():
                 if config.ctx_init is not None:
@@ -209,7 +208,7 @@ class CoCoOpConfig(CoOpConfig):
         super().__post_init__()
         self._check(not self.class_specific, "class_specific", "False (CoCoOp's context is unified)")
         if self.meta_hidden is not None:
-            self._check(isinstance(self.meta_hidden, int) and self.meta_hidden >= 1, "meta_hidden", "an int >= 1")
+            check_int(self, "meta_hidden", 1, expected="an int >= 1")
 
 
 @register_method(

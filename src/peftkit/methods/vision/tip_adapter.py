@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...config import PeftConfig
-from ...layers import Adapter
+from ...config import PeftConfig, check_bool, check_int, check_number
+from ...kernel_helpers import adapter_dtype
 from ...registry import register_method
 from . import clip as clip_api
 from ._roles import find_path, not_applicable
@@ -55,12 +55,11 @@ class TipAdapterConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check(isinstance(self.alpha, (int, float)) and self.alpha >= 0, "alpha", "a float >= 0")
-        self._check(isinstance(self.beta, (int, float)) and self.beta >= 0, "beta", "a float >= 0")
-        self._check(isinstance(self.train_keys, bool), "train_keys", "True or False")
+        check_number(self, "alpha", minimum=0, expected="a float >= 0")
+        check_number(self, "beta", minimum=0, expected="a float >= 0")
+        check_bool(self, "train_keys")
         for name in ("cache_size", "num_classes"):
-            v = getattr(self, name)
-            self._check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, name, "an int >= 0")
+            check_int(self, name, 0, expected="an int >= 0")
 
 
 @register_method(
@@ -75,7 +74,7 @@ class TipAdapterConfig(PeftConfig):
     paper="arXiv 2207.09519 (Tip-Adapter, Zhang et al. 2022)",
     examples={"tip_adapter": {"train_keys": True, "cache_size": 4, "num_classes": 2}},
 )
-class TipCache(Adapter):
+class TipCache(clip_api.LogitCache):
     """The cache: ``tip_keys`` F (NK, D), a buffer, or a parameter for Tip-Adapter-F; ``tip_labels`` (NK,)."""
 
     checkpoint_keys: ClassVar[dict[str, str]] = {"tip_keys": "tip_adapter.cache_keys",
@@ -86,7 +85,8 @@ class TipCache(Adapter):
         super().__init__()
         self.config = config  # build_cache records the cache's size in it
         w = base.weight
-        keys = torch.zeros(config.cache_size, base.out_features, dtype=w.dtype, device=w.device)
+        dtype = adapter_dtype(base, keep_half=True)
+        keys = torch.zeros(config.cache_size, base.out_features, dtype=dtype, device=w.device)
         if config.train_keys:
             self.tip_keys = nn.Parameter(keys)
         else:

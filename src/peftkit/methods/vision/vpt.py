@@ -37,7 +37,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ...config import PeftConfig
+from ...config import PeftConfig, check_bool, check_int, check_probability
+from ...kernel_helpers import adapter_dtype
 from ...layers import Adapter
 from ...registry import register_method
 from ._roles import find_path, not_applicable
@@ -75,11 +76,9 @@ class VPTConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        n = self.num_virtual_tokens
-        self._check(isinstance(n, int) and not isinstance(n, bool) and n >= 1, "num_virtual_tokens", "an int >= 1")
-        self._check(isinstance(self.deep, bool), "deep", "True or False")
-        p = self.prompt_dropout
-        self._check(isinstance(p, (int, float)) and 0.0 <= p < 1.0, "prompt_dropout", "a float in [0, 1)")
+        check_int(self, "num_virtual_tokens", 1, expected="an int >= 1")
+        check_bool(self, "deep")
+        check_probability(self, "prompt_dropout")
 
 
 def _patch_conv(module: nn.Module) -> nn.Conv2d | None:
@@ -110,7 +109,7 @@ class VPTPrompt(Adapter):
         self.p = config.num_virtual_tokens
         self.insert = key == config.embeddings_module  # the embeddings output: insert; a block output: replace
         ref = next(base.parameters(), None)
-        dtype = torch.float32 if ref is None or not ref.is_floating_point() else ref.dtype
+        dtype = adapter_dtype(ref, keep_half=True)
         device = None if ref is None else ref.device
         self.vpt_prompt = nn.Parameter(torch.zeros(self.p, config.token_dim, dtype=dtype, device=device))
         if init:
