@@ -11,7 +11,7 @@ import torch
 
 import peftkit
 from peftkit import IA3Config, LoraConfig, PeftModel, get_peft_model
-from peftkit import merging as M
+from peftkit.methods.lora import merging as M
 
 from .families import FAMILY, V
 

@@ -9,6 +9,11 @@ Variants are options, not copies:
 Shapes: Linear A (r, d_in), B (d_out, r); Embedding A (r, num_embeddings), B (dim, r); Conv1d / 2d / 3d
 A (r, c_in, *kernel) with the base's stride / padding / dilation, B (c_out, r / groups, 1, ...) (``conv``:
 a grouped convolution's adapter cannot be merged).
+
+This file is the reference path: init, delta, forward, merge, as the paper writes them. Beside it, the
+same numbers faster: ``fast.py`` (one-pass and merged-weight forwards), ``kernels.py`` (their autograd
+functions), ``batched.py`` (mixed-adapter batches); and the layer types: ``conv.py``, ``mha.py``
+(``nn.MultiheadAttention``), ``dispatch.py`` (which adapter class a base gets).
 """
 
 from __future__ import annotations
@@ -20,18 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...kernel_helpers import CONV1D_TYPES, adapter_dtype, has_hooks, is_transposed, layer_dims
 from ...layers import Adapter
-from ...kernel_helpers import CONV1D_TYPES, adapter_dtype, has_hooks, is_transposed, layer_dims, scratch
-from ...targeting import LINEAR_TYPES
 from ...quant import dequantize_weight, guard_cpu_repack
 from ...registry import register_method
 from ...targeting import pattern_value
+from . import batched as LB
 from . import conv as LC
 from . import dispatch
-from . import batched as LB
+from . import fast as LFast
 from . import functional as LF
 from .config import LoraConfig
-from .kernels import DoraLinear, LoraLinear, ScaleShift
+from .kernels import ScaleShift
 
 _CONV = LC.CONV_TYPES
 
@@ -261,30 +266,8 @@ class LoraAdapter(Adapter):
 
     # -- forward ---------------------------------------------------------------------------------------
     def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
-        """Base and adapter in one pass, for a plain Linear / GPT-2 Conv1D base without hooks: the base output,
-        computed here on the 2-D view of ``x`` (a fresh tensor its backward does not keep), takes ``s h B^T``
-        in place. Inference on many tokens forms ``W0 + s B A`` in a scratch buffer instead and runs one GEMM
-        (d_out d_in r multiply-adds against n r (d_in + d_out) in skinny GEMMs); the base is never modified."""
-        transposed = type(base) is not nn.Linear
-        if self.kind != "linear" or type(base) not in LINEAR_TYPES or transposed != self.fan_in_fan_out:
-            return None
-        if self.bias_B is not None:
-            return None
-        w, A = base.weight, self.lora_A
-        if x.dtype != w.dtype or A.dtype != w.dtype or has_hooks(base) or torch.is_autocast_enabled(x.device.type):
-            return None  # under autocast the generic path lets autocast pick each op's dtype
-        d_out, d_in = self._dims(base)
-        x2d = x.reshape(-1, d_in)
-        compiling = torch.compiler.is_compiling()
-        if not torch.is_grad_enabled() and not compiling and x2d.shape[0] * (d_in + d_out) >= d_in * d_out:
-            return self._merged_weight_forward(base, x2d, transposed).view(*x.shape[:-1], d_out)
-        xd = self.dropout(x2d) if self.dropout is not None else None
-        if self.magnitude is not None:
-            scale = self._dora_scale(base)
-            out = DoraLinear.apply(x2d, xd, w, base.bias, A, self.lora_B, scale, self.scaling, transposed)
-        else:
-            out = LoraLinear.apply(x2d, xd, w, base.bias, A, self.lora_B, self.scaling, transposed)
-        return out.view(*x.shape[:-1], d_out)
+        """The fast paths (``fast.py``): base and adapter in one pass, or one GEMM with ``W0 + s B A``."""
+        return LFast.fused_forward(self, base, x)
 
     @classmethod
     def batched_forward(
@@ -294,20 +277,6 @@ class LoraAdapter(Adapter):
         if cls.forward is not LoraAdapter.forward:  # a subclass with its own math brings its own batched path
             return None
         return LB.batched_lora(adapters, base, x, out, index, cache)
-
-    def _merged_weight_forward(self, base: nn.Module, x2d: Tensor, transposed: bool) -> Tensor:
-        w = base.weight
-        buf = scratch(tuple(w.shape), w)
-        if transposed:  # Conv1D keeps (d_in, d_out)
-            merged = torch.addmm(w, self.lora_A.t(), self.lora_B.t(), alpha=self.scaling, out=buf)
-        else:
-            merged = torch.addmm(w, self.lora_B, self.lora_A, alpha=self.scaling, out=buf)
-        if self.magnitude is not None:
-            scale = self._dora_scale(base)
-            merged.mul_(scale[None, :] if transposed else scale[:, None])
-        if transposed:
-            return torch.addmm(base.bias, x2d, merged) if base.bias is not None else x2d @ merged
-        return F.linear(x2d, merged, base.bias)
 
     def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
         A = self.lora_A
