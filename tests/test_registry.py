@@ -155,3 +155,18 @@ def test_register_accepts_valid_and_rejects_a_second_class(scratch_registry):
 
 def test_scratch_registration_did_not_leak():
     assert "toy" not in {s.name for s in list_methods()}
+
+
+def test_a_shared_peft_type_names_the_method_that_declares_it_whatever_the_order(monkeypatch):
+    """P-tuning v2 saves as PREFIX_TUNING (its config inherits prefix tuning's type): the type names prefix
+    tuning, also when P-tuning v2 registered first; a registry name always names its own method."""
+    list_methods()
+    reordered = dict(sorted(registry._METHODS.items(), key=lambda kv: kv[0] != "p_tuning_v2"))
+    assert next(iter(reordered)) == "p_tuning_v2"
+    for methods in (dict(registry._METHODS), reordered):
+        monkeypatch.setattr(registry, "_METHODS", methods)
+        assert get_method("PREFIX_TUNING").name == "prefix_tuning"
+        assert get_method("prefix_tuning").name == "prefix_tuning"
+        assert get_method("p_tuning_v2").name == "p_tuning_v2"
+        config = PeftConfig.from_dict({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4})
+        assert type(config).__name__ == "PrefixTuningConfig"
