@@ -90,6 +90,7 @@ from .peft_utils import (
     shift_tokens_right,
 )
 from .status import get_layer_status, get_model_status
+from .methods.lora.conversion import convert_to_lora, save_as_lora
 from .methods.lora.optim import create_loraplus_optimizer
 from .quant import prepare_model_for_kbit_training, quantize_model
 from .registry import MethodSpec, get_method, list_methods, register_method
@@ -106,7 +107,7 @@ __all__ = [
     "AdaLoraConfig", "Adapter", "AdapterLayer", "ConfigError", "FourierFTConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "LoraConfig", "LoraModel", "MethodSpec", "PeftConfig", "PeftModel",
     "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
-    "SSFConfig", "TaskType", "TunerModel", "VeraConfig", "create_loraplus_optimizer", "get_method", "get_peft_model",
+    "SSFConfig", "TaskType", "TrainableTokensConfig", "TunerModel", "VeraConfig", "convert_to_lora", "create_loraplus_optimizer", "save_as_lora", "get_method", "get_peft_model",
     "get_peft_model_state_dict", "inject_adapter_in_model", "list_methods", "register_method",
     "set_peft_model_state_dict", "prepare_model_for_kbit_training", "quantize_model", "hotswap_adapter", "prepare_model_for_compiled_hotswap",
     "AdaptionPromptConfig", "PrefixTuningConfig", "PromptEncoderConfig", "PromptEncoderReparameterizationType",
