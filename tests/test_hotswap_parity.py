@@ -114,8 +114,11 @@ def test_state_dict_in_peft_model_layout(tmp_path):
 
 def test_compiled_model_swaps_without_recompiling(tmp_path, backend="eager"):
     first = _save(tmp_path, "first", 1, r=4, lora_alpha=8)
-    swaps = [_save(tmp_path, "second", 2, r=8, lora_alpha=3, use_rslora=False),
-             _save(tmp_path, "third", 3, r=2, lora_alpha=11, target_modules=["v_proj"])]
+    swaps = [_save(tmp_path, "second", 2, r=8, lora_alpha=3, use_rslora=False),  # five adapters: other ranks,
+             _save(tmp_path, "third", 3, r=2, lora_alpha=11, target_modules=["v_proj"]),  # alphas, targets
+             _save(tmp_path, "fourth", 4, r=6, lora_alpha=6),
+             _save(tmp_path, "fifth", 5, r=1, lora_alpha=0.5, target_modules=["q_proj"]),
+             _save(tmp_path, "sixth", 6, r=3, lora_alpha=24, use_rslora=True)]
     model = PeftModel.from_pretrained(_base(), first)
     prepare_model_for_compiled_hotswap(model, target_rank=8)
     torch._dynamo.reset()

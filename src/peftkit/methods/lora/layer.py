@@ -227,9 +227,12 @@ class LoraAdapter(Adapter):
         return self._cached("w0_sq", (w0,), lambda: LF.row_sq_norm(w0))
 
     def _cached(self, name: str, tensors: tuple[Tensor, ...], compute: Any) -> Tensor:
-        # keyed on inference mode too: a value computed under torch.inference_mode() must not reach autograd
-        # (not read while torch.compile traces: dynamo breaks the graph on it)
-        inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+        # keyed on inference mode too: a value computed under torch.inference_mode() must not reach autograd.
+        # A compiled graph computes the value in the graph: the key (data pointers, version counters) is
+        # Python state dynamo cannot trace, and would break the graph (DoRA compiles with fullgraph=True)
+        if torch.compiler.is_compiling():
+            return compute()
+        inference = torch.is_inference_mode_enabled()
         key = (self.scaling, inference, *((t.data_ptr(), t._version) for t in tensors))
         hit = self._cache.get(name)
         if hit is not None and hit[0] == key:
