@@ -65,6 +65,24 @@ def train_a_little(model: nn.Module, family, steps: int = 3, lr: float = 0.5) ->
     model.eval()
 
 
+def adalora_train(model: nn.Module, family, steps: int = 8, lr: float = 0.5) -> None:
+    """PEFT's AdaLoRA loop: backward, step, ``update_and_allocate(step)``, zero_grad."""
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for step in range(steps):
+        family.run(model).float().pow(2).mean().backward()
+        opt.step()
+        model.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    model.eval()
+
+
+def adalora_train_perturbed(model: nn.Module, family) -> None:
+    """AdaLoRA: non-zero singular values first (the same in both libraries), so that the adapter visibly acts."""
+    perturb(model, only="lora_E")
+    adalora_train(model, family)
+
+
 @torch.no_grad()
 def perturb(model: nn.Module, scale: float = 0.2, seed: int = 3, only: str = "") -> None:
     """Push trainable tensors (whose name contains ``only``) further than a few steps move them."""

@@ -21,10 +21,6 @@ BAD = [
 GOOD = ["lora_1", "my-adapter", "Adapter 2", "__base", "ünïcode", "x" * 255]
 
 
-def setup_module() -> None:
-    torch.set_num_threads(1)
-
-
 def _cfg() -> LoraConfig:
     return LoraConfig(r=2, init_lora_weights=False, target_modules=["q_proj", "v_proj"])
 

@@ -9,7 +9,6 @@ import statistics
 import sys
 
 import pytest
-import torch
 
 from peftkit import get_peft_model
 from peftkit.bench import report
@@ -26,10 +25,8 @@ ARGS = ["bench", "--methods", "lora,bitfit", "--models", "llama-tiny", "--vs-pef
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("bench")
     assert main([*ARGS, "--out", str(out)]) == 0
-    torch.set_num_threads(1)
     records = json.loads((out / "results.json").read_text())
     return out, {(r["method"], r["impl"]): r for r in records}, records
 
@@ -128,7 +125,6 @@ def test_peft_counterpart_is_the_config_class_of_the_same_name():
 def test_accuracy_fine_tunes_the_methods_sst2_recipe_for_the_given_steps(tmp_path):
     from peftkit.bench.run import Options, accuracy
 
-    torch.set_num_threads(1)
     data = pathlib.Path(__file__).resolve().parents[1] / "examples" / "data" / "sst2"
     (tmp_path / "sst2_lora.yaml").write_text(
         "model: minilm\ntask: seq_cls\nmethod: lora\npeft: {r: 2, lora_alpha: 4, target_modules: [query]}\n"

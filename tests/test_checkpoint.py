@@ -24,7 +24,6 @@ class Payload:
 
 @pytest.fixture
 def family():
-    torch.set_num_threads(1)
     return FAMILY[FAMILY_NAME]
 
 

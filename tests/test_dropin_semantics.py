@@ -57,7 +57,6 @@ def test_dora_starts_bit_identical_to_the_base(family, training):
     from tests.families import FAMILY
 
     fam = FAMILY[family]
-    torch.set_num_threads(1)
     kw = {"target_modules": fam.targets} if fam.targets else {}
     with torch.set_grad_enabled(training):
         base = fam.run(fam.model().train(training))

@@ -11,13 +11,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from peftkit import LoraConfig, get_peft_model
 from peftkit.cli import main
 from peftkit.estimate import MB, estimate, load_config
 
-torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

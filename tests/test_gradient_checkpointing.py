@@ -44,7 +44,6 @@ def _loss_and_grads(model, family):
 def test_checkpointing_gives_the_same_adapter_gradients(case, setting):
     spec, _, kwargs = case
     family, reentrant = FAMILY[setting[0]], setting[1]
-    torch.set_num_threads(1)
     if unsupported_targets(spec, family):
         pytest.skip(f"{spec.name} does not wrap what {family.name} targets")
     try:

@@ -13,11 +13,6 @@ from .families import FAMILY, V
 IDS = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
 def _save(tmp_path, name, config, seed):
     torch.manual_seed(seed)
     model = get_peft_model(FAMILY["llama"].model(), config)

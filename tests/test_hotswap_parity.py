@@ -21,11 +21,6 @@ IDS = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(0))
 QV = ["q_proj", "v_proj"]
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
 def _base():
     return FAMILY["llama"].model()  # seeded: every call builds the same weights
 

@@ -35,7 +35,6 @@ def test_inference_mode_no_grad_and_training_mix(example):
         with pytest.raises(Exception, match="bias"):
             _model(example)
         return
-    torch.set_num_threads(1)
     model = _model(example)
     with torch.inference_mode():
         first = model(input_ids=IDS).logits

@@ -15,12 +15,6 @@ from peftkit.methods.lora import merging as M
 
 from .families import FAMILY, V
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 

@@ -14,11 +14,6 @@ from .families import FAMILY, V
 BASE = "__base__"
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
 def _lora_model():
     model = get_peft_model(FAMILY["llama"].model(), LoraConfig(
         r=2, lora_alpha=4, init_lora_weights=False, target_modules="all-linear", lora_dropout=0.1))

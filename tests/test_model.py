@@ -14,11 +14,6 @@ from peftkit import AdapterLayer, LoraConfig, PeftModel, get_peft_model
 from .families import FAMILY
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
 @pytest.fixture
 def llama():
     return FAMILY["llama"]

@@ -15,11 +15,6 @@ from .families import FAMILY
 LR, RATIO = 1e-3, 16
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
 def _models(**kwargs):
     kwargs = {"task_type": "SEQ_CLS", "r": 4, "lora_alpha": 8, **kwargs}
     ours = peftkit.get_peft_model(FAMILY["bert"].model(), peftkit.LoraConfig(**kwargs))

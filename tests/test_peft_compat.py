@@ -37,11 +37,6 @@ def configs(family, kwargs):
     return peft.LoraConfig(**kwargs, **extra), peftkit.LoraConfig(**kwargs, **extra)
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("name", FAMILIES)
 def test_adapter_files_load_both_ways(name, variant, tmp_path):

@@ -11,8 +11,6 @@ from torch import nn
 import peftkit
 from peftkit.compat.facade import LoraLayer, build_module
 
-torch.set_num_threads(1)
-
 
 def _pair() -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)

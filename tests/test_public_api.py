@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import peftkit
+from peftkit import tiny_models
 
 peft = pytest.importorskip("peft")
 if getattr(peft, "__file__", "") and "peftkit" in peft.__file__:  # peftkit serving `import peft`
@@ -53,21 +54,15 @@ def test_every_peft_name_exists_or_is_documented() -> None:
 
 # -- tiny models ----------------------------------------------------------------------------------------------
 def tiny_llama() -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=32)).eval()
+    return tiny_models.llama(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, max_position_embeddings=32).eval()
 
 
 def tiny_bert(head: bool = True) -> torch.nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification, BertModel
-
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                     max_position_embeddings=32, num_labels=3)
-    return (BertForSequenceClassification(cfg) if head else BertModel(cfg)).eval()
+    return tiny_models.bert(head, vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32, max_position_embeddings=32).eval()
 
 
 def perturb(model: torch.nn.Module, seed: int = 1) -> None:

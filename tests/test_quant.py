@@ -20,20 +20,16 @@ from peftkit.quant import (
     QuantizationErrorWarning, dequantize_weight, guard_cpu_repack, merge_errors,
     prepare_model_for_kbit_training, quantize_model, require_bnb,
 )
+from peftkit import tiny_models
 from tests.families import FAMILY
 
-torch.set_num_threads(1)
 IDS = torch.randint(0, 99, (2, 7), generator=torch.Generator().manual_seed(3))
 
 
 def _fp_llama(seed: int = 0) -> nn.Module:
     """Tiny Llama with rows a multiple of 64 wide (bitsandbytes' 4-bit block size; see quantize_model)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=99, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64)).eval()
+    return tiny_models.llama(hidden_size=64, intermediate_size=128).eval()
 
 
 def _llama(bits: int = 4) -> nn.Module:

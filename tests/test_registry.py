@@ -5,17 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 import peftkit
 from peftkit import LoraConfig, MethodSpec, PeftConfig, get_method, list_methods, register_method
 from peftkit import registry
 from peftkit.methods.lora import LoraAdapter
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
 
 
 @pytest.fixture

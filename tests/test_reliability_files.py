@@ -30,11 +30,6 @@ TOP = sorted([*FILES, "README.md"])  # save_pretrained's own folder also holds t
 UP_PROJ = "base_model.model.model.layers.0.mlp.up_proj.weight"
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
 @pytest.fixture
 def llama():
     return FAMILY["llama"]

@@ -21,11 +21,6 @@ CUDA = torch.cuda.is_available()
 EMBED = "base_model.model.model.embed_tokens"
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
 # -- models ------------------------------------------------------------------------------------------------
 
 

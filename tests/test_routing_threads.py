@@ -15,10 +15,6 @@ BASE = "__base__"
 CALLS = 100
 
 
-def setup_module() -> None:
-    torch.set_num_threads(1)
-
-
 def _model():
     """Tiny Llama with two LoRA adapters whose (seeded) weights are all non-zero."""
     torch.manual_seed(0)

@@ -5,18 +5,12 @@ from __future__ import annotations
 
 import peft
 import pytest
-import torch
 from peft.utils.other import get_pattern_key
 
 import peftkit
 from peftkit.targeting import TargetError, model_family, pattern_value
 
 from .families import FAMILY
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
 
 
 def kit_selected(family: str, **kwargs) -> list[str]:

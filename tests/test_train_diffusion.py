@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -18,11 +17,6 @@ from peftkit.train.diffusion import DiffusionTask, PromptEncoder, prompt_for, sa
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SIZE = 8  # the digits' own resolution keeps a step at ~0.1 s on one core (the recipe uses 16 px)
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
 
 
 def _recipe(root: Path, **train_fields) -> Path:

@@ -12,8 +12,6 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 import peftkit
 from peftkit.train.losses import supervised_lm_loss, supervised_tokens
 
-torch.set_num_threads(1)
-
 
 def _models():
     torch.manual_seed(0)

@@ -23,6 +23,10 @@ from .methods.adapters import (
 from .methods.fourierft import FourierFTConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
+from .methods.lora.corda import preprocess_corda
+from .methods.lora.eva import get_eva_state_dict, initialize_lora_eva_weights
+from .methods.lora.init_configs import CordaConfig, EvaConfig, LoraGAConfig
+from .methods.lora.loraga import preprocess_loraga
 from .methods.lycoris import LoHaConfig, LoKrConfig
 from .methods.oft import BOFTConfig, OFTConfig
 from .methods.prompt import (
@@ -50,6 +54,7 @@ from .methods.selective import (
     selection_summary,
 )
 from .methods.ssf import SSFConfig
+from .methods.trainable_tokens import TrainableTokensConfig
 from .methods.vera import VeraConfig
 from .methods.vision import build_cache, classify, set_tokenizer
 from .methods.vision.clip_adapter import ClipAdapterConfig
@@ -69,6 +74,7 @@ from .model import (
     inject_adapter_in_model,
     set_peft_model_state_dict,
 )
+from .mixed_model import PeftMixedModel
 from .auto import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
     AutoPeftModel,
@@ -124,6 +130,9 @@ __all__ = [
     "PEFT_TYPE_TO_CONFIG_MAPPING", "get_peft_config", "LoftQConfig", "PeftType",
     "cast_mixed_precision_params", "get_base_model_state_dict", "load_peft_weights", "set_base_model_state_dict",
     "shift_tokens_right", "get_layer_status", "get_model_status",
+    "CordaConfig", "EvaConfig", "LoraGAConfig", "get_eva_state_dict", "initialize_lora_eva_weights",
+    "preprocess_corda", "preprocess_loraga",
+    "PeftMixedModel",
 ]
 
 from . import compat as _compat  # noqa: E402 - last: the served `peft` is built from the names above

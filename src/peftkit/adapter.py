@@ -9,6 +9,8 @@ unless it needs to.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -35,6 +37,12 @@ class Adapter(nn.Module):
     default_roles: ClassVar[tuple[str, ...]] = ("query", "value")
 
     @classmethod
+    def prepare_model(cls, model: nn.Module, config: Any) -> None:
+        """Change the model's structure before targeting (LoRA's ``layer_replication`` repeats layers with shared
+        weights). Check everything before changing anything; the change stays with the model, and loading an
+        adapter with this config makes it again."""
+
+    @classmethod
     def prepare_config(cls, model: nn.Module, named: list[tuple[str, nn.Module]], config: Any) -> None:
         """Fill architecture-dependent config defaults before targeting (``named``: candidate modules)."""
 
@@ -42,6 +50,15 @@ class Adapter(nn.Module):
     def select_targets(cls, model: nn.Module, named: list[tuple[str, nn.Module]], config: Any) -> list[str]:
         """Paths of the modules to wrap (default: the config's targets; selective methods pick by parameter)."""
         return find_targets(model, named, config, cls.default_roles, cls.supported_layers)
+
+    @classmethod
+    def plan_parameters(cls, model: nn.Module, config: Any, adapter_name: str, paths: list[str],
+                        init: bool) -> Callable[[], None] | None:
+        """Adapters on named parameters rather than modules (LoRA's ``target_parameters``): check the config's and
+        build them before anything changes, and return the function that attaches them (called once, just before
+        the module wrappers are attached; it must not fail). ``paths``: the modules this adapter wraps. None (the
+        default): the method adapts modules only."""
+        return None
 
     @classmethod
     def check_new_adapter(cls, configs: dict[str, Any], config: Any, adapter_name: str) -> None:
@@ -60,6 +77,18 @@ class Adapter(nn.Module):
     # see more than one layer's input and output (LLaMA-Adapter's gated attention) brings its own subclass.
     layer_cls: ClassVar[type | None] = None
 
+    # A field of *other* methods' configs through which they add this method's adapters under the same adapter
+    # name (peft's auxiliary wrappers: ``LoraConfig.trainable_token_indices`` adds trainable tokens). When a
+    # config's value of it is not None, the tuner also wraps ``select_targets(model, named, config)`` (given that
+    # config) with this class, built with that config, before anything changes (``auxiliary.py``).
+    auxiliary_field: ClassVar[str | None] = None
+
+    @classmethod
+    def after_inject(cls, model: nn.Module, adapter_name: str) -> None:
+        """Called once the new adapter's layers are all in place (before the model hooks): a method whose layers
+        refer to each other links them here (trainable tokens: layers tied to the input embedding share its
+        tensor). Must not fail."""
+
     @classmethod
     def install_model_hooks(cls, model: nn.Module) -> None:
         """Called after an adapter of this method is added to ``model`` (the user's model, not the wrapper):
@@ -69,6 +98,17 @@ class Adapter(nn.Module):
     @classmethod
     def remove_model_hooks(cls, model: nn.Module) -> None:
         """Undo ``install_model_hooks`` (``unload``): the model is left as it was before the first adapter."""
+
+    @classmethod
+    def call_context(cls, model: Any, call: dict[str, Any]) -> AbstractContextManager | None:
+        """Per-call state around one ``PeftModel`` forward or ``generate`` (aLoRA finds each row's invocation
+        sequence in the prompt once, and its layers read where it starts). ``model``: the ``PeftModel``;
+        ``call``: ``{"args": positional arguments, "kwargs": keyword arguments, "adapter_names": the mixed
+        batch's names or None, "generate": bool}``; a method pops its own arguments from ``call["kwargs"]`` (so
+        they do not reach the base model). Return a context manager, entered around the call, or None (the
+        default: nothing). Per-call state lives in a thread-local the context sets and restores, never on the
+        layers, which request threads share (as ``routing.routed``)."""
+        return None
 
     # -- data-dependent setup ----------------------------------------------------------------------------
     @classmethod
@@ -121,6 +161,14 @@ class Adapter(nn.Module):
     def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def forward_around(self, base: nn.Module, x: Tensor, inner: Callable[[Tensor], Tensor]) -> Tensor:
+        """The adapter applied around ``inner`` (its input -> the output of the base layer with the adapters
+        nested inside this one), for layers that nest adapters as peft's mixed model does (``mixed_model.py``).
+        The default acts on the output: ``forward(base, x, inner(x))``, right for a method that adds to (or
+        transforms) the output given the layer's input. A method that transforms the layer's *input* (OFT
+        rotates it) overrides it with ``inner(transformed x)``, so the adapters inside see the transformed input."""
+        return self.forward(base, x, inner(x))
+
     def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
         """Optional fast path: base and adapter output in one pass, or None to decline.
 
@@ -139,6 +187,11 @@ class Adapter(nn.Module):
         decline; the layer then loops over the adapters, one ``forward`` on each one's rows.
         """
         return None
+
+    def check_merge(self, base: nn.Module) -> None:
+        """Refuse a merge before anything changes: raise with the reason when no merged weight can stand for this
+        adapter (aLoRA adapts only part of each sequence). ``merge_adapter`` / ``merge_and_unload`` call it for
+        every adapter they would merge, on every layer, before any layer changes. The default allows it."""
 
     def delta_weight(self, base: nn.Module) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weight")

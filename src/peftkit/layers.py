@@ -126,6 +126,7 @@ class AdapterLayer(PeftLayerSurface, nn.Module):
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base parameters (in place, so tied weights stay tied)."""
         names = self.active_adapters if adapter_names is None else adapter_names
+        self.check_merge(names)
         base = self.base_layer
         if _quantized(base):  # dequantize, merge, re-quantize and report the error (peftkit.quant)
             merge_quantized(self, list(names), safe_merge)
@@ -168,6 +169,13 @@ class AdapterLayer(PeftLayerSurface, nn.Module):
                 records[pname] = (state, idx, err[idx]) if idx.numel() else (state, None, None)
             self._restore[name] = records
             self.merged_adapters.append(name)
+
+    def check_merge(self, adapter_names: list[str] | None = None) -> None:
+        """Raise before anything changes if an adapter a merge of ``adapter_names`` (None: the active ones) would
+        fold in refuses it (``Adapter.check_merge``: aLoRA)."""
+        for name in self.active_adapters if adapter_names is None else adapter_names:
+            if name in self.adapters and name not in self.merged_adapters:
+                self.adapters[name].check_merge(self.base_layer)
 
     def _unmerge_param(self, adapter: Adapter, pname: str, value: Tensor, state: Any) -> Tensor:
         if pname == "weight":

@@ -25,6 +25,7 @@ from .functional import (  # noqa: F401 - re-exported: peft has them next to its
     set_peft_model_state_dict,
     tuner_of,
 )
+from .mixed_model import PeftMixedModel
 from .model_api import PeftModelAPI
 from .serving import warn_if_tools_see_real_peft
 from .signature import ForwardWithBaseSignature
@@ -53,18 +54,31 @@ class PeftModel(PeftModelAPI, nn.Module):
 
     def _forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """Run the model; ``adapter_names`` (one per batch row, "__base__" for none) mixes adapters in a batch."""
-        if adapter_names is None:
-            return self.base_model(*args, **kwargs)
-        with self.base_model.route(adapter_names):
-            return self.base_model(*args, **kwargs)
+        with self._call_scope(args, kwargs, adapter_names, generate=False):
+            if adapter_names is None:
+                return self.base_model(*args, **kwargs)
+            with self.base_model.route(adapter_names):
+                return self.base_model(*args, **kwargs)
 
     forward = ForwardWithBaseSignature(_forward)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        if adapter_names is None:
-            return self.get_base_model().generate(*args, **kwargs)
-        with self.base_model.route(adapter_names):
-            return self.get_base_model().generate(*args, **kwargs)
+        with self._call_scope(args, kwargs, adapter_names, generate=True):
+            if adapter_names is None:
+                return self.get_base_model().generate(*args, **kwargs)
+            with self.base_model.route(adapter_names):
+                return self.get_base_model().generate(*args, **kwargs)
+
+    def _call_scope(self, args: tuple, kwargs: dict[str, Any], adapter_names: list[str] | None,
+                    generate: bool) -> contextlib.AbstractContextManager:
+        """The methods' per-call state around one forward / generate (``Adapter.call_context``; e.g. aLoRA's
+        offsets). A method may pop its own arguments from ``kwargs`` (the dict the call then passes on)."""
+        call = {"args": args, "kwargs": kwargs, "adapter_names": adapter_names, "generate": generate}
+        contexts = [c for c in (cls.call_context(self, call) for cls in list(self.base_model.hooked_methods))
+                    if c is not None]
+        if len(contexts) <= 1:
+            return contexts[0] if contexts else contextlib.nullcontext()
+        return _entered_together(contexts)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -286,6 +300,14 @@ class PeftModel(PeftModelAPI, nn.Module):
     add_weighted_adapter = merging.add_weighted_adapter
 
 
+@contextlib.contextmanager
+def _entered_together(contexts: list[contextlib.AbstractContextManager]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
+        yield
+
+
 def _resolve_folder(model_id: str | os.PathLike, subfolder: str | None) -> str:
     folder = os.fspath(model_id)
     if subfolder:
@@ -337,14 +359,15 @@ def get_peft_model(
     autocast_adapter_dtype: bool = True,
     revision: str | None = None,
     low_cpu_mem_usage: bool = False,
-) -> PeftModel:
-    """Wrap ``model`` with a new adapter described by ``peft_config`` (the PeftModel subclass follows task_type)."""
-    if mixed:
-        raise NotImplementedError("mixed adapter types are not supported yet")
+) -> PeftModel | PeftMixedModel:
+    """Wrap ``model`` with a new adapter described by ``peft_config`` (the PeftModel subclass follows task_type;
+    ``mixed``: a PeftMixedModel, adapters of different types at once, see mixed_model.py)."""
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
     if peft_config.base_model_name_or_path is None and name_or_path:
         peft_config.base_model_name_or_path = name_or_path
     if revision is not None:
         peft_config.revision = revision
+    if mixed:  # as peft: autocast_adapter_dtype and low_cpu_mem_usage are not passed on
+        return PeftMixedModel(model, peft_config, adapter_name=adapter_name)
     cls = TASK_MODEL.get(peft_config.task_type, PeftModel)
     return cls(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)

@@ -327,6 +327,8 @@ def _warn_unused_filters(config: Any, names: list[str], found: list[str]) -> Non
         )
         if not hit:
             warnings.warn(f"exclude_modules={excl!r} matched no module; nothing was excluded", stacklevel=4)
+    # LoRA's target_parameters are keyed by their (dotted) parameter name too: "_." stands for its module path
+    found = [*found, *(f"_.{t}" for t in getattr(config, "target_parameters", None) or ())]
     for field in ("rank_pattern", "alpha_pattern"):
         # a key names a targeted module (a regex on its path's end) or a tensor in one (AdaLoRA: "<path>.lora_E")
         unused = [k for k in getattr(config, field, None) or {}

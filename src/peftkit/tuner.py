@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
 from .config import PeftConfig
-from . import mha, routing
+from . import auxiliary, mha, routing
 from .layers import Adapter, AdapterLayer, SharedState, adapter_layers
 from .registry import get_method
 from .targeting import Conv1D
@@ -33,6 +33,10 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 class TunerModel(nn.Module):
     """The user's model plus the machinery that attaches, activates and removes adapters."""
+
+    # the wrapper a targeted module gets unless its method brings its own (``Adapter.layer_cls``); the mixed
+    # model's tuner (mixed_model.py) uses one that nests adapters of different types, as peft's mixed model
+    wrapper_cls: type[AdapterLayer] = AdapterLayer
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -145,6 +149,7 @@ class TunerModel(nn.Module):
         spec = get_method(config)
         cls = spec.adapter_cls
         self._check_new_adapter(cls, config, adapter_name)
+        cls.prepare_model(self.model, config)  # structural changes first (LoRA's layer_replication)
         named = self.candidates()
         cls.prepare_config(self.model, named, config)  # architecture-dependent defaults (e.g. (IA)3's FFN names)
         # before targeting: a task head is saved in full, never a target
@@ -155,10 +160,11 @@ class TunerModel(nn.Module):
         # nn.MultiheadAttention's out_proj): such targets get a wrapper whose weight is the adapted one
         # (read_by_parent), or are kept from methods that are not weight deltas (mha.py)
         paths, read_by_parent = mha.select_targets(cls, self.model, named, config, spec)
+        attach_parameters = cls.plan_parameters(self.model, config, adapter_name, paths, init)  # target_parameters
         saved = select_saved(self.model, list(getattr(config, "modules_to_save", None) or []), adapter_name,
                              AdapterLayer)
         modules = dict(named)
-        wrappers = dict(self.model.named_modules())
+        wrappers = dict(self.model.named_modules(remove_duplicate=False))  # aliases too (T5's tied embeddings)
         shared, extra = None, {}
         if cls.uses_shared_state:  # adapter-level tensors, built once and handed to every layer
             others = {n: (c, self.shared_state[n].tensors()) for n, c in self.peft_config.items()
@@ -167,13 +173,18 @@ class TunerModel(nn.Module):
             extra = {"shared": shared}
         built = []
         for path in paths:  # build everything before touching the model
-            base = modules[path]
+            base = modules[path] if path in modules else getattr(wrappers[path], "base_layer", wrappers[path])
             if isinstance(base, Conv1D) and not getattr(config, "fan_in_fan_out", True):
                 config.fan_in_fan_out = True  # GPT-2's Conv1D stores its weight transposed
             built.append((path, base, _build(cls, base, config, path, init, meta, extra)))
+        # adapters a field of this config asks for of another method (LoRA's trainable_token_indices)
+        aux_built, aux_classes = auxiliary.build(self.model, named, config, cls, paths, init)
+        built += aux_built
         if shared is not None:
             self.shared_state[adapter_name] = shared
-        layer_cls = cls.layer_cls or AdapterLayer  # a method may need its own wrapper (e.g. attention)
+        layer_cls = cls.layer_cls or self.wrapper_cls  # a method may need its own wrapper (e.g. attention)
+        if attach_parameters is not None:
+            attach_parameters()
         for path, base, adapter in built:
             if isinstance(wrappers[path], AdapterLayer):
                 layer = wrappers[path]
@@ -184,6 +195,8 @@ class TunerModel(nn.Module):
             if layer is not wrappers[path]:
                 _set_submodule(self.model, path, layer)
             layer.add(adapter_name, adapter)
+        for method in (cls, *aux_classes):  # layers that refer to each other are linked (tied embeddings)
+            method.after_inject(self.model, adapter_name)
         for path in saved:  # a module already saved by another adapter gets one more copy (as PEFT)
             wrapper = self.model.get_submodule(path)
             if not isinstance(wrapper, ModulesToSaveWrapper):
@@ -323,7 +336,10 @@ class TunerModel(nn.Module):
 
     # -- merge / unload --------------------------------------------------------------------------------
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        for _, layer in self.adapter_layers():
+        layers = self.adapter_layers()
+        for _, layer in layers:  # every refusal (Adapter.check_merge) before any layer changes
+            layer.check_merge(adapter_names)
+        for _, layer in layers:
             layer.merge(adapter_names, safe_merge=safe_merge)
 
     def unmerge(self) -> None:
@@ -334,6 +350,8 @@ class TunerModel(nn.Module):
     def unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         """Put every base module back (merged first if asked) and return the plain model."""
         methods = self.hooked_methods | {type(a) for _, layer in self.adapter_layers() for a in layer.adapters.values()}
+        for _, layer in self.adapter_layers() if merge else ():  # refusals before anything changes
+            layer.check_merge(adapter_names)
         for path, layer in reversed(self.adapter_layers()):  # a wrapper inside another's base first
             if merge:
                 layer.merge(adapter_names, safe_merge=safe_merge)

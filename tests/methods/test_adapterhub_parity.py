@@ -22,7 +22,6 @@ from peftkit.methods.adapters.compacter import CompacterConfig, CompacterPlusPlu
 from peftkit.methods.adapters.hybrid import MamConfig, UniPeltConfig
 
 safetensors = pytest.importorskip("safetensors.torch")
-torch.set_num_threads(1)
 
 FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "adapterhub"
 META = json.loads((FIXTURE / "meta.json").read_text())

@@ -14,8 +14,6 @@ from peftkit.targeting import NotApplicableError, TargetError
 
 from ..families import FAMILY, nudge_trainable
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def roberta_base():

@@ -13,8 +13,6 @@ from peftkit.targeting import TargetError
 
 from ..families import FAMILY, nudge_trainable
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def roberta_base():

@@ -13,7 +13,6 @@ from peftkit.targeting import TargetError
 
 from ..families import FAMILY
 
-torch.set_num_threads(1)
 FAM = FAMILY["bert"]
 
 

@@ -12,7 +12,6 @@ from peftkit.methods.prompt.prefix_tuning import PrefixTuningConfig
 
 from ..families import FAMILY, nudge_trainable
 
-torch.set_num_threads(1)
 GPT2 = FAMILY["gpt2"]
 
 

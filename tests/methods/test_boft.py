@@ -17,34 +17,7 @@ from peftkit.methods.oft import functional as OF
 from peftkit.methods.oft.kernels import RotatedLinear
 
 from ..families import FAMILY
-from ..parity import (
-    assert_loads_both_ways, assert_merges_like_peft, assert_same_file_layout, assert_same_trainable_state,
-    linearized, paired_configs, train_a_little,
-)
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
-def reference_model(name: str) -> nn.Module:
-    model = FAMILY[name].model()
-    return linearized(model) if name == "gpt2" else model  # peft's BOFT cannot wrap GPT-2's Conv1D
-
-
-def configs(name: str, **kwargs):
-    return paired_configs(FAMILY[name], peft.BOFTConfig, BOFTConfig, **kwargs)
-
-
-# peft on a machine without its CUDA extension silently uses one butterfly factor, so parity runs with one
-CASES = [
-    ("llama", {"boft_block_size": 4}),
-    ("bert", {"boft_block_size": 8}),
-    ("gpt2", {"boft_block_num": 4, "boft_block_size": 0}),
-    ("convnet", {"boft_block_size": 3}),  # conv widths c_in * 3 * 3: 27 and 72
-]
-IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for n, kw in CASES]
+from ..parity import train_a_little
 
 
 def peft_dense_rotation(blocks: torch.Tensor, width: int) -> torch.Tensor:
@@ -206,45 +179,5 @@ def test_butterfly_model_trains_saves_and_reloads(tmp_path):
 
 
 # -- compatibility with Hugging Face PEFT ------------------------------------------------------------------
-@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=IDS)
-def test_same_trainable_parameter_count_and_shapes_as_peft(name, kwargs):
-    ref_cfg, our_cfg = configs(name, **kwargs)
-    ref = peft.get_peft_model(reference_model(name), ref_cfg)
-    ours = peftkit.get_peft_model(FAMILY[name].model(), our_cfg)
-    assert_same_trainable_state(ref, ours)
 
 
-@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=IDS)
-def test_adapter_files_load_both_ways(name, kwargs, tmp_path):
-    family = FAMILY[name]
-    ref_cfg, our_cfg = configs(name, **kwargs)
-    mine, loaded = assert_loads_both_ways(
-        family, ref_cfg, our_cfg, tmp_path, train=lambda m, f: train_a_little(m, f, lr=2.0),
-        reference_model=lambda: reference_model(name), min_change=1e-6,
-    )
-    assert_same_file_layout(tmp_path, ".boft_R")
-    assert_same_file_layout(tmp_path, ".boft_s")
-    torch.testing.assert_close(family.run(mine.merge_and_unload()), family.run(loaded.merge_and_unload()),
-                               atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("name", ["llama", "bert", "convnet"])
-def test_merge_matches_peft_merged_weights(name, tmp_path):
-    family = FAMILY[name]
-    ref_cfg, _ = configs(name, init_weights=False, boft_block_size=3 if name == "convnet" else 4)
-    torch.manual_seed(4)
-    theirs = peft.get_peft_model(family.model(), ref_cfg)
-    theirs.save_pretrained(tmp_path)
-    ours = peftkit.PeftModel.from_pretrained(family.model(), tmp_path)
-    torch.testing.assert_close(family.run(ours), family.run(theirs), atol=1e-5, rtol=0)
-    changed = assert_merges_like_peft(family, theirs, ours)
-    assert changed and all(k.endswith(".weight") for k in changed), changed
-
-
-def test_boft_only_bias_trains_and_saves_like_peft(tmp_path):
-    family = FAMILY["bert"]
-    ref_cfg, our_cfg = configs("bert", boft_block_size=4, bias="boft_only")
-    ours = peftkit.get_peft_model(family.model(), our_cfg)
-    theirs = peft.get_peft_model(family.model(), ref_cfg)
-    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
-    assert_same_trainable_state(theirs, ours)

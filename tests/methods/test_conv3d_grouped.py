@@ -24,11 +24,6 @@ from ..parity import assert_loads_both_ways, assert_merges_like_peft, assert_sam
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
 class Video(nn.Module):
     """A strided 3x3x3 stem and a (3, 1, 3) mixing convolution (grouped, with or without bias)."""
 

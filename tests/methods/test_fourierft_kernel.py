@@ -21,11 +21,6 @@ from ..parity import TwoProjections, assert_same_outputs_and_grads
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
 def dense_reference(spectrum, rows, cols, d_out, d_in, scaling):
     dense = torch.zeros(d_out, d_in, dtype=spectrum.dtype).index_put((rows, cols), spectrum)
     return torch.fft.ifft2(dense).real * scaling

@@ -26,11 +26,6 @@ IDS = ["loha", "lokr-full", "lokr-low-rank"]
 CLASSES = {"loha": (peft.LoHaConfig, LoHaConfig), "lokr": (peft.LoKrConfig, LoKrConfig)}
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
 def _pair(method: str, kwargs: dict):
     torch.manual_seed(0)
     model = TwoProjections()

@@ -19,7 +19,6 @@ CONFIGS = {
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_low_precision_forward_merge_unmerge(name, dtype):
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = peftkit.get_peft_model(nn.Sequential(nn.Linear(16, 16)), CONFIGS[name]())
     with torch.no_grad():

@@ -26,10 +26,6 @@ CASES = [(m, f) for m in CONFIGS for f in ("gpt2", "llama")]
 STEPS = 5
 
 
-def setup_module() -> None:
-    torch.set_num_threads(1)
-
-
 @torch.no_grad()
 def perturb(model) -> None:
     g = torch.Generator().manual_seed(7)

@@ -24,10 +24,6 @@ from peftkit.targeting import NotApplicableError
 from ..families import FAMILY
 
 
-def setup_module() -> None:
-    torch.set_num_threads(1)
-
-
 def wrap(family: str, config):
     return peftkit.get_peft_model(FAMILY[family].model(), config)
 

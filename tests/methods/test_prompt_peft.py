@@ -21,10 +21,6 @@ peft = pytest.importorskip("peft")
 ATOL = 1e-5
 
 
-def setup_module() -> None:
-    torch.set_num_threads(1)
-
-
 def peft_config(kind: str, task_type: str):
     if kind == "prompt":
         return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=3)

@@ -10,12 +10,9 @@ import peftkit
 from peftkit import BitFitConfig, PeftConfig, PeftModel, SelectionError, get_peft_model, selection_summary
 from peftkit.targeting import NotApplicableError
 
+from peftkit import tiny_models
+
 from ..families import FAMILY
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +109,9 @@ def test_bias_free_model_is_not_applicable():
 
 
 def test_loading_onto_a_model_with_other_shapes_fails_clearly(tmp_path):
-    from transformers import BertConfig, BertForSequenceClassification
-
     family = FAMILY["bert"]
     get_peft_model(family.model(), BitFitConfig(task_type="SEQ_CLS")).save_pretrained(tmp_path)
-    other = BertForSequenceClassification(BertConfig(
-        vocab_size=99, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-        max_position_embeddings=64, num_labels=3))
+    other = tiny_models.bert(hidden_size=48)  # the bert family, wider
     flags = {n: p.requires_grad for n, p in other.named_parameters()}
     with pytest.raises(SelectionError, match=r"'bert.embeddings.LayerNorm.bias' has shape \(48,\) in this model "
                                              r"but \(32,\) in the adapter"):

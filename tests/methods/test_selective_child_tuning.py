@@ -13,11 +13,6 @@ from ..families import FAMILY
 BERT = FAMILY["bert"]
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
 def batches(n: int = 3, rows: int = 4):
     g = torch.Generator().manual_seed(0)
     return [{"input_ids": torch.randint(0, 99, (rows, 7), generator=g), "labels": torch.randint(0, 3, (rows,), generator=g)}

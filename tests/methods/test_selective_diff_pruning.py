@@ -13,14 +13,9 @@ from peftkit import DiffPruningConfig, PeftModel, get_peft_model, l0_penalty, pr
 from peftkit.config import ConfigError
 from peftkit.methods.selective.diff_pruning import DiffPruningAdapter
 
-from ..families import FAMILY
+from ..families import FAMILY, minilm_size_bert
 
 BERT = FAMILY["bert"]
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
 
 
 def n_targeted() -> int:
@@ -117,14 +112,7 @@ def test_config_validation(kwargs, field):
 
 
 def test_projected_file_at_half_a_percent_is_under_1_5_percent_of_the_model(tmp_path):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    def build():
-        torch.manual_seed(0)
-        return BertForSequenceClassification(BertConfig(
-            hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
-            vocab_size=30522, num_labels=2)).eval()
-
+    build = minilm_size_bert
     model = get_peft_model(build(), DiffPruningConfig(task_type="SEQ_CLS", density=0.005)).train()
     batch = {"input_ids": torch.randint(1000, 20000, (2, 16), generator=torch.Generator().manual_seed(0))}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -15,14 +15,11 @@ from peftkit import FishMaskConfig, PeftConfig, PeftModel, SelectionError, fishe
 from peftkit.config import ConfigError
 from peftkit.methods.selective.select import choose_format, global_top_k
 
-from ..families import FAMILY
+from peftkit import tiny_models
+
+from ..families import FAMILY, minilm_size_bert
 
 FAMILY_BERT = FAMILY["bert"]
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
 
 
 def batches(n: int = 3, rows: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -236,13 +233,9 @@ def test_density_that_keeps_nothing_and_conflicting_fields():
 
 
 def test_loading_onto_a_model_with_other_shapes_fails_clearly(tmp_path):
-    from transformers import BertConfig, BertForSequenceClassification
-
     model = get_peft_model(FAMILY_BERT.model(), FishMaskConfig(density=0.5, criterion="random", task_type="SEQ_CLS"))
     model.save_pretrained(tmp_path)
-    other = BertForSequenceClassification(BertConfig(
-        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
-        max_position_embeddings=64, num_labels=3))
+    other = tiny_models.bert(intermediate_size=40)  # the bert family with wider feed-forward layers
     with pytest.raises(SelectionError, match=r"'bert\.encoder\.layer\.0\.intermediate\.dense\.(weight|bias)' has "
                                              r"shape \((40, 32|40,)\) in this model but \((37, 32|37,)\) in the adapter"):
         PeftModel.from_pretrained(other, tmp_path)
@@ -265,19 +258,10 @@ def test_global_top_k_breaks_ties_by_order():
 # -- MiniLM-size model: file size and training memory -----------------------------------------------------
 @pytest.fixture(scope="module")
 def minilm_size():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    def build():
-        torch.manual_seed(0)
-        return BertForSequenceClassification(BertConfig(
-            hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
-            vocab_size=30522, num_labels=2)).eval()
-
-    return build
+    return minilm_size_bert
 
 
 def test_file_at_half_a_percent_density_is_under_1_5_percent_of_the_model(minilm_size, tmp_path):
-    torch.set_num_threads(1)
     model = get_peft_model(minilm_size(), FishMaskConfig(density=0.005, task_type="SEQ_CLS"))
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": torch.randint(1000, 20000, (2, 16), generator=g), "labels": torch.tensor([0, 1])}]

@@ -12,11 +12,6 @@ from peftkit.methods.selective import block_stacks
 from ..families import FAMILY
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
 def size(module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -16,11 +16,6 @@ from ..families import FAMILY, ConvNet
 from ..parity import perturb
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
 def _conv1d(d_in: int, d_out: int) -> nn.Module:
     from transformers.pytorch_utils import Conv1D
 

@@ -16,11 +16,6 @@ from ..families import FAMILY
 from .test_vision_coop import CLASSES, few_shot_loss_drops, images, tiny_clip, tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
 def adapters(model):
     return dict(model.base_model.adapters("default"))
 

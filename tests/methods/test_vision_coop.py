@@ -16,28 +16,19 @@ from peftkit.methods.vision.clip import prompt_ids
 from peftkit.methods.vision.coop import CoCoOpConfig, CoOpConfig
 from peftkit.targeting import NotApplicableError
 
+from peftkit import tiny_models
+
 from ..families import FAMILY
 
 VOCAB = ["<|startoftext|>", "<|endoftext|>", "X", "a", "photo", "of", ".", "cat", "dog", "car", "bird", "red", "fish"]
 CLASSES = ["cat", "dog", "car"]
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
 def tiny_clip(seed: int = 0, projection_dim: int = 32):
-    from transformers import CLIPConfig, CLIPModel
-
+    """The clip family's towers on VOCAB (whose special tokens the text tower knows)."""
     torch.manual_seed(seed)
-    return CLIPModel(CLIPConfig(
-        text_config=dict(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                           num_attention_heads=4),
-        projection_dim=projection_dim)).eval()
+    return tiny_models.clip(text=dict(vocab_size=len(VOCAB), bos_token_id=0, eos_token_id=1, pad_token_id=1),
+                            projection_dim=projection_dim).eval()
 
 
 def tokenizer():

@@ -20,11 +20,6 @@ from .test_vision_coop import CLASSES, few_shot_loss_drops, images, reference_im
 SUPPORT, LABELS = images(6, seed=11), torch.tensor([0, 1, 2, 0, 1, 2])
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
 def cache(model):
     return next(a for _, a in model.base_model.adapters("default"))
 

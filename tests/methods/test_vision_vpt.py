@@ -16,11 +16,6 @@ from peftkit.targeting import NotApplicableError
 from ..families import FAMILY
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
 def prompts(model) -> dict[str, torch.Tensor]:
     """Layer path -> prompt tensor of the default adapter."""
     return {path: a.vpt_prompt.detach() for path, a in model.base_model.adapters("default")}

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import tiny_models
 from ..registry import MethodSpec, list_methods
 
 
@@ -59,59 +60,22 @@ class BenchModel:
 
 
 V = 1000  # vocabulary of the tiny language models
-
-
-@functools.lru_cache(maxsize=1)
-def _minilm_state() -> tuple[Any, dict[str, torch.Tensor]]:
-    """Load the MiniLM (2-label head, seeded) once per process; later builds copy the state dict."""
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    from ..train.models import minilm_dir
-
-    hf_logging.set_verbosity_error()  # "some weights newly initialized": the classification head
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
-    return model.config, {k: v.clone() for k, v in model.state_dict().items()}
+# the bench's tiny models: 2 layers x 64 (the test families' builders at the bench's sizes)
+TINY = dict(vocab_size=V, hidden_size=64, intermediate_size=128, max_position_embeddings=256)
 
 
 def _minilm() -> nn.Module:
-    from transformers import BertForSequenceClassification
+    """The real MiniLM, 2-label head (loaded once per process; later builds copy the state dict)."""
+    from transformers.utils import logging as hf_logging
 
-    config, state = _minilm_state()
-    model = BertForSequenceClassification(config)
-    model.load_state_dict(state)
-    return model
-
-
-def _bert() -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    return BertForSequenceClassification(BertConfig(
-        vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=256, num_labels=2))
+    hf_logging.set_verbosity_error()  # "some weights newly initialized": the classification head
+    return tiny_models.minilm()
 
 
-def _llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256))
-
-
-def _gpt2() -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=256))
-
-
-def _vit() -> nn.Module:
-    from transformers import ViTConfig, ViTForImageClassification
-
-    return ViTForImageClassification(ViTConfig(
-        image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, num_labels=3))
+_bert = functools.partial(tiny_models.bert, **TINY, num_labels=2)
+_llama = functools.partial(tiny_models.llama, **TINY)
+_gpt2 = functools.partial(tiny_models.gpt2, vocab_size=V, n_embd=64, n_positions=256)
+_vit = functools.partial(tiny_models.vit, hidden_size=64, intermediate_size=128)
 
 
 MODELS: dict[str, BenchModel] = {m.name: m for m in (

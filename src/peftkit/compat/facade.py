@@ -20,6 +20,7 @@ from torch import nn
 import peftkit
 from peftkit import checkpoint as ckpt
 from peftkit import helpers
+from peftkit import mixed_model as mixed_mod
 from peftkit import model as model_mod
 from peftkit.layers import AdapterLayer
 from peftkit.methods.lycoris.functional import factorization
@@ -60,13 +61,6 @@ class AuxiliaryTrainingWrapper(metaclass=_NeverMeta):
     are renamed with the adapter's (weight_mapping.py), so no module is one of these."""
 
 
-class PeftMixedModel(nn.Module):
-    """peft's model for adapters of different types at once; peftkit has no such model yet."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError("PeftMixedModel: adapters of different types in one model are not supported yet")
-
-
 def _get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
     """(parent, module, last name) of the module at ``key`` (peft.utils._get_submodules)."""
     parent = model.get_submodule(".".join(key.split(".")[:-1]))
@@ -87,26 +81,34 @@ def _public() -> dict[str, Any]:
 
 _STATE = {"get_peft_model_state_dict": model_mod.get_peft_model_state_dict,
           "set_peft_model_state_dict": model_mod.set_peft_model_state_dict}
-_MODELS = {"PeftModel": model_mod.PeftModel, "PeftMixedModel": PeftMixedModel,
+_MODELS = {"PeftModel": model_mod.PeftModel, "PeftMixedModel": peftkit.PeftMixedModel,
            **{n: getattr(model_mod, n) for n in dir(model_mod) if n.startswith("PeftModelFor")}}
 _UTILS = {**_STATE, "ModulesToSaveWrapper": ModulesToSaveWrapper, "AuxiliaryTrainingWrapper": AuxiliaryTrainingWrapper,
           "_get_submodules": _get_submodules}
 _LORA = {"LoraConfig": peftkit.LoraConfig, "LoraModel": TunerModel, "LoraLayer": LoraLayer}
+# LoRA's data-driven initialisations (methods/lora/eva.py, corda.py, loraga.py, init_configs.py)
+_LORA_INIT_CONFIGS = {n: getattr(peftkit, n) for n in ("EvaConfig", "CordaConfig", "LoraGAConfig")}
+_LORA_INITS = {**_LORA_INIT_CONFIGS, **{n: getattr(peftkit, n) for n in (
+    "get_eva_state_dict", "initialize_lora_eva_weights", "preprocess_loraga")}}
 
 # module name -> names it holds (a callable is called when the module is built)
 FACADES: dict[str, dict[str, Any] | Callable[[], dict[str, Any]]] = {
     "peft": lambda: {**_public(), **_MODELS, "inject_adapter_in_model": inject_adapter_in_model},
     "peft.peft_model": _MODELS,
-    "peft.mixed_model": {"PeftMixedModel": PeftMixedModel},
+    "peft.mixed_model": {"PeftMixedModel": peftkit.PeftMixedModel},
+    "peft.tuners.mixed": {"MixedModel": mixed_mod.MixedModel, "COMPATIBLE_TUNER_TYPES": mixed_mod.COMPATIBLE_TUNER_TYPES},
     "peft.config": {"PeftConfig": peftkit.PeftConfig, "PromptLearningConfig": peftkit.PromptLearningConfig},
     "peft.mapping": lambda: {"get_peft_model": peftkit.get_peft_model,
                              "inject_adapter_in_model": inject_adapter_in_model},
     "peft.mapping_func": lambda: {"get_peft_model": peftkit.get_peft_model},
     "peft.tuners": lambda: {n: v for n, v in _public().items() if n.endswith(("Config", "Model"))},
     "peft.tuners.tuners_utils": {"BaseTunerLayer": AdapterLayer, "BaseTuner": TunerModel},
-    "peft.tuners.lora": _LORA,
+    "peft.tuners.lora": {**_LORA, **_LORA_INITS},
     "peft.tuners.lora.layer": _LORA,
-    "peft.tuners.lora.config": _LORA,
+    "peft.tuners.lora.config": {**_LORA, **_LORA_INIT_CONFIGS},
+    "peft.tuners.lora.eva": {n: _LORA_INITS[n] for n in ("get_eva_state_dict", "initialize_lora_eva_weights")},
+    "peft.tuners.lora.corda": {"preprocess_corda": peftkit.preprocess_corda, "CordaConfig": peftkit.CordaConfig},
+    "peft.tuners.lora.loraga": {"preprocess_loraga": peftkit.preprocess_loraga},
     "peft.tuners.lora.model": _LORA,
     "peft.tuners.loha": {"LoHaConfig": peftkit.LoHaConfig, "LoHaLayer": LoHaLayer},
     "peft.tuners.loha.layer": {"LoHaLayer": LoHaLayer},

@@ -12,22 +12,25 @@ from ...config import (
     ConfigError, PeftConfig, check_bool, check_int, check_number, check_pattern, check_probability, is_int,
 )
 
+from ..trainable_tokens.config import check_token_indices
 from .dispatch import register_custom_module
+from .replication import check_layer_map
+from .init_configs import CordaConfig, EvaConfig, LoraGAConfig, subconfig
 
-_INIT_NAMES = ("gaussian", "pissa", "olora", "loftq")
+# "orthogonal", "eva", "corda", "lora_ga": data-driven and random-orthogonal inits (methods/lora/data_init.py)
+_INIT_NAMES = ("gaussian", "pissa", "olora", "loftq", "orthogonal", "eva", "corda", "lora_ga")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 # Hugging Face PEFT fields that peftkit reads (so its configs load without warnings) but does not
 # implement. Any value other than the default is rejected with a clear error instead of being ignored.
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
-    "megatron_config": None, "megatron_core": "megatron.core", "trainable_token_indices": None,
-    "eva_config": None, "corda_config": None, "lora_ga_config": None,
-    "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
-    "monteclora_config": None, "layer_replication": None, "target_parameters": None, "use_bdlora": None,
+    "megatron_config": None, "megatron_core": "megatron.core",
+    "velora_config": None, "use_qalora": False, "qalora_group_size": 16,
+    "monteclora_config": None, "use_bdlora": None,
     "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False,
 }
-# fields where an empty list means the same as the default (PEFT writes ``"target_parameters": []``)
-_EMPTY_IS_DEFAULT = ("target_parameters",)
+# fields where an empty list means the same as the default
+_EMPTY_IS_DEFAULT: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -46,13 +49,23 @@ class LoraConfig(PeftConfig):
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023).
         modules_to_save: modules trained in full and saved with the adapter (e.g. a classifier head).
         init_lora_weights: True (Kaiming A, zero B), False (both random: not the identity),
-            "gaussian", "pissa", "pissa_niter_N" (randomised SVD, N iterations), "olora" or "loftq".
+            "gaussian", "pissa", "pissa_niter_N" (randomised SVD, N iterations), "olora", "loftq",
+            "orthogonal" (A and B from one random orthogonal matrix; r even), or a data-driven one: "eva"
+            (then ``initialize_lora_eva_weights``), "corda" (after ``preprocess_corda``), "lora_ga" (after
+            ``preprocess_loraga``).
+        eva_config / corda_config / lora_ga_config: their options (``EvaConfig``, ``CordaConfig``,
+            ``LoraGAConfig``; ``lora_ga`` requires ``lora_ga_config``).
         loftq_config: LoftQ's options with ``init_lora_weights="loftq"`` (Li et al. 2023, arXiv 2310.08659):
             ``{"loftq_bits": 4 or 8, "loftq_iter": N}`` (default 4 bits, 1 iteration). The base weight
             becomes the quantized Q; quantize the model afterwards (``peftkit.quant.quantize_model``).
         layers_to_transform / layers_pattern: keep only these layer indices.
         rank_pattern / alpha_pattern: per-module overrides of r / lora_alpha, keyed by regex.
         use_dora: weight-decomposed LoRA (Liu et al. 2024, arXiv 2402.09353).
+        alora_invocation_tokens: activated LoRA (aLoRA): token ids of the invocation sequence; the adapter acts
+            only from its last occurrence in each row on, in forward and ``generate`` (methods/lora/alora.py).
+        target_parameters: names (or dotted suffixes) of ``nn.Parameter``s to adapt directly, e.g. a
+            mixture-of-experts model's stacked experts ``["experts.gate_up_proj", "experts.down_proj"]``: one
+            low-rank delta per expert, as peft's ``ParamWrapper`` (methods/lora/params.py).
     """
 
     PEFT_TYPE: ClassVar[str] = "LORA"
@@ -104,9 +117,18 @@ class LoraConfig(PeftConfig):
         check(
             isinstance(init, bool) or init in _INIT_NAMES or bool(_PISSA_NITER.fullmatch(str(init))),
             "init_lora_weights",
-            "True, False, 'gaussian', 'pissa', 'pissa_niter_N', 'olora' or 'loftq'",
+            "True, False, 'gaussian', 'pissa', 'pissa_niter_N', 'olora', 'loftq', 'orthogonal', 'eva', 'corda' "
+            "or 'lora_ga'",
         )
         self._check_loftq()
+        self._check_data_init()
+        tp = self.target_parameters  # LoRA on named nn.Parameters (methods/lora/params.py); a list, never a str
+        if tp is not None and not (isinstance(tp, (list, tuple, set, frozenset))
+                                   and all(isinstance(n, str) for n in tp)):
+            raise ConfigError(f"LoraConfig.target_parameters: expected a list of parameter names (e.g. "
+                              f"['experts.gate_up_proj', 'experts.down_proj']) or None, got {tp!r}")
+        if isinstance(tp, (tuple, set, frozenset)):
+            self.target_parameters = sorted(tp)
         check_bool(self, "lora_bias")
         if self.lora_bias and (self.use_dora or not isinstance(init, bool)):
             raise ConfigError("LoraConfig.lora_bias: only with use_dora=False and init_lora_weights True or False "
@@ -129,6 +151,12 @@ class LoraConfig(PeftConfig):
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("LoraConfig.layers_pattern: only meaningful together with layers_to_transform")
+        if self.trainable_token_indices is not None:  # trainable tokens beside LoRA (methods/trainable_tokens)
+            check_token_indices("LoraConfig", "trainable_token_indices", self.trainable_token_indices, allow_dict=True)
+        if self.layer_replication is not None:  # repeated layers with shared weights (replication.py)
+            check_layer_map(self.layer_replication)
+        if self.alora_invocation_tokens is not None:  # activated LoRA (methods/lora/alora.py)
+            self._check_alora()
         for name, default in _UNSUPPORTED_DEFAULTS.items():
             value = getattr(self, name)
             if value != default and not (default == {} and value is None) and not (
@@ -158,6 +186,42 @@ class LoraConfig(PeftConfig):
         it = cfg.get("loftq_iter", 1)
         if not (is_int(it) and it >= 1):
             raise ConfigError(f"LoraConfig.loftq_config['loftq_iter']: expected an integer >= 1, got {it!r}")
+
+    def _check_alora(self) -> None:
+        """aLoRA: a non-empty list of token ids; not with what peft refuses beside it (its variant table)."""
+        tokens = self.alora_invocation_tokens
+        if not (isinstance(tokens, (list, tuple)) and tokens and all(is_int(t) and t >= 0 for t in tokens)):
+            raise ConfigError("LoraConfig.alora_invocation_tokens: expected a non-empty list of token ids "
+                              f"(integers >= 0), e.g. tokenizer.encode(invocation_string), or None; got {tokens!r}")
+        self.alora_invocation_tokens = list(tokens)
+        for name, bad in (("use_dora", self.use_dora), ("target_parameters", self.target_parameters)):
+            if bad:
+                raise ConfigError(f"LoraConfig.alora_invocation_tokens: aLoRA cannot be combined with {name}="
+                                  f"{bad!r} (peft refuses the combination too)")
+        task = getattr(self.task_type, "value", self.task_type)
+        if task != "CAUSAL_LM":  # peft's warning: only PeftModelForCausalLM finds the invocation by itself
+            warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.", stacklevel=4)
+
+    def _check_data_init(self) -> None:
+        """The sub-configs of EVA, CorDA and LoRA-GA as dataclasses; peft's defaults and warnings."""
+        self.eva_config = subconfig(self.eva_config, EvaConfig, "eva_config")
+        self.corda_config = subconfig(self.corda_config, CordaConfig, "corda_config")
+        self.lora_ga_config = subconfig(self.lora_ga_config, LoraGAConfig, "lora_ga_config")
+        init = self.init_lora_weights
+        if init == "eva" and self.eva_config is None:
+            warnings.warn("`init_lora_weights` is 'eva' but `eva_config` is not specified. Using default EVA config.",
+                          stacklevel=4)
+            self.eva_config = EvaConfig()
+        elif init != "eva" and self.eva_config is not None:
+            warnings.warn("`eva_config` specified but will be ignored when `init_lora_weights` is not 'eva'.",
+                          stacklevel=4)
+        elif init == "corda" and self.corda_config is None:
+            warnings.warn("`init_lora_weights` is 'corda' but `corda_config` is not specified. Using default CorDA "
+                          "config.", stacklevel=4)
+            self.corda_config = CordaConfig()
+        elif init != "corda" and self.corda_config is not None:
+            warnings.warn("`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'.",
+                          stacklevel=4)
 
     @property
     def loftq_options(self) -> dict[str, int]:

@@ -14,17 +14,24 @@ Two sources, checked in peft's order (``LoraModel._create_new_module``: the user
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
 from ...adapter import Adapter
 from ...targeting import find_targets
+from .params import selects_modules
 
 
 # built-in base types LoRA adapts with an adapter class of their own; filled by the modules that define those
 # classes when the LoRA package is imported (mha.py: nn.MultiheadAttention), so this module imports none of them
 BUILTIN: dict[type, type] = {}
+# LoRA variants a config field selects on any base, field -> adapter class (alora.py: ``alora_invocation_tokens``),
+# and the per-call hooks they need around a forward / generate (``call_context``); filled by their modules too
+BY_FIELD: dict[str, type] = {}
+CALL_HOOKS: list[Callable[[Any, dict[str, Any]], Any]] = []
 
 
 def custom_modules(config: Any) -> dict[type, type]:
@@ -57,10 +64,29 @@ def adapter_cls_for(base: Any, config: Any) -> type | None:
     for layer_type, adapter_cls in custom_modules(config).items():
         if isinstance(base, layer_type):
             return adapter_cls
+    for field, adapter_cls in BY_FIELD.items():  # a variant refuses the bases it cannot adapt
+        if getattr(config, field, None) is not None:
+            return adapter_cls
     for layer_type, adapter_cls in BUILTIN.items():
         if isinstance(base, layer_type):
             return adapter_cls
     return None
+
+
+def call_context(model: Any, call: dict[str, Any]) -> Any:
+    """``LoraAdapter.call_context``: the variants' per-call contexts (``CALL_HOOKS``), None when none applies."""
+    contexts = [c for c in (hook(model, call) for hook in CALL_HOOKS) if c is not None]
+    if len(contexts) <= 1:
+        return contexts[0] if contexts else None
+    return _entered_together(contexts)
+
+
+@contextlib.contextmanager
+def _entered_together(contexts: list[Any]) -> Any:
+    with contextlib.ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
+        yield
 
 
 def select_targets(cls: type, model: nn.Module, named: list[tuple[str, nn.Module]], config: Any,
@@ -68,6 +94,9 @@ def select_targets(cls: type, model: nn.Module, named: list[tuple[str, nn.Module
     """``find_targets`` with the registered layer types (and ``nn.MultiheadAttention``) allowed when ``extra``.
     A targeted attention's own out_proj is adapted with it (as peft): not a target of its own then."""
     types = tuple(custom_modules(config)) + (nn.MultiheadAttention,) if extra else ()
+    if getattr(config, "target_parameters", None) and not selects_modules(
+            model, named, config, cls.default_roles, cls.supported_layers + types):
+        return []  # LoRA on named parameters only (params.py)
     found = find_targets(model, named, config, cls.default_roles, cls.supported_layers + types)
     modules = dict(named)
     custom = tuple(custom_modules(config))

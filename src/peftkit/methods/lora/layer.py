@@ -35,6 +35,10 @@ from . import conv as LC
 from . import dispatch
 from . import fast as LFast
 from . import functional as LF
+from . import replication
+from . import moe as LMoe
+from . import params as LP
+from . import data_init
 from .config import LoraConfig
 from .kernels import ScaleShift
 
@@ -79,11 +83,32 @@ class LoraAdapter(Adapter):
 
     @classmethod
     def select_targets(cls, model: nn.Module, named: list[tuple[str, nn.Module]], config: Any) -> list[str]:
-        return dispatch.select_targets(cls, model, named, config, extra=cls is LoraAdapter)
+        paths = dispatch.select_targets(cls, model, named, config, extra=cls is LoraAdapter)
+        data_init.check_prepared(named, paths, config)  # CorDA / LoRA-GA data on all targets or none
+        return paths
+
+    @classmethod
+    def prepare_model(cls, model: nn.Module, config: Any) -> None:
+        if config.layer_replication:
+            replication.replicate_layers(model, config.layer_replication)  # replication.py
+
+    @classmethod
+    def prepare_config(cls, model: nn.Module, named: list[tuple[str, nn.Module]], config: Any) -> None:
+        LMoe.convert_config(model, named, config)  # peft's rewrite for transformers 5's fused experts (moe.py)
+
+    @classmethod
+    def plan_parameters(cls, model: nn.Module, config: Any, adapter_name: str, paths: list[str],
+                        init: bool) -> Any:
+        return LP.plan(model, config, adapter_name, paths, init)  # target_parameters (params.py)
+
+    @classmethod
+    def call_context(cls, model: Any, call: dict[str, Any]) -> Any:
+        return dispatch.call_context(model, call)  # per-call state of variants (aLoRA's offsets: alora.py)
 
     def __init__(self, base: nn.Module, config: LoraConfig, key: str = "", init: bool = True) -> None:
         super().__init__()
         self.kind = _kind(base)
+        self.shares_base = bool(getattr(config, "layer_replication", None))  # merging is refused then
         self.key, self.groups = key, base.groups if self.kind == "conv" else 1
         self.r = r = pattern_value(config.rank_pattern, key, config.r)
         alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
@@ -163,6 +188,9 @@ class LoraAdapter(Adapter):
     def _init_weights(self, base: nn.Module, config: LoraConfig, key: str) -> None:
         init = config.init_lora_weights
         A, B = self.lora_A, self.lora_B
+        if init in data_init.DATA_INITS:  # orthogonal, eva, corda, lora_ga: data_init.py
+            data_init.init_adapter(self, base, config)
+            return
         if self.kind == "embedding" and init in (True, False, "gaussian"):
             # loralib's embedding init: A zero, B normal (False: both random, not the identity)
             nn.init.normal_(A) if init is False else nn.init.zeros_(A)
@@ -256,6 +284,9 @@ class LoraAdapter(Adapter):
         return super().train(mode)
 
     def merge(self, base: nn.Module, weight: Tensor) -> tuple[Tensor, Any]:
+        if self.shares_base:
+            raise ValueError("Cannot merge LoRA layers when base model layers are replicated (layer_replication): the "
+                             "copies share their base weights, so a merge into one would change the others")
         delta = self.delta_weight(base).to(weight.dtype)
         if self.magnitude is None:
             return weight + delta, None

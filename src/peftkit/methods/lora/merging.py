@@ -177,6 +177,9 @@ def add_weighted_adapter(model: Any, adapters: list[str], weights: list[float], 
     other = {a: configs[a].peft_type for a in adapters if not isinstance(configs[a], LoraConfig)}
     if other:
         raise ValueError(f"add_weighted_adapter merges LoRA adapters only; {other} are other methods")
+    params = [a for a in adapters if configs[a].target_parameters]
+    if params:  # as peft
+        raise ValueError(f"add_weighted_adapter does not support target_parameters (LoRA on nn.Parameters): {params}")
     dora = [a for a in adapters if configs[a].use_dora]
     if dora:
         raise ValueError(f"add_weighted_adapter: DoRA adapters {dora} cannot be combined (magnitude vectors)")

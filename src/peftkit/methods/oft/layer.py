@@ -208,6 +208,18 @@ class _RotationAdapter(Adapter):
             z = z * scale
         return out + (z - F.linear(x2d, w)).view(out.shape).to(out.dtype)
 
+    def forward_around(self, base: nn.Module, x: Tensor, inner: Any) -> Tensor:
+        """Nested as in peft's mixed model: the rotation acts on the layer's input, so ``inner`` (the base with
+        the adapters nested inside this one) runs on ``x R``; on an Embedding the output is rotated (the default)."""
+        if self.kind == "embedding":
+            return super().forward_around(base, x, inner)
+        if self.kind == "conv" or self._scale() is not None:
+            raise NotImplementedError(f"{type(self).__name__}: nesting other adapters inside a rotation is "
+                                      "implemented for Linear layers without BOFT's scale only")
+        blocks = self._forward_blocks()
+        rotated = OF.butterfly_apply(x.reshape(-1, self.width).to(blocks.dtype), blocks, self.perms)
+        return inner(rotated.view(x.shape).to(x.dtype))
+
     # -- merge -----------------------------------------------------------------------------------------
     def _to_layout(self, matrix: Tensor, weight: Tensor) -> Tensor:
         if self.kind == "conv":

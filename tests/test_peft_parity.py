@@ -1,0 +1,389 @@
+"""Parity with Hugging Face PEFT, one suite for every method that has a peft counterpart.
+
+Driven by a table: per method (a registry name; peft's config class is the one with the same class name,
+as ``peftkit bench --vs-peft`` finds it), the model families and configs on which
+
+- both libraries build the same adapter: the same trainable-parameter counts and adapter file keys/shapes
+  (``test_same_trainable_state_as_peft``),
+- an adapter trained in one library loads in the other with the same outputs, files of the same layout
+  (``test_adapter_files_load_both_ways``),
+- peft's adapter merges in peftkit into peft's merged weights (``test_merge_matches_peft_merged_weights``),
+
+plus the method's own extra checks (``state_check`` / ``load_check`` / ``merge_check``). Method-specific
+tests (kernels, config validation, schedules) stay in ``tests/methods/test_<method>.py``; LoRA's parity
+lives in ``test_peft_compat.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import peftkit
+
+from .families import FAMILY, Family
+from .parity import (
+    adalora_train_perturbed, assert_loads_both_ways, assert_merges_like_peft, assert_same_file_layout,
+    assert_same_trainable_state, linearized, perturb, train_a_little,
+)
+
+
+class PointwiseNet(nn.Module):
+    """1x1 convolutions: the kernel size on which PEFT's unmerged OFT Conv2d path is exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(8, 12, 1)
+        self.conv2 = nn.Conv2d(12, 8, 1, stride=2)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2(torch.relu(self.conv1(pixel_values))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+FAMILIES = {**FAMILY, "pointwise": Family("pointwise", PointwiseNet, lambda: {"pixel_values": torch.randn(2, 8, 6, 6)},
+                                          lambda o: o, targets=["conv1", "conv2"])}
+
+Cases = list[tuple[str, dict[str, Any]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One method's parity cases and the ways its checks differ from the common ones."""
+
+    name: str  # registry name
+    state: Cases  # (family, config kwargs) for test_same_trainable_state_as_peft
+    load: Cases  # ... for test_adapter_files_load_both_ways
+    merge: Cases = ()  # ... for test_merge_matches_peft_merged_weights
+    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)  # kwargs every case starts from
+    family_targets: bool = True  # pass the family's explicit targets (False: the role table's defaults)
+    per_family: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # extra kwargs per family
+    linearize_gpt2: bool = False  # peft cannot wrap GPT-2's Conv1D: its side gets the equivalent nn.Linear
+    train: Callable[[nn.Module, Family], None] = train_a_little  # before saving, in both libraries
+    min_change: float = 1e-4
+    min_change_ref: float | None = None
+    layout: tuple[str, ...] = ()  # key suffixes the two saved files must both hold (same keys and shapes)
+    merged_agree: bool = False  # after loading both ways, merge_and_unload gives the same outputs in both
+    # how peft's adapter for the merge test gets non-trivial values: None = random init (init_weights=False
+    # in the case's kwargs) under seed 4
+    merge_prepare: Callable[[nn.Module, Family], None] | None = None
+    merge_same_outputs: bool = False  # peftkit's loaded model first gives peft's output
+    # the base parameters merging may change, from (changed names, family name, adapted layer paths)
+    merge_changed: Callable[[list[str], str, set[str]], None] | None = None
+    state_check: Callable[[nn.Module, nn.Module, str, object], None] | None = None  # (theirs, ours, family, cfg)
+    load_check: Callable[..., None] | None = None  # (family, name, kwargs, folder, mine, loaded)
+    quiet: bool = False  # ignore warnings in this method's cases
+    same_total: bool = True  # the total parameter counts agree too (not only the trainable ones)
+
+    @property
+    def spec(self):
+        return peftkit.get_method(self.name)
+
+    def configs(self, name: str, kwargs: dict[str, Any]) -> tuple[object, object]:
+        family = FAMILIES[name]
+        kw = dict(self.defaults)
+        if self.family_targets and family.targets:
+            kw["target_modules"] = family.targets
+        if family.task_type:
+            kw["task_type"] = family.task_type
+        kw.update(self.per_family.get(name, {}))
+        kw.update(kwargs)
+        ours = self.spec.config_cls
+        return getattr(peft, ours.__name__)(**kw), ours(**kw)
+
+    def reference_model(self, name: str) -> nn.Module:
+        model = FAMILIES[name].model()
+        return linearized(model) if self.linearize_gpt2 and name == "gpt2" else model
+
+
+def only_weights(changed: list[str], name: str, tuned: set[str]) -> None:
+    assert changed and all(k.endswith(".weight") for k in changed), changed
+
+
+# -- the methods' own checks --------------------------------------------------------------------------------
+def adalora_same_initial_weights(theirs, ours, name, cfg) -> None:
+    ref_state, our_state = peft.get_peft_model_state_dict(theirs), peftkit.get_peft_model_state_dict(ours)
+    for key in ref_state:  # the same random draws from the same seed
+        assert torch.equal(ref_state[key], our_state[key]), key
+
+
+def adalora_pruned_files(family, name, kwargs, folder, mine, loaded) -> None:
+    a = load_file(folder / "peft" / "adapter_model.safetensors")
+    b = load_file(folder / "peftkit" / "adapter_model.safetensors")
+    assert all(k.endswith((".lora_A", ".lora_B", ".lora_E")) for k in b if "lora" in k)
+    assert not any("ranknum" in k for k in b)  # ranknum is init_r, never saved
+    # trained the same way from the same seed: the same pruning, the same files
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    ranks = [v.shape[0] for k, v in b.items() if k.endswith(".lora_E")]
+    assert sum(ranks) == 2 * len(ranks) and max(ranks) <= 4  # the target budget: target_r per matrix on average
+    assert name == "gpt2" or len(set(ranks)) > 1  # spread unevenly (gpt2 has two alike matrices)
+    saved = json.loads((folder / "peftkit" / "adapter_config.json").read_text())
+    ref_saved = json.loads((folder / "peft" / "adapter_config.json").read_text())
+    assert saved["rank_pattern"] == ref_saved["rank_pattern"]
+    assert all(len(m) == 4 for m in saved["rank_pattern"].values())
+    # a pruned adapter merges: merged == unmerged, bit-exact unmerge, and peft's merged weights
+    theirs = peft.PeftModel.from_pretrained(family.model(), folder / "peftkit")  # a fresh peft copy of our adapter
+    assert_merges_like_peft(family, theirs, mine)
+
+
+def fourierft_targets(theirs, ours, name, cfg) -> None:
+    targeted = sorted(n for n, _ in ours.base_model.adapter_layers())
+    assert targeted and len(targeted) * 16 <= ours.get_nb_trainable_parameters()[0]
+    expected = {"llama": "q_proj", "gpt2": "mlp.c_proj", "bert": "query"}[name]
+    assert any(t.endswith(expected) for t in targeted), targeted
+
+
+def ia3_perturb(model, family=None) -> None:
+    perturb(model, scale=0.3, seed=5, only="ia3_l")
+
+
+def ia3_train(model, family) -> None:
+    """A few SGD steps, then a push (the vectors move slowly from 1 on tiny models): non-trivial files."""
+    train_a_little(model, family, lr=0.2)
+    ia3_perturb(model)
+
+
+def ia3_targets_and_feedforward(theirs, ours, name, cfg) -> None:
+    ref = {n: m.is_feedforward for n, m in theirs.base_model.model.named_modules()
+           if isinstance(m, peft.tuners.ia3.IA3Layer)}
+    mine = {n: layer.adapters["default"].feedforward for n, layer in ours.base_model.adapter_layers()}
+    assert mine == ref and any(mine.values()) and not all(mine.values())
+    for n, layer in ours.base_model.adapter_layers():
+        a = layer.adapters["default"]
+        assert a.ia3_l.shape == theirs.base_model.model.get_submodule(n).ia3_l["default"].shape, n
+        assert torch.equal(a.ia3_l, torch.ones_like(a.ia3_l))
+
+
+def ia3_changed(changed, name, tuned) -> None:
+    # output scaling folds into the bias too (the tiny transformers' biases start at 0; the convnet's do not)
+    kinds = {k.rsplit(".", 1)[1] for k in changed}
+    assert kinds == ({"weight", "bias"} if name == "convnet" else {"weight"}), kinds
+
+
+def ln_tuning_train(model, family) -> None:
+    perturb(model, scale=0.3, seed=4, only="")
+
+
+def ln_tuning_targets(theirs, ours, name, cfg) -> None:
+    ref_targets = {n for n, m in theirs.base_model.model.named_modules()
+                   if isinstance(m, peft.tuners.ln_tuning.layer.LNTuningLayer)}
+    assert {n for n, _ in ours.base_model.adapter_layers()} == ref_targets
+    assert sorted(ours.peft_config["default"].target_modules) == sorted(theirs.peft_config["default"].target_modules)
+
+
+def ln_tuning_changed(changed, name, tuned) -> None:
+    assert changed and all(k.rpartition(".")[0] in tuned or k.startswith("classifier") for k in changed), changed
+
+
+def lycoris_train(model, family) -> None:
+    train_a_little(model, family)
+    perturb(model)
+
+
+def oft_closed_form_count(theirs, ours, name, cfg) -> None:
+    from peftkit.methods.oft import OFTAdapter
+
+    assert ours.get_nb_trainable_parameters()[0] == sum(
+        OFTAdapter.param_count(layer.base_layer, cfg, path) for path, layer in ours.base_model.adapter_layers()
+    ) + sum(p.numel() for _, w in ours.base_model.saved_modules() for p in w.modules_to_save["default"].parameters())
+
+
+def vera_perturb(model, family=None) -> None:
+    perturb(model, only="vera_lambda")
+
+
+def vera_train(model, family) -> None:
+    """A few SGD steps, then a push (b starts at 0 and moves slowly on tiny models): non-trivial files."""
+    train_a_little(model, family)
+    vera_perturb(model)
+
+
+def vera_shared_projections(theirs, ours, name, cfg) -> None:
+    shared = ours.base_model.shared_state["default"]
+    assert torch.equal(shared.vera_A, theirs.base_model.vera_A["default"])
+    assert torch.equal(shared.vera_B, theirs.base_model.vera_B["default"])
+
+
+def vera_projections_in_files(family, name, kwargs, folder, mine, loaded) -> None:
+    def keys(side):
+        return set(load_file(folder / side / "adapter_model.safetensors"))
+
+    for side in ("peft", "peftkit"):
+        assert ({"base_model.vera_A", "base_model.vera_B"} <= keys(side)) == kwargs["save_projection"], side
+    # two lambda vectors per target: q and v on 2 layers (GPT-2: the fused c_attn)
+    assert sum(".vera_lambda_" in k for k in keys("peft")) == 4 * (2 if name != "gpt2" else 1)
+
+
+def each(families, kwargs=None) -> Cases:
+    return [(n, dict(kwargs or {})) for n in families]
+
+
+# -- the table ------------------------------------------------------------------------------------------------
+LYCORIS = dict(linearize_gpt2=True, train=lycoris_train, min_change=1e-3, min_change_ref=0.0, merged_agree=True)
+LOHA = each(["llama", "gpt2", "bert", "convnet"], {"r": 4, "alpha": 4}) + [
+    ("convnet", {"r": 2, "alpha": 3, "use_effective_conv2d": True}),
+    ("llama", {"r": 3, "alpha": 6, "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"q_proj": 1.5}}),
+]
+LOKR = each(["llama", "gpt2", "bert", "convnet"], {"r": 4, "alpha": 4}) + [
+    ("llama", {"r": 1, "alpha": 2, "decompose_both": True}),  # low-rank W1 and W2
+    ("llama", {"r": 2, "alpha": 3, "decompose_factor": 4, "init_weights": "lycoris"}),
+    ("convnet", {"r": 1, "alpha": 2, "use_effective_conv2d": True}),
+    ("convnet", {"r": 1, "alpha": 2, "decompose_both": True}),
+    ("bert", {"r": 4, "alpha": 4, "rank_pattern": {"value": 1}, "alpha_pattern": {"query": 2}}),
+]
+# peft on a machine without its CUDA extension silently uses one butterfly factor, so parity runs with one
+BOFT = [
+    ("llama", {"boft_block_size": 4}),
+    ("bert", {"boft_block_size": 8}),
+    ("gpt2", {"boft_block_num": 4, "boft_block_size": 0}),
+    ("convnet", {"boft_block_size": 3}),  # conv widths c_in * 3 * 3: 27 and 72
+]
+OFT = [
+    ("llama", {"oft_block_size": 8}),
+    ("bert", {"oft_block_size": 4}),
+    ("gpt2", {"oft_block_size": 8}),
+    ("pointwise", {"oft_block_size": 4}),
+    ("llama", {"r": 2, "oft_block_size": 0, "use_cayley_neumann": False}),
+    ("bert", {"oft_block_size": 8, "block_share": True}),
+    ("llama", {"oft_block_size": 8, "coft": True, "eps": 1e-2}),
+    ("bert", {"oft_block_size": 16, "num_cayley_neumann_terms": 7}),
+]
+
+METHODS = [
+    Method(
+        "adalora",
+        # a short schedule: warm-up to step 1, budget phase to step 4 (final mask), then 2 steps at the final ranks
+        defaults={"init_r": 4, "target_r": 2, "lora_alpha": 8, "tinit": 1, "tfinal": 2, "total_step": 6, "deltaT": 1},
+        state=each(["llama", "gpt2", "bert", "convnet", "t5"]),
+        load=each(["llama", "gpt2", "bert", "convnet"]),
+        train=adalora_train_perturbed, state_check=adalora_same_initial_weights, load_check=adalora_pruned_files,
+        same_total=False,  # peft's total also counts its frozen ranknum parameters (one per adapted layer)
+    ),
+    Method(
+        "boft", state=BOFT + [("bert", {"boft_block_size": 4, "bias": "boft_only"})], load=BOFT,
+        merge=[(n, {"init_weights": False, "boft_block_size": b}) for n, b in (("llama", 4), ("bert", 4), ("convnet", 3))],
+        linearize_gpt2=True, train=lambda m, f: train_a_little(m, f, lr=2.0), min_change=1e-6,
+        layout=(".boft_R", ".boft_s"), merged_agree=True, merge_same_outputs=True, merge_changed=only_weights,
+    ),
+    Method(
+        "fourierft", state=each(["llama", "gpt2", "bert"]), load=each(["llama", "gpt2", "bert"]),
+        merge=each(["llama", "gpt2", "bert"], {"init_weights": False}),  # random spectrum: an update without training
+        defaults={"n_frequency": 16, "scaling": 20.0}, family_targets=False,  # the role table must agree with peft's
+        train=lambda m, f: train_a_little(m, f, lr=0.05), layout=(".fourierft_spectrum",),
+        merge_changed=only_weights, state_check=fourierft_targets,
+    ),
+    Method(
+        "ia3", state=each(["llama", "gpt2", "bert", "convnet"]), load=each(["llama", "gpt2", "bert", "convnet"]),
+        merge=each(["llama", "gpt2", "bert", "convnet"]),
+        # convnet has no PEFT default: explicit targets, the second conv treated as feedforward
+        family_targets=False, per_family={"convnet": {"target_modules": ["conv1", "conv2"], "feedforward_modules": ["conv2"]}},
+        train=ia3_train, layout=(".ia3_l",), merge_prepare=ia3_perturb, merge_changed=ia3_changed,
+        state_check=ia3_targets_and_feedforward,
+    ),
+    Method(
+        "ln_tuning", state=each(["llama", "gpt2", "t5", "bert"]), load=each(["llama", "gpt2", "t5", "bert"]),
+        # BERT (SEQ_CLS) is left out: PEFT's LN tuning merge_and_unload keeps the classifier's
+        # ModulesToSaveWrapper (keys ``classifier.original_module.*``); peftkit returns the plain model
+        # (test_selective_lntuning.py checks that)
+        merge=each(["llama", "gpt2", "t5"]),
+        family_targets=False, per_family={"bert": {"target_modules": ["LayerNorm"]}},  # peft has no BERT default
+        train=ln_tuning_train, layout=(".ln_tuning_layers.weight",), merge_prepare=ln_tuning_train,
+        merge_changed=ln_tuning_changed, state_check=ln_tuning_targets,
+    ),
+    Method("loha", state=LOHA, load=LOHA, **LYCORIS),
+    Method("lokr", state=LOKR, load=LOKR, **LYCORIS),
+    Method(
+        "oft", state=OFT + [("convnet", {"r": 1, "oft_block_size": 0})], load=OFT,
+        merge=[("llama", {"init_weights": False, "oft_block_size": 8}), ("bert", {"init_weights": False, "oft_block_size": 8}),
+               ("convnet", {"init_weights": False, "r": 1, "oft_block_size": 0})],
+        linearize_gpt2=True, train=lambda m, f: train_a_little(m, f, lr=2.0), min_change=1e-6,
+        layout=(".oft_R.weight",), merged_agree=True, merge_changed=only_weights, state_check=oft_closed_form_count,
+    ),
+    Method(
+        "vera", state=each(["llama", "gpt2", "bert"]),
+        load=[(n, {"save_projection": s, "projection_prng_key": 21}) for s in (True, False) for n in ("llama", "gpt2", "bert")],
+        merge=each(["llama", "gpt2", "bert"]), defaults={"r": 8},
+        train=vera_train, layout=(".vera_lambda_d",), merge_prepare=vera_perturb, merge_changed=only_weights,
+        state_check=vera_shared_projections, load_check=vera_projections_in_files, quiet=True,
+    ),
+]
+def _id(method: Method, name: str, kwargs: dict[str, Any]) -> str:
+    return "-".join([method.name, name, *(f"{k}={v}" for k, v in kwargs.items())])
+
+
+def _cases(field: str):
+    return [pytest.param(m, n, kw, id=_id(m, n, kw)) for m in METHODS for n, kw in getattr(m, field)]
+
+
+@pytest.fixture(autouse=True)
+def _quiet(request):
+    """Warnings ignored where the method's table entry says so (VeRA: save_projection=False warns in both)."""
+    method = getattr(request.node, "callspec", None) and request.node.callspec.params.get("method")
+    with warnings.catch_warnings():
+        if method is not None and method.quiet:
+            warnings.simplefilter("ignore")
+        yield
+
+
+def test_every_method_is_registered_with_a_peft_counterpart():
+    for method in METHODS:
+        assert isinstance(getattr(peft, method.spec.config_cls.__name__, None), type), method.name
+
+
+@pytest.mark.parametrize(("method", "name", "kwargs"), _cases("state"))
+def test_same_trainable_state_as_peft(method, name, kwargs):
+    ref_cfg, our_cfg = method.configs(name, kwargs)
+    theirs = peft.get_peft_model(method.reference_model(name), ref_cfg)
+    ours = peftkit.get_peft_model(FAMILIES[name].model(), our_cfg)
+    if method.same_total:
+        assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert_same_trainable_state(theirs, ours)  # trainable count, adapter file keys and shapes
+    if method.state_check:
+        method.state_check(theirs, ours, name, our_cfg)
+
+
+@pytest.mark.parametrize(("method", "name", "kwargs"), _cases("load"))
+def test_adapter_files_load_both_ways(method, name, kwargs, tmp_path):
+    family = FAMILIES[name]
+    ref_cfg, our_cfg = method.configs(name, kwargs)
+    mine, loaded = assert_loads_both_ways(
+        family, ref_cfg, our_cfg, tmp_path, train=method.train, reference_model=lambda: method.reference_model(name),
+        min_change=method.min_change, min_change_ref=method.min_change_ref,
+    )
+    for suffix in method.layout:
+        assert_same_file_layout(tmp_path, suffix)
+    if method.merged_agree:  # merged in both libraries: the same weights
+        torch.testing.assert_close(family.run(mine.merge_and_unload()), family.run(loaded.merge_and_unload()),
+                                   atol=1e-5, rtol=0)
+    if method.load_check:
+        method.load_check(family, name, kwargs, tmp_path, mine, loaded)
+
+
+@pytest.mark.parametrize(("method", "name", "kwargs"), _cases("merge"))
+def test_merge_matches_peft_merged_weights(method, name, kwargs, tmp_path):
+    """peft's adapter (random or pushed off its init) loads in peftkit; merging there gives merged ==
+    unmerged, a bit-exact unmerge and peft's merged weights."""
+    family = FAMILIES[name]
+    ref_cfg, _ = method.configs(name, kwargs)
+    if method.merge_prepare is None:
+        torch.manual_seed(4)
+    theirs = peft.get_peft_model(family.model(), ref_cfg)
+    if method.merge_prepare is not None:
+        method.merge_prepare(theirs, family)
+    theirs.save_pretrained(tmp_path)
+    ours = peftkit.PeftModel.from_pretrained(family.model(), tmp_path)
+    if method.merge_same_outputs:
+        torch.testing.assert_close(family.run(ours), family.run(theirs), atol=1e-5, rtol=0)
+    tuned = {n for n, _ in ours.base_model.adapter_layers()}
+    changed = assert_merges_like_peft(family, theirs, ours)
+    method.merge_changed(changed, name, tuned)
