@@ -216,10 +216,44 @@ CLOSED_FORM = {
     "boft": lambda d_in, d_out, c_in, c_out, ff: d_in * d_in + d_out,
     "ssf": None,  # per layer: a scale and a shift per output channel (norm layers: per normalized feature)
     "ln_tuning": None,  # per layer: a trained copy of the norm layer's weight and bias
+    "bitfit": None,  # per layer: its bias
+    "last_k": None,  # per layer of the last k blocks: all its own parameters
+    "prompt_tuning": None,  # n virtual tokens x the embedding width (x 2 for an encoder-decoder's two stacks)
+    "coop": None,  # n context vectors x the text tower's embedding width (one context for all classes)
+    "vpt-deep": None,  # per block: p prompt tokens x the hidden width
+    # prefix tuning: n x 2 L d (a key and a value vector per token and layer); with the projection, the n x d
+    # embedding and a two-layer MLP d -> h -> 2 L d with biases
+    "prefix": None,
+    "prefix-projection": None,
+    "p_tuning_v2": None,
+    "adaption_prompt": None,  # per adapted attention: adapter_len x hidden prompts and one gate
+    "tip_adapter": None,  # Tip-Adapter-F: the cache's N K keys x the feature width
+    "clip_adapter": None,  # per adapted feature: a D -> D / r -> D bottleneck without biases (r = 4)
 }
 
 
-def _per_layer(example, base, adapter) -> int:
+def _per_layer(example, base, adapter, config) -> int:
+    if example == "bitfit":
+        return base.bias.numel()
+    if example == "last_k":
+        return _norm_params(base)
+    if example == "prompt_tuning":
+        return config.num_virtual_tokens * (config.num_transformer_submodules or 1) * base.embedding_dim
+    if example == "coop":
+        return config.num_virtual_tokens * base.embedding_dim
+    if example in ("prefix", "p_tuning_v2"):
+        return config.num_virtual_tokens * 2 * config.num_layers * config.token_dim
+    if example == "prefix-projection":
+        n, d, L, h = config.num_virtual_tokens, config.token_dim, config.num_layers, config.encoder_hidden_size
+        return n * d + (d * h + h) + (h * 2 * L * d + 2 * L * d)
+    if example == "adaption_prompt":
+        return config.adapter_len * base.config.hidden_size + 1
+    if example == "tip_adapter":
+        return config.cache_size * base.out_features
+    if example == "clip_adapter":
+        return 2 * base.out_features * max(1, base.out_features // 4)
+    if example == "vpt-deep":
+        return config.num_virtual_tokens * config.token_dim
     if example == "ssf":
         return 2 * (base.normalized_shape[-1] if hasattr(base, "normalized_shape") else
                     base.num_features if hasattr(base, "num_features") else
@@ -233,7 +267,7 @@ def test_parameter_count_matches_closed_form(wrapped, case):
     model, _ = wrapped
     spec, example = case[0], case[1]
     config = model.peft_config["default"]
-    expected = sum(_per_layer(example, layer.base_layer, layer.adapters["default"]) if example in CLOSED_FORM
+    expected = sum(_per_layer(example, layer.base_layer, layer.adapters["default"], config) if example in CLOSED_FORM
                    else spec.adapter_cls.param_count(layer.base_layer, config, path)
                    for path, layer in model.base_model.adapter_layers())
     for _, wrapper in model.base_model.saved_modules():  # a trained copy of each saved module (a task head)
