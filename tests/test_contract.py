@@ -205,6 +205,9 @@ CLOSED_FORM = {
     "adalora": lambda d_in, d_out, c_in, c_out, ff: 4 * (d_in + d_out) + 4,  # P, Q and the init_r singular values
     "loha": lambda d_in, d_out, c_in, c_out, ff: 2 * 4 * (d_in + d_out),  # two rank-4 pairs, Hadamard product
     "ia3": lambda d_in, d_out, c_in, c_out, ff: c_in if ff else c_out,  # one scale per input / output channel
+    "hira": _lora(2),  # A: r x d_in, B: d_out x r (the update W0 * BA is of high rank)
+    "shira": _lora(2),  # r (d_in + d_out) entries of the weight, LoRA's count
+    "miss": lambda d_in, d_out, c_in, c_out, ff: 4 * d_out,  # one (r, d_out) block shared by the r-wide shards
     "vera": lambda d_in, d_out, c_in, c_out, ff: 4 + d_out,  # lambda_d (r) and lambda_b; A and B frozen, shared
     "vera-seed": lambda d_in, d_out, c_in, c_out, ff: 6 + d_out,
     "fourierft": lambda d_in, d_out, c_in, c_out, ff: 16,  # n_frequency spectral coefficients
@@ -272,6 +275,10 @@ def test_parameter_count_matches_closed_form(wrapped, case):
                    for path, layer in model.base_model.adapter_layers())
     for _, wrapper in model.base_model.saved_modules():  # a trained copy of each saved module (a task head)
         expected += sum(p.numel() for p in wrapper.modules_to_save["default"].parameters())
+    # adapter-level state that trains (VB-LoRA's vector bank, Uni-LoRA's theta_d): once per adapter, not per target
+    if "default" in model.base_model.shared_state:
+        expected += sum(t.numel() for t in model.base_model.shared_state["default"].tensors().values()
+                        if t.requires_grad)
     trainable, total = model.get_nb_trainable_parameters()
     assert expected > 0 and trainable == expected
     assert total == sum(p.numel() for p in model.parameters())

@@ -224,6 +224,117 @@ def vera_projections_in_files(family, name, kwargs, folder, mine, loaded) -> Non
     assert sum(".vera_lambda_" in k for k in keys("peft")) == 4 * (2 if name != "gpt2" else 1)
 
 
+def randlora_train(model, family) -> None:
+    """A few SGD steps, then a push (lambda starts at 0, so gamma only moves later): non-trivial files."""
+    train_a_little(model, family)
+    perturb(model, only="randlora_")
+
+
+def randlora_shared_bases(theirs, ours, name, cfg) -> None:
+    shared = ours.base_model.shared_state["default"]
+    assert torch.equal(shared.randlora_A, theirs.base_model.randlora_A["default"])
+    assert torch.equal(shared.randlora_B, theirs.base_model.randlora_B["default"])
+
+
+def glora_same_files(family, name, kwargs, folder, mine, loaded) -> None:
+    """Both files hold the same keys and shapes, off paths as PEFT's zero buffers (``glora_<X>.zeros``)."""
+    a = load_file(folder / "peft" / "adapter_model.safetensors")
+    b = load_file(folder / "peftkit" / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert any(".glora_A." in k for k in a) and all(not v.any() for k, v in b.items() if k.endswith(".zeros"))
+
+
+def glora_changed(changed, name, tuned) -> None:
+    """GLoRA folds into the weight and, on layers with a bias (BERT), into the bias (b0 * D + E + W0 C)."""
+    kinds = {k.rsplit(".", 1)[1] for k in changed}
+    assert kinds == ({"weight", "bias"} if name == "bert" else {"weight"}), kinds
+
+
+def randlora_bases_in_files(family, name, kwargs, folder, mine, loaded) -> None:
+    for side in ("peft", "peftkit"):  # model-level and (as peft writes them) per-layer copies of the bases
+        keys = set(load_file(folder / side / "adapter_model.safetensors"))
+        assert ("base_model.randlora_A" in keys) == kwargs["save_projection"], side
+        assert any(k.endswith("_proj.randlora_B") or k.endswith("c_attn.randlora_B") for k in keys) == kwargs["save_projection"]
+
+
+def hra_train(model, family) -> None:
+    """A few SGD steps, then a push of the reflection vectors (paired equal vectors start as the identity)."""
+    train_a_little(model, family)
+    perturb(model, only="hra_u")
+
+
+def delora_train(model, family) -> None:
+    """A few SGD steps (B starts at 0), then a push of A, B and lambda: non-trivial files."""
+    train_a_little(model, family)
+    perturb(model, only="delora_")
+
+
+def delora_fixed_norms(family, name, kwargs, folder, mine, loaded) -> None:
+    """Both files carry the base's per-input-channel weight norms (delora_w_norm), not trained: the same
+    (to rounding: GPT-2's Conv1D stores the weight transposed, so the sums run in another order)."""
+    a = load_file(folder / "peft" / "adapter_model.safetensors")
+    b = load_file(folder / "peftkit" / "adapter_model.safetensors")
+    norms = [k for k in a if k.endswith(".delora_w_norm")]
+    assert norms
+    for k in norms:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=1e-6, msg=k)
+
+
+def vblora_bank_shared(theirs, ours, name, cfg) -> None:
+    """One trained bank per adapter: the tuner's copy is the Parameter every layer's adapter holds."""
+    bank = ours.base_model.shared_state["default"].vblora_vector_bank
+    assert bank.requires_grad and bank.shape == theirs.base_model.vblora_vector_bank["default"].shape
+    assert all(layer.adapters["default"].vblora_vector_bank is bank for _, layer in ours.base_model.adapter_layers())
+
+
+def vblora_topk_files(family, name, kwargs, folder, mine, loaded) -> None:
+    for side in ("peft", "peftkit"):
+        keys = load_file(folder / side / "adapter_model.safetensors")
+        assert "base_model.vblora_vector_bank" in keys
+        topk = kwargs.get("save_only_topk_weights", False)
+        assert any(k.endswith("vblora_logits_A_topk_indices") for k in keys) == topk, side
+        assert any(k.endswith("vblora_logits_A") for k in keys) != topk, side
+        if topk:
+            assert next(v for k, v in keys.items() if k.endswith("_topk_indices")).dtype == torch.uint8
+
+
+def psoft_train(model, family) -> None:
+    """A few SGD steps (R starts at I), then a push of R and the magnitude vectors: non-trivial files."""
+    train_a_little(model, family)
+    perturb(model, only="psoft_R")
+
+
+def supertuning_same_support(theirs, ours, name, cfg) -> None:
+    """The same magnitude-selected support as peft's (positions into the Linear layout, also on GPT-2's Conv1D)."""
+    ref, mine = peft.get_peft_model_state_dict(theirs), peftkit.get_peft_model_state_dict(ours)
+    for key, value in ref.items():
+        if key.endswith(".supertuning_indices"):
+            assert value.dtype == torch.int32 and torch.equal(mine[key], value), key
+
+
+def supertuning_train(model, family) -> None:
+    train_a_little(model, family)
+    perturb(model, only="supertuning_")
+
+
+def unilora_same_assignment(theirs, ours, name, cfg) -> None:
+    """The same indices and scales as peft's, layer by layer (the seeded balanced assignment), one trained theta_d."""
+    theta = ours.base_model.shared_state["default"].unilora_theta_d
+    assert theta.requires_grad and theta.shape == theirs.base_model.unilora_theta_d["default"].shape
+    for path, layer in ours.base_model.adapter_layers():
+        ref, mine = theirs.base_model.model.get_submodule(path), layer.adapters["default"]
+        assert mine.unilora_theta_d is theta
+        for key in ("unilora_indices_A", "unilora_indices_B", "unilora_scales_A", "unilora_scales_B"):
+            assert torch.equal(getattr(mine, key), getattr(ref, key)["default"]), (path, key)
+
+
+def unilora_index_files(family, name, kwargs, folder, mine, loaded) -> None:
+    for side in ("peft", "peftkit"):
+        keys = set(load_file(folder / side / "adapter_model.safetensors"))
+        assert "base_model.unilora_theta_d" in keys
+        assert any(k.endswith(".unilora_scales_B") for k in keys) == kwargs["save_indices"], side
+
+
 def each(families, kwargs=None) -> Cases:
     return [(n, dict(kwargs or {})) for n in families]
 
@@ -241,6 +352,18 @@ LOKR = each(["llama", "gpt2", "bert", "convnet"], {"r": 4, "alpha": 4}) + [
     ("convnet", {"r": 1, "alpha": 2, "decompose_both": True}),
     ("bert", {"r": 4, "alpha": 4, "rank_pattern": {"value": 1}, "alpha_pattern": {"query": 2}}),
 ]
+# MiSS: the default block (with r = 3 a remainder shard: 32 % 3), bat's (r, r) blocks and mini's tiled block
+MISS = each(["llama", "gpt2"], {"r": 4}) + [
+    ("llama", {"r": 3}), ("llama", {"r": 4, "init_weights": "bat"}),
+    ("llama", {"r": 4, "mini_r": 8, "init_weights": "mini"}),
+]
+LILY = each(["llama", "gpt2"], {"r": 4}) + [
+    ("llama", {"r": 2, "stride_A": 2, "num_B": 3, "scaling": 0.5, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}),
+    ("gpt2", {"r": 2, "stride_A": 2, "target_modules": ["c_attn", "c_proj"]}),  # two c_proj shapes: two groups
+]
+GRALORA = each(["llama", "gpt2"], {"r": 4, "gralora_k": 2}) + [("llama", {"r": 4, "gralora_k": 4, "hybrid_r": 2})]
+HIRA = each(["llama", "gpt2"], {"r": 4}) + [("llama", {"r": 3, "rank_pattern": {"v_proj": 2}})]
+SHIRA = each(["llama", "gpt2"], {"r": 2, "random_seed": 7}) + [("llama", {"r": 3})]  # 3: the default seed
 # peft on a machine without its CUDA extension silently uses one butterfly factor, so parity runs with one
 BOFT = [
     ("llama", {"boft_block_size": 4}),
@@ -259,7 +382,39 @@ OFT = [
     ("bert", {"oft_block_size": 16, "num_cayley_neumann_terms": 7}),
 ]
 
+GLORA = each(["llama", "gpt2", "bert"], {"r": 2}) + [  # peft wraps nn.Linear only: its GPT-2 is linearized
+    ("bert", {"r": 3, "config_A_B": "vector", "config_C": "vector", "config_D_E": "vector"}),
+    ("bert", {"r": 2, "config_A_B": "constant", "config_C": "none", "config_D_E": "none"}),
+    ("gpt2", {"r": 2, "config_A_B": "lora", "config_C": "lora", "config_D_E": "vector", "bias": "glora_only"}),
+]
+
+# PSOFT: A and B are rebuilt from the base's SVD on load (never saved); r <= min(d_in, d_out) (Llama's v_proj: 16)
+PSOFT = each(["llama", "gpt2"], {"r": 4}) + [
+    ("llama", {"r": 3, "psoft_orth": False, "psoft_mag_a": False}),
+    ("llama", {"r": 4, "ab_svd_init": "pissa_init", "psoft_mag_b": False, "psoft_alpha": 8}),
+    ("llama", {"r": 4, "use_cayley_neumann": True, "num_cayley_neumann_terms": 6, "cayley_neumann_eps": 0.9}),
+    ("gpt2", {"r": 4, "psoft_svd": "lowrank", "psoft_svd_lowrank_niter": 2, "random_seed": 7}),
+]
+
+SUPERTUNING = each(["llama", "gpt2", "bert"], {"sparsity": 0.9}) + [  # peft wraps nn.Linear only: GPT-2 linearized
+    ("llama", {"sparsity": 0.95, "r": 2, "lora_alpha": 3}),
+    ("gpt2", {"sparsity": 0.9, "r": 2, "lora_dropout": 0.1, "select_top": False}),
+    ("bert", {"sparsity": 0.9, "r": 1, "save_precomputed_indices": False}),
+]
+
 METHODS = [
+    Method(
+        "supertuning", state=SUPERTUNING + [("llama", {"sparsity": 0.5, "select_top": False})], load=SUPERTUNING,
+        merge=[(n, {"sparsity": 0.8, "r": 2, "init_weights": False}) for n in ("llama", "bert")],
+        linearize_gpt2=True, train=supertuning_train, layout=(".supertuning_values",), merged_agree=True,
+        merge_changed=only_weights, state_check=supertuning_same_support, quiet=True,
+    ),
+    Method(
+        "glora", state=GLORA + [("llama", {"r": 2, "config_A_B": "none", "config_C": "none", "config_D_E": "none"})],
+        load=GLORA, merge=[(n, {"r": 2, "init_weights": False, "config_D_E": "vector"}) for n in ("llama", "bert")],
+        linearize_gpt2=True, train=lycoris_train, merged_agree=True, merge_changed=glora_changed,
+        load_check=glora_same_files,
+    ),
     Method(
         "adalora",
         # a short schedule: warm-up to step 1, budget phase to step 4 (final mask), then 2 steps at the final ranks
@@ -283,6 +438,10 @@ METHODS = [
         merge_changed=only_weights, state_check=fourierft_targets,
     ),
     Method(
+        "hira", state=HIRA, load=HIRA, merge=each(["llama", "gpt2"], {"r": 4, "init_weights": False}),
+        train=lycoris_train, layout=(".hira_A", ".hira_B"), merged_agree=True, merge_changed=only_weights,
+    ),
+    Method(
         "ia3", state=each(["llama", "gpt2", "bert", "convnet"]), load=each(["llama", "gpt2", "bert", "convnet"]),
         merge=each(["llama", "gpt2", "bert", "convnet"]),
         # convnet has no PEFT default: explicit targets, the second conv treated as feedforward
@@ -303,6 +462,12 @@ METHODS = [
     Method("loha", state=LOHA, load=LOHA, **LYCORIS),
     Method("lokr", state=LOKR, load=LOKR, **LYCORIS),
     Method(
+        "miss", state=MISS, load=MISS,
+        merge=[("llama", {"r": 4, "init_weights": False}), ("llama", {"r": 3, "init_weights": False})],
+        linearize_gpt2=True, train=lycoris_train, layout=(".miss_block",), merged_agree=True,
+        merge_changed=only_weights,
+    ),
+    Method(
         "oft", state=OFT + [("convnet", {"r": 1, "oft_block_size": 0})], load=OFT,
         merge=[("llama", {"init_weights": False, "oft_block_size": 8}), ("bert", {"init_weights": False, "oft_block_size": 8}),
                ("convnet", {"init_weights": False, "r": 1, "oft_block_size": 0})],
@@ -310,11 +475,67 @@ METHODS = [
         layout=(".oft_R.weight",), merged_agree=True, merge_changed=only_weights, state_check=oft_closed_form_count,
     ),
     Method(
+        "gralora", state=GRALORA + [("gpt2", {"r": 4, "gralora_k": 4, "hybrid_r": 2})], load=GRALORA,
+        merge=[(n, {**kw, "init_weights": False}) for n, kw in GRALORA], defaults={"alpha": 6},
+        train=lycoris_train, layout=(".gralora_A", ".gralora_B"), merged_agree=True, merge_changed=only_weights,
+    ),
+    Method(
+        "lily", state=LILY, load=LILY, linearize_gpt2=True, train=lycoris_train, min_change=1e-3, min_change_ref=0.0,
+        layout=(".lily_A.weight", ".lily_B.weight", ".lily_router.weight"),
+    ),
+    Method(
+        "randlora", state=each(["llama", "gpt2"]) + [("llama", {"r": 3, "sparse": True}), ("gpt2", {"r": 5, "very_sparse": True})],
+        load=[(n, {"save_projection": s, "projection_prng_key": 5}) for s in (True, False) for n in ("llama", "gpt2")],
+        merge=each(["llama", "gpt2"], {"init_weights": False}), defaults={"r": 4, "randlora_alpha": 8},
+        train=randlora_train, layout=(".randlora_lambda",), merge_changed=only_weights,
+        state_check=randlora_shared_bases, load_check=randlora_bases_in_files, quiet=True,
+    ),
+    Method(
+        "vblora", state=each(["llama", "gpt2"]) + [("llama", {"save_only_topk_weights": True})],
+        load=[(n, {"save_only_topk_weights": t}) for t in (False, True) for n in ("llama", "gpt2")],
+        merge=each(["llama", "gpt2"]), defaults={"r": 2, "num_vectors": 16, "vector_length": 8, "topk": 2},
+        layout=(".vblora_vector_bank",), merge_changed=only_weights, merged_agree=True,
+        state_check=vblora_bank_shared, load_check=vblora_topk_files,
+    ),
+    Method(
+        "unilora", state=each(["llama", "gpt2"]) + [("llama", {"save_indices": True})],
+        load=[(n, {"save_indices": t, "proj_seed": 7}) for t in (False, True) for n in ("llama", "gpt2")],
+        merge=each(["llama", "gpt2"]), defaults={"r": 2, "theta_d_length": 64},
+        layout=(".unilora_theta_d",), merge_changed=only_weights, merged_agree=True,
+        state_check=unilora_same_assignment, load_check=unilora_index_files,
+    ),
+    Method(
+        "shira", state=SHIRA, load=SHIRA, merge=each(["llama"], {"r": 2, "init_weights": False}),
+        linearize_gpt2=True, train=lycoris_train, layout=(".shira_weight", ".shira_indices"), merged_agree=True,
+        merge_changed=only_weights,
+    ),
+    Method(
         "vera", state=each(["llama", "gpt2", "bert"]),
         load=[(n, {"save_projection": s, "projection_prng_key": 21}) for s in (True, False) for n in ("llama", "gpt2", "bert")],
         merge=each(["llama", "gpt2", "bert"]), defaults={"r": 8},
         train=vera_train, layout=(".vera_lambda_d",), merge_prepare=vera_perturb, merge_changed=only_weights,
         state_check=vera_shared_projections, load_check=vera_projections_in_files, quiet=True,
+    ),
+    Method(
+        "hra", state=each(["llama", "gpt2"], {"r": 4}) + [("llama", {"r": 3}), ("llama", {"r": 2, "apply_GS": True})],
+        load=each(["llama", "gpt2"], {"r": 4}) + [("llama", {"r": 4, "apply_GS": True})],
+        merge=[("llama", {"r": 4, "init_weights": False}), ("llama", {"r": 3, "apply_GS": True, "init_weights": False})],
+        linearize_gpt2=True, train=hra_train, layout=(".hra_u",), merged_agree=True, merge_changed=only_weights,
+        quiet=True,  # odd r: both libraries warn that the symmetric init needs an even r
+    ),
+    Method(
+        "delora", state=each(["llama", "gpt2"], {"r": 4}) + [("llama", {"r": 3, "rank_pattern": {"v_proj": 2}})],
+        load=each(["llama", "gpt2"], {"r": 4, "delora_lambda": 3}) + [
+            ("llama", {"r": 3, "rank_pattern": {"v_proj": 2}, "lambda_pattern": {"q_proj": 5}})],
+        merge=[("llama", {"r": 4, "init_weights": False})],
+        linearize_gpt2=True, train=delora_train, layout=(".delora_A", ".delora_w_norm"), merged_agree=True,
+        merge_changed=only_weights, load_check=delora_fixed_norms,
+    ),
+    Method(
+        "psoft", state=PSOFT, load=PSOFT,
+        merge=[("llama", {"r": 4, "init_weights": False}), ("llama", {"r": 3, "psoft_orth": False, "init_weights": False})],
+        linearize_gpt2=True, train=psoft_train, layout=(".psoft_R.weight",), merged_agree=True,
+        merge_changed=only_weights,
     ),
 ]
 def _id(method: Method, name: str, kwargs: dict[str, Any]) -> str:

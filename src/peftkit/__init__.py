@@ -21,14 +21,24 @@ from .methods.adapters import (
     UniPeltConfig,
 )
 from .methods.fourierft import FourierFTConfig
+from .methods.glora import GloraConfig
 from .methods.ia3 import IA3Config
+from .methods.supertuning import SupertuningConfig
 from .methods.lora import LoraConfig
 from .methods.lora.corda import preprocess_corda
 from .methods.lora.eva import get_eva_state_dict, initialize_lora_eva_weights
 from .methods.lora.init_configs import CordaConfig, EvaConfig, LoraGAConfig
 from .methods.lora.loraga import preprocess_loraga
+from .methods.hira import HiraConfig
+from .methods.delora import DeloraConfig
+from .methods.hra import HRAConfig
 from .methods.lycoris import LoHaConfig, LoKrConfig
+from .methods.miss import MissConfig
 from .methods.oft import BOFTConfig, OFTConfig
+from .methods.psoft import PsoftConfig
+from .methods.randlora import RandLoraConfig
+from .methods.gralora import GraloraConfig
+from .methods.lily import LilyConfig
 from .methods.prompt import (
     AdaptionPromptConfig,
     PrefixTuningConfig,
@@ -53,9 +63,12 @@ from .methods.selective import (
     project_to_sparsity,
     selection_summary,
 )
+from .methods.shira import ShiraConfig
 from .methods.ssf import SSFConfig
 from .methods.trainable_tokens import TrainableTokensConfig
 from .methods.vera import VeraConfig
+from .methods.vblora import VBLoRAConfig
+from .methods.unilora import UniLoraConfig
 from .methods.vision import build_cache, classify, set_tokenizer
 from .methods.vision.clip_adapter import ClipAdapterConfig
 from .methods.vision.coop import CoCoOpConfig, CoOpConfig
@@ -107,13 +120,16 @@ LoraModel = TunerModel  # the name Hugging Face PEFT gives the LoRA tuner
 from ._version import __version__  # noqa: E402
 
 __all__ = [
+    "SupertuningConfig",
+    "GloraConfig",
+    "RandLoraConfig", "GraloraConfig", "LilyConfig",
     "BOFTConfig", "OFTConfig",
     "BitFitConfig", "ChildTuningConfig", "DiffPruningConfig", "FishMaskConfig", "LNTuningConfig", "LastKConfig",
     "SelectionError", "fisher_diagonal", "fisher_mask", "l0_penalty", "project_to_sparsity", "selection_summary",
-    "AdaLoraConfig", "Adapter", "AdapterLayer", "ConfigError", "FourierFTConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "LoraConfig", "LoraModel", "MethodSpec", "PeftConfig", "PeftModel",
+    "AdaLoraConfig", "Adapter", "AdapterLayer", "ConfigError", "DeloraConfig", "HRAConfig", "PsoftConfig", "FourierFTConfig", "HiraConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "LoraConfig", "LoraModel", "MethodSpec", "MissConfig", "PeftConfig", "PeftModel",
     "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
-    "SSFConfig", "TaskType", "TrainableTokensConfig", "TunerModel", "VeraConfig", "convert_to_lora", "create_loraplus_optimizer", "save_as_lora", "get_method", "get_peft_model",
+    "SSFConfig", "ShiraConfig", "TaskType", "TrainableTokensConfig", "TunerModel", "UniLoraConfig", "VBLoRAConfig", "VeraConfig", "convert_to_lora", "create_loraplus_optimizer", "save_as_lora", "get_method", "get_peft_model",
     "get_peft_model_state_dict", "inject_adapter_in_model", "list_methods", "register_method",
     "set_peft_model_state_dict", "prepare_model_for_kbit_training", "quantize_model", "hotswap_adapter", "prepare_model_for_compiled_hotswap",
     "AdaptionPromptConfig", "PrefixTuningConfig", "PromptEncoderConfig", "PromptEncoderReparameterizationType",

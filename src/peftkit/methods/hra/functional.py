@@ -1,0 +1,41 @@
+"""HRA's weight math as pure functions (the same operations, in the same order, as Hugging Face PEFT)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def householder_product(u: Tensor, apply_gs: bool, reverse: bool = False) -> Tensor:
+    """``H`` (n, n) from the reflection vectors ``u`` (n, r).
+
+    Without Gram-Schmidt: ``H = prod_i (I - 2 u_i u_i^T / ||u_i||^2)`` for i = 0 .. r-1 (``reverse``: i = r-1 .. 0,
+    which is ``H^T = H^-1``). With Gram-Schmidt: the orthonormalised vectors ``U`` give ``H = I - 2 U U^T``
+    (symmetric and its own inverse)."""
+    n, r = u.shape
+    eye = torch.eye(n, device=u.device, dtype=u.dtype)
+    if apply_gs:
+        cols = [(u[:, 0] / u[:, 0].norm()).view(-1, 1)]
+        for i in range(1, r):
+            ui = u[:, i].view(-1, 1)
+            for j in range(i):
+                ui = ui - (cols[j].t() @ ui) * cols[j]
+            cols.append((ui / ui.norm()).view(-1, 1))
+        w = torch.cat(cols, dim=1)
+        return eye - 2 * w @ w.t()
+    u = u / u.norm(dim=0)
+    h = eye
+    for i in (range(r - 1, -1, -1) if reverse else range(r)):
+        ui = u[:, i].view(-1, 1)
+        h = h - 2 * h @ ui @ ui.t()
+    return h
+
+
+def symmetric_init(n: int, r: int, dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
+    """PEFT's default init for an even ``r``: r/2 Kaiming-uniform columns, each repeated twice (paired equal
+    reflections cancel, so ``H = I``)."""
+    half = torch.zeros(n, r // 2)
+    torch.nn.init.kaiming_uniform_(half, a=math.sqrt(5))
+    return torch.repeat_interleave(half, 2, dim=1).to(device=device, dtype=dtype)
