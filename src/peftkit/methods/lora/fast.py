@@ -11,7 +11,7 @@ path is the definition, the contract suite and the kernel tests compare against 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +21,10 @@ from ...kernel_helpers import has_hooks, scratch
 from ...targeting import LINEAR_TYPES
 from .kernels import DoraLinear, LoraLinear
 
-if TYPE_CHECKING:
-    from .layer import LoraAdapter
+# ``adapter`` below is a ``LoraAdapter`` (layer.py, which calls these): its factors, scaling, dropout, magnitude
 
 
-def fused_forward(adapter: "LoraAdapter", base: nn.Module, x: Tensor) -> Tensor | None:
+def fused_forward(adapter: Any, base: nn.Module, x: Tensor) -> Tensor | None:
     """``base(x)`` plus the adapter in one pass, or None where the fast path does not apply (the layer then
     runs the reference path)."""
     transposed = type(base) is not nn.Linear
@@ -50,7 +49,7 @@ def fused_forward(adapter: "LoraAdapter", base: nn.Module, x: Tensor) -> Tensor 
     return out.view(*x.shape[:-1], d_out)
 
 
-def merged_weight_forward(adapter: "LoraAdapter", base: nn.Module, x2d: Tensor, transposed: bool) -> Tensor:
+def merged_weight_forward(adapter: Any, base: nn.Module, x2d: Tensor, transposed: bool) -> Tensor:
     """``x2d (W0 + s B A)^T + b`` (DoRA: the merged weight rescaled) with one GEMM; no autograd."""
     w = base.weight
     buf = scratch(tuple(w.shape), w)
