@@ -20,8 +20,8 @@ PACKAGE = "peftkit"
 # The engine: what every method is built on. It must not import a method family (``peftkit.methods...``).
 ENGINE = {
     "adapter", "adapter_names", "checkpoint", "config", "default_targets", "functional", "io", "kernel_helpers",
-    "layers", "mha", "peft_surface", "quant", "registry", "routing", "saved_modules", "serving", "signature",
-    "targeting", "tuner",
+    "layers", "mha", "model", "model_api", "peft_surface", "quant", "registry", "routing", "saved_modules",
+    "serving", "signature", "targeting", "tuner",
 }
 
 # Cycles that are the design: the package imports ``compat`` last (``peftkit/__init__.py``), and ``compat`` serves

@@ -72,6 +72,15 @@ class Adapter(nn.Module):
         measured count."""
         raise NotImplementedError(f"{cls.__name__} has no closed-form parameter count")
 
+    @classmethod
+    def add_weighted_adapter(cls, model: Any, adapters: list[str], weights: list[float], adapter_name: str,
+                             **kwargs: Any) -> None:
+        """``PeftModel.add_weighted_adapter``: add ``adapter_name``, the model's ``adapters`` (the first of them of
+        this method; names already checked) combined with ``weights``. Only LoRA combines adapters (as in peft)."""
+        configs = getattr(model, "peft_config", {})
+        other = {a: str(configs[a].peft_type) for a in adapters if str(configs[a].peft_type) != "LORA"}
+        raise ValueError(f"add_weighted_adapter merges LoRA adapters only; {other} are other methods")
+
     # -- the wrapper and the model ---------------------------------------------------------------------
     # The wrapper class of this method's layers; None: the shared ``AdapterLayer``. A method whose adapter must
     # see more than one layer's input and output (LLaMA-Adapter's gated attention) brings its own subclass.

@@ -177,6 +177,12 @@ def apply_load_options(state: dict[str, Tensor], source: str, config: PeftConfig
             state = {k: v.to(device) for k, v in state.items()}
         except (RuntimeError, AssertionError, ValueError, TypeError) as err:
             raise ValueError(f"torch_device={torch_device!r}: cannot load {source} onto it ({err})") from None
+    return map_keys(state, key_mapping, source)
+
+
+def map_keys(state: dict[str, Tensor], key_mapping: dict[str, str] | None, source: str) -> dict[str, Tensor]:
+    """peft's ``key_mapping``: each regex -> replacement applied to the keys without their ``base_model.model.`` /
+    ``base_model.`` prefix, the first pattern that matches winning."""
     if not key_mapping:
         return state
     if not isinstance(key_mapping, dict):

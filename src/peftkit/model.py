@@ -12,11 +12,9 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .methods.lora import merging
 from .config import PeftConfig, TaskType
 from .registry import get_method
 from .functional import (  # noqa: F401 - re-exported: peft has them next to its PeftModel
@@ -296,8 +294,20 @@ class PeftModel(PeftModelAPI, nn.Module):
             raise
         return ckpt.LoadResult([], [])
 
-    # LoRA adapter arithmetic with PEFT's signature; the math and the differences from PEFT: merging.py
-    add_weighted_adapter = merging.add_weighted_adapter
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             **kwargs: Any) -> None:
+        """Add ``adapter_name``, the ``adapters`` combined with ``weights`` (peft's signature and options). The
+        names are checked here; the combination is the method's (``Adapter.add_weighted_adapter``: LoRA's,
+        ``methods/lora/merging.py``, which says where it differs from peft)."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"add_weighted_adapter: adapter {adapter_name!r} already exists; pick another name")
+        if not adapters or len(adapters) != len(weights):
+            raise ValueError(f"add_weighted_adapter: {len(adapters)} adapters but {len(weights)} weights")
+        unknown = [a for a in adapters if a not in self.peft_config]
+        if unknown:
+            raise ValueError(f"add_weighted_adapter: unknown adapter(s) {unknown}; adapters: {sorted(self.peft_config)}")
+        cls = get_method(self.peft_config[adapters[0]]).adapter_cls
+        cls.add_weighted_adapter(self, list(adapters), list(weights), adapter_name, **kwargs)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ adapter tensors); ``cast_mixed_precision_params`` and ``shift_tokens_right`` are
 from __future__ import annotations
 
 import os
-import re
 from collections import namedtuple
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from .file_options import map_keys
 from .layers import AdapterLayer
 from .model import PeftModel
 from .tuner import ModulesToSaveWrapper, TunerModel
@@ -77,23 +77,7 @@ def load_peft_weights(
     device = _infer_device() if device is None else device
     if device != "cpu":
         state = {k: v.to(device) for k, v in state.items()}
-    if not key_mapping:
-        return state
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if key.startswith("base_model.model."):
-            prefix = "base_model.model."
-        elif key.startswith("base_model."):
-            prefix = "base_model."
-        else:
-            raise ValueError(f"{folder}: key {key!r} has no 'base_model.' prefix; cannot apply key_mapping")
-        key = key.removeprefix(prefix)
-        for pattern, replacement in key_mapping.items():
-            key, n = re.subn(pattern, replacement, key)
-            if n:
-                break
-        out[prefix + key] = value
-    return out
+    return map_keys(state, key_mapping, folder)
 
 
 def _user_model(model: nn.Module) -> nn.Module:

@@ -35,6 +35,7 @@ from . import conv as LC
 from . import dispatch
 from . import fast as LFast
 from . import functional as LF
+from . import merging
 from . import replication
 from . import moe as LMoe
 from . import params as LP
@@ -86,6 +87,11 @@ class LoraAdapter(Adapter):
         paths = dispatch.select_targets(cls, model, named, config, extra=cls is LoraAdapter)
         data_init.check_prepared(named, paths, config)  # CorDA / LoRA-GA data on all targets or none
         return paths
+
+    @classmethod
+    def add_weighted_adapter(cls, model: Any, adapters: list[str], weights: list[float], adapter_name: str,
+                             **kwargs: Any) -> None:
+        merging.add_weighted_adapter(model, adapters, weights, adapter_name, **kwargs)  # merging.py
 
     @classmethod
     def prepare_model(cls, model: nn.Module, config: Any) -> None:
