@@ -101,11 +101,12 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tenso
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
-def vera_projections(r: int, d_in: int, d_out: int, seed: int) -> tuple[Tensor, Tensor]:
+def vera_projections(r: int, d_in: int, d_out: int, seed: int, a_rows: int | None = None) -> tuple[Tensor, Tensor]:
     """The shared frozen projections ``A`` (r, d_in) and ``B`` (d_out, r), drawn in this order from one
-    CPU generator seeded with ``seed`` (identical to PEFT's ``_init_vera_A_vera_B``)."""
+    CPU generator seeded with ``seed`` (identical to PEFT's ``_init_vera_A_vera_B``). ``a_rows``: another
+    height of ``A`` (PVeRA's ``2 r``: mean and log-variance rows)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    a = kaiming_uniform((r, d_in), generator)
+    a = kaiming_uniform((r if a_rows is None else a_rows, d_in), generator)
     b = kaiming_uniform((d_out, r), generator)
     return a, b
 
@@ -113,6 +114,53 @@ def vera_projections(r: int, d_in: int, d_out: int, seed: int) -> tuple[Tensor, 
 def vera_delta(lambda_b: Tensor, lambda_d: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """``diag(lambda_b) B diag(lambda_d) A`` as (d_out, d_in), given the layer's slices of ``A`` and ``B``."""
     return (lambda_b.unsqueeze(-1) * b) @ (lambda_d.unsqueeze(-1) * a)
+
+
+def shared_projections(
+    targets: list[tuple[str, nn.Module]], config: Any, others: dict[str, tuple[Any, dict[str, Tensor]]],
+    keys: tuple[str, str] = ("vera_A", "vera_B"), a_rows: int | None = None, label: str = "VeRA",
+) -> dict[str, Tensor]:
+    """The shared projections of a new adapter (``keys``: their names; ``a_rows``: the height of ``A``, default
+    ``r``), sized for its largest target; VeRA's and PVeRA's ``build_shared``.
+
+    As in PEFT, an adapter added next to existing adapters of the method reuses the first one's projections
+    (a private copy here, so loading one adapter's file cannot change another's); it must then have
+    the same seed, the same ``save_projection`` and the same rank, and fit in their dimensions.
+    """
+    cfg = type(config).__name__
+    dims = [layer_dims(base) for _, base in targets]
+    d_out, d_in = max(d[0] for d in dims), max(d[1] for d in dims)
+    for name, (other, _) in others.items():
+        if other.projection_prng_key != config.projection_prng_key:
+            raise ConfigError(
+                f"{cfg}.projection_prng_key: {config.projection_prng_key} differs from adapter {name!r}'s "
+                f"{other.projection_prng_key}; all {label} adapters on a model share one key (as in PEFT)"
+            )
+        if other.save_projection != config.save_projection:
+            raise ConfigError(
+                f"{cfg}.save_projection: {config.save_projection} differs from adapter {name!r}'s "
+                f"{other.save_projection}; the projections are saved for all {label} adapters or for none"
+            )
+    ka, kb = keys
+    if not others:
+        a, b = vera_projections(config.r, d_in, d_out, config.projection_prng_key, a_rows)
+        device = targets[0][1].weight.device
+        return {ka: a.to(device), kb: b.to(device)}
+    name, (_, tensors) = next(iter(others.items()))
+    a, b = tensors[ka], tensors[kb]
+    if b.shape[1] != config.r:
+        raise ConfigError(
+            f"{cfg}.r: {config.r} differs from the rank {b.shape[1]} of the projections shared with adapter "
+            f"{name!r}; a {label} adapter added to a model with {label} adapters must use the same r"
+        )
+    too_big = [(p, d) for (p, _), d in zip(targets, dims) if d[1] > a.shape[1] or d[0] > b.shape[0]]
+    if too_big:
+        path, (o, i) = too_big[0]
+        raise ValueError(
+            f"{path}: a {o} x {i} layer does not fit the projections shared with adapter {name!r} "
+            f"({ka} {tuple(a.shape)}, {kb} {tuple(b.shape)}); add the adapter with the larger layers first"
+        )
+    return {ka: a.clone(), kb: b.clone()}
 
 
 @register_method(
@@ -166,44 +214,8 @@ class VeraAdapter(Adapter):
     def build_shared(
         cls, targets: list[tuple[str, nn.Module]], config: VeraConfig, others: dict[str, tuple[Any, dict[str, Tensor]]]
     ) -> dict[str, Tensor]:
-        """``A`` and ``B`` for a new adapter, sized for its largest target.
-
-        As in PEFT, an adapter added next to existing VeRA adapters reuses the first one's projections
-        (a private copy here, so loading one adapter's file cannot change another's); it must then have
-        the same seed, the same ``save_projection`` and the same rank, and fit in their dimensions.
-        """
-        dims = [layer_dims(base) for _, base in targets]
-        d_out, d_in = max(d[0] for d in dims), max(d[1] for d in dims)
-        for name, (other, _) in others.items():
-            if other.projection_prng_key != config.projection_prng_key:
-                raise ConfigError(
-                    f"VeraConfig.projection_prng_key: {config.projection_prng_key} differs from adapter {name!r}'s "
-                    f"{other.projection_prng_key}; all VeRA adapters on a model share one key (as in PEFT)"
-                )
-            if other.save_projection != config.save_projection:
-                raise ConfigError(
-                    f"VeraConfig.save_projection: {config.save_projection} differs from adapter {name!r}'s "
-                    f"{other.save_projection}; the projections are saved for all VeRA adapters or for none"
-                )
-        if not others:
-            a, b = vera_projections(config.r, d_in, d_out, config.projection_prng_key)
-            device = targets[0][1].weight.device
-            return {"vera_A": a.to(device), "vera_B": b.to(device)}
-        name, (_, tensors) = next(iter(others.items()))
-        a, b = tensors["vera_A"], tensors["vera_B"]
-        if a.shape[0] != config.r:
-            raise ConfigError(
-                f"VeraConfig.r: {config.r} differs from the rank {a.shape[0]} of the projections shared with adapter "
-                f"{name!r}; a VeRA adapter added to a model with VeRA adapters must use the same r"
-            )
-        too_big = [(p, d) for (p, _), d in zip(targets, dims) if d[1] > a.shape[1] or d[0] > b.shape[0]]
-        if too_big:
-            path, (o, i) = too_big[0]
-            raise ValueError(
-                f"{path}: a {o} x {i} layer does not fit the projections shared with adapter {name!r} "
-                f"(vera_A {tuple(a.shape)}, vera_B {tuple(b.shape)}); add the adapter with the larger layers first"
-            )
-        return {"vera_A": a.clone(), "vera_B": b.clone()}
+        """``A`` and ``B`` for a new adapter, sized for its largest target (``shared_projections``)."""
+        return shared_projections(targets, config, others)
 
     @classmethod
     def saves_shared(cls, config: VeraConfig) -> bool:
