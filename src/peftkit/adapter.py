@@ -268,3 +268,10 @@ class Adapter(nn.Module):
     def saves_shared(cls, config: Any) -> bool:
         """Whether the adapter file holds the shared tensors (when absent on load, the rebuilt ones stay)."""
         return True
+
+    @classmethod
+    def shared_param_count(cls, targets: list[tuple[str, nn.Module]], config: Any) -> int:
+        """Closed form of the adapter-level parameters that train (VB-LoRA's vector bank), from the config and
+        the targets (path, base layer) alone: counted once per adapter, beside ``param_count`` per layer. The
+        default, 0, is right for frozen shared tensors (VeRA's projections) and for methods without any."""
+        return 0

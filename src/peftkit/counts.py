@@ -46,12 +46,11 @@ def count(
     if select:
         peft_model.prepare_selection()  # data-free selections (criterion="random"); a no-op for the rest
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    closed, targets = 0, 0
-    for path, layer in peft_model.get_base_model().named_modules():
-        if isinstance(layer, AdapterLayer) and "default" in layer.adapters:
-            closed += spec.adapter_cls.param_count(layer.base_layer, config, path)
-            targets += 1
-    return {"trainable": trainable, "closed_form": closed, "targets": targets, "total": total}
+    layers = [(path, layer.base_layer) for path, layer in peft_model.get_base_model().named_modules()
+              if isinstance(layer, AdapterLayer) and "default" in layer.adapters]
+    closed = sum(spec.adapter_cls.param_count(base, config, path) for path, base in layers)
+    closed += spec.adapter_cls.shared_param_count(layers, config)  # adapter-level state that trains, once
+    return {"trainable": trainable, "closed_form": closed, "targets": len(layers), "total": total}
 
 
 def recipe_rows(paths: list[str]) -> list[dict[str, Any]]:

@@ -86,6 +86,11 @@ class UniLoraAdapter(Adapter):
 
     # -- the shared vector and the assignment --------------------------------------------------------------
     @classmethod
+    def shared_param_count(cls, targets: list[tuple[str, nn.Module]], config: UniLoraConfig) -> int:
+        """The one trained vector ``theta_d`` (theta_d_length,), once per adapter."""
+        return config.theta_d_length
+
+    @classmethod
     def build_shared(cls, targets: list[tuple[str, nn.Module]], config: UniLoraConfig,
                      others: dict[str, tuple[Any, dict[str, Tensor]]]) -> dict[str, Tensor]:
         """``theta_d`` (trained), the balanced assignment of all targets' ``D`` entries (in target order, each

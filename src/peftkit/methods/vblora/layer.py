@@ -116,6 +116,11 @@ class VBLoRAAdapter(Adapter):
                     (*shape[:-1], self.topk - 1), dtype=dtype, device=device), persistent=False)
             self._synced: tuple[int, ...] | None = None
 
+    @classmethod
+    def shared_param_count(cls, targets: list[tuple[str, nn.Module]], config: VBLoRAConfig) -> int:
+        """The trained vector bank: num_vectors x vector_length, once per adapter."""
+        return config.num_vectors * config.vector_length
+
     # -- the shared vector bank ------------------------------------------------------------------------------
     @classmethod
     def build_shared(cls, targets: list[tuple[str, nn.Module]], config: VBLoRAConfig,
