@@ -39,7 +39,7 @@ run: $(VENV)/.installed-demo
 
 # two workers, one OpenMP thread each (the tiny test models gain nothing from more); a file stays on one worker
 test: install-test
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile tests
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup tests
 
 bench: $(VENV)/.installed-test
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_foundation.py --json docs/bench_foundation.json

@@ -20,3 +20,13 @@ def one_thread_per_module() -> None:
 @pytest.fixture(autouse=True)
 def one_thread() -> None:
     torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``make test`` runs ``--dist loadgroup``: every file stays whole on one worker (its module fixtures are
+    built once), except the contract suite, whose thousands of independent cases spread over both workers
+    (whole, it would be the longest unit of work and keep one worker busy after the other is done)."""
+    for item in items:
+        if item.path.name != "test_contract.py":
+            item.add_marker(pytest.mark.xdist_group(item.path.name))

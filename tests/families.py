@@ -33,6 +33,23 @@ class Family:
         torch.manual_seed(1)
         return self.output(model(**self.inputs()))
 
+    def base_output(self) -> torch.Tensor:
+        """``run`` on the unadapted model, computed once per process (the contract compares every case with it)."""
+        if self.name not in _BASE_OUTPUTS:
+            with torch.no_grad():
+                _BASE_OUTPUTS[self.name] = self.run(self.model())
+        return _BASE_OUTPUTS[self.name]
+
+    def module_types(self) -> dict[str, type]:
+        """Each submodule's path -> its type, read once per process."""
+        if self.name not in _MODULE_TYPES:
+            _MODULE_TYPES[self.name] = {n: type(m) for n, m in self.model().named_modules()}
+        return _MODULE_TYPES[self.name]
+
+
+_BASE_OUTPUTS: dict[str, torch.Tensor] = {}
+_MODULE_TYPES: dict[str, dict[str, type]] = {}
+
 
 def _ids(shape: tuple[int, ...] = (2, 7)) -> torch.Tensor:
     return torch.randint(0, V, shape)

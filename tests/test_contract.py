@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 
 import pytest
 import torch
-from torch import nn
 
 import peftkit
 from peftkit import Adapter, AdapterLayer, PeftModel, get_peft_model
 from peftkit.targeting import NotApplicableError
 
+from .closed_forms import CLOSED_FORM, Adapted, Site
 from .families import FAMILIES
 
 CASES = [(spec, name, kwargs) for spec in peftkit.list_methods() for name, kwargs in spec.examples]
@@ -37,10 +36,9 @@ def unsupported_targets(spec, family):
     if family.targets is None:
         return []
     supported = spec.adapter_cls.supported_layers
-    named = family.model().named_modules()
     return sorted({
-        type(m).__name__ for n, m in named
-        if any(n == t or n.endswith("." + t) for t in family.targets) and not isinstance(m, supported)
+        cls.__name__ for n, cls in family.module_types().items()
+        if any(n == t or n.endswith("." + t) for t in family.targets) and not issubclass(cls, supported)
     })
 
 
@@ -80,7 +78,7 @@ def wrapped(case, family):
         ids = family.inputs().get("input_ids")
         if ids is not None and not chosen & set(ids.flatten().tolist()):
             pytest.skip(f"{spec.name}: {family.name}'s inputs hold none of the example's token ids")
-    base_out = family.run(family.model())
+    base_out = family.base_output()
     try:
         model = get_peft_model(family.model(), make_config(spec, kwargs, family)).eval()
     except NotApplicableError as err:  # the model lacks what the method acts on (BitFit on bias-free Llama / T5)
@@ -88,17 +86,17 @@ def wrapped(case, family):
     return model, base_out
 
 
-def test_starts_at_base(wrapped, family, case):
+def test_starts_at_base(case, family, request):
     if not case[0].starts_at_base:
         pytest.skip("the method acts from the start (registry: starts_at_base=False)")
-    model, base_out = wrapped
+    model, base_out = request.getfixturevalue("wrapped")  # built only when the case applies
     torch.testing.assert_close(family.run(model), base_out, atol=1e-4, rtol=1e-4)
 
 
-def test_merged_equals_unmerged_and_unmerge_restores_bits(wrapped, family, case):
+def test_merged_equals_unmerged_and_unmerge_restores_bits(case, family, request):
     if not case[0].mergeable:
         pytest.skip("method is not mergeable")
-    model, _ = wrapped
+    model, _ = request.getfixturevalue("wrapped")  # built only when the case applies
     perturb(model)
     before = base_weights(model)
     unmerged = family.run(model)
@@ -112,10 +110,10 @@ def test_merged_equals_unmerged_and_unmerge_restores_bits(wrapped, family, case)
     torch.testing.assert_close(family.run(model), unmerged, atol=0, rtol=0)
 
 
-def test_merge_and_unload_equals_unmerged(wrapped, family, case):
+def test_merge_and_unload_equals_unmerged(case, family, request):
     if not case[0].mergeable:
         pytest.skip("method is not mergeable")
-    model, _ = wrapped
+    model, _ = request.getfixturevalue("wrapped")  # built only when the case applies
     perturb(model)
     unmerged = family.run(model)
     plain = model.merge_and_unload()
@@ -168,117 +166,28 @@ def test_only_adapter_parameters_get_gradients(wrapped, family):
 
 
 # -- closed-form trainable-parameter counts -------------------------------------------------------------------
-# Written from each method's math on one adapted layer with fan-in d_in (a convolution: in_channels / groups x
-# kernel area), d_out outputs, c_in / c_out channels; not from peftkit's own param_count. Methods not in the
-# table yet (prompt tokens, bottleneck adapters, selective masks, LoKr's factorisation, the CLIP methods) are
-# checked against the closed form their adapter class declares (``param_count``: computed from the config and
-# the layer's shape, never from the built tensors), so the count is checked for every example.
-def _dims(base):
-    """(d_in, d_out, c_in, c_out) of a base layer, read from its type's own fields."""
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(base, nn.Linear):
-        return base.in_features, base.out_features, base.in_features, base.out_features
-    if isinstance(base, Conv1D):  # GPT-2: weight stored (d_in, d_out)
-        return base.weight.shape[0], base.weight.shape[1], base.weight.shape[0], base.weight.shape[1]
-    if isinstance(base, nn.modules.conv._ConvNd):
-        fan_in = base.in_channels // base.groups * math.prod(base.kernel_size)
-        return fan_in, base.out_channels, base.in_channels, base.out_channels
-    if isinstance(base, nn.Embedding):
-        return base.num_embeddings, base.embedding_dim, base.num_embeddings, base.embedding_dim
-    raise AssertionError(f"no closed form for a {type(base).__name__}")
+# Written in tests/closed_forms.py from each method's math (one adapted layer's dims, the example's config, the
+# plain model for the selective methods), never from peftkit's own param_count: every example must have one.
+@pytest.mark.parametrize("example", sorted({name for _, name, _ in CASES}))
+def test_parameter_count_closed_form_exists(example):
+    if example not in CLOSED_FORM:
+        pytest.fail(f"registry example {example!r} has no closed-form trainable-parameter count: add one to "
+                    "CLOSED_FORM in tests/closed_forms.py, written from the method's math (not from its param_count)")
 
 
-def _norm_params(base):
-    return sum(p.numel() for p in base.parameters(recurse=False))
-
-
-def _lora(r):  # A: r x d_in, B: d_out x r
-    return lambda d_in, d_out, c_in, c_out, ff: r * (d_in + d_out)
-
-
-CLOSED_FORM = {
-    "lora": _lora(4),
-    "rslora": _lora(4),
-    "pissa": _lora(4),
-    "dora": lambda d_in, d_out, c_in, c_out, ff: 4 * (d_in + d_out) + d_out,  # + the magnitude vector
-    "adalora": lambda d_in, d_out, c_in, c_out, ff: 4 * (d_in + d_out) + 4,  # P, Q and the init_r singular values
-    "loha": lambda d_in, d_out, c_in, c_out, ff: 2 * 4 * (d_in + d_out),  # two rank-4 pairs, Hadamard product
-    "ia3": lambda d_in, d_out, c_in, c_out, ff: c_in if ff else c_out,  # one scale per input / output channel
-    "hira": _lora(2),  # A: r x d_in, B: d_out x r (the update W0 * BA is of high rank)
-    "shira": _lora(2),  # r (d_in + d_out) entries of the weight, LoRA's count
-    "miss": lambda d_in, d_out, c_in, c_out, ff: 4 * d_out,  # one (r, d_out) block shared by the r-wide shards
-    "vera": lambda d_in, d_out, c_in, c_out, ff: 4 + d_out,  # lambda_d (r) and lambda_b; A and B frozen, shared
-    "vera-seed": lambda d_in, d_out, c_in, c_out, ff: 6 + d_out,
-    "fourierft": lambda d_in, d_out, c_in, c_out, ff: 16,  # n_frequency spectral coefficients
-    # r = 1 block of size d_in: its d_in (d_in - 1) / 2 skew-symmetric entries
-    "oft": lambda d_in, d_out, c_in, c_out, ff: d_in * (d_in - 1) // 2,
-    "coft": lambda d_in, d_out, c_in, c_out, ff: d_in * (d_in - 1) // 2,
-    # one butterfly factor, one block of size d_in (the full d_in x d_in matrix, Cayley of its skew part)
-    # and one output scale per output
-    "boft": lambda d_in, d_out, c_in, c_out, ff: d_in * d_in + d_out,
-    "ssf": None,  # per layer: a scale and a shift per output channel (norm layers: per normalized feature)
-    "ln_tuning": None,  # per layer: a trained copy of the norm layer's weight and bias
-    "bitfit": None,  # per layer: its bias
-    "last_k": None,  # per layer of the last k blocks: all its own parameters
-    "prompt_tuning": None,  # n virtual tokens x the embedding width (x 2 for an encoder-decoder's two stacks)
-    "coop": None,  # n context vectors x the text tower's embedding width (one context for all classes)
-    "vpt-deep": None,  # per block: p prompt tokens x the hidden width
-    # prefix tuning: n x 2 L d (a key and a value vector per token and layer); with the projection, the n x d
-    # embedding and a two-layer MLP d -> h -> 2 L d with biases
-    "prefix": None,
-    "prefix-projection": None,
-    "p_tuning_v2": None,
-    "adaption_prompt": None,  # per adapted attention: adapter_len x hidden prompts and one gate
-    "tip_adapter": None,  # Tip-Adapter-F: the cache's N K keys x the feature width
-    "clip_adapter": None,  # per adapted feature: a D -> D / r -> D bottleneck without biases (r = 4)
-}
-
-
-def _per_layer(example, base, adapter, config) -> int:
-    if example == "bitfit":
-        return base.bias.numel()
-    if example == "last_k":
-        return _norm_params(base)
-    if example == "prompt_tuning":
-        return config.num_virtual_tokens * (config.num_transformer_submodules or 1) * base.embedding_dim
-    if example == "coop":
-        return config.num_virtual_tokens * base.embedding_dim
-    if example in ("prefix", "p_tuning_v2"):
-        return config.num_virtual_tokens * 2 * config.num_layers * config.token_dim
-    if example == "prefix-projection":
-        n, d, L, h = config.num_virtual_tokens, config.token_dim, config.num_layers, config.encoder_hidden_size
-        return n * d + (d * h + h) + (h * 2 * L * d + 2 * L * d)
-    if example == "adaption_prompt":
-        return config.adapter_len * base.config.hidden_size + 1
-    if example == "tip_adapter":
-        return config.cache_size * base.out_features
-    if example == "clip_adapter":
-        return 2 * base.out_features * max(1, base.out_features // 4)
-    if example == "vpt-deep":
-        return config.num_virtual_tokens * config.token_dim
-    if example == "ssf":
-        return 2 * (base.normalized_shape[-1] if hasattr(base, "normalized_shape") else
-                    base.num_features if hasattr(base, "num_features") else
-                    base.num_channels if isinstance(base, nn.GroupNorm) else _dims(base)[3])
-    if example == "ln_tuning":
-        return _norm_params(base)
-    return CLOSED_FORM[example](*_dims(base), getattr(adapter, "feedforward", False))
-
-
-def test_parameter_count_matches_closed_form(wrapped, case):
+def test_parameter_count_matches_closed_form(wrapped, case, family):
     model, _ = wrapped
-    spec, example = case[0], case[1]
     config = model.peft_config["default"]
-    expected = sum(_per_layer(example, layer.base_layer, layer.adapters["default"], config) if example in CLOSED_FORM
-                   else spec.adapter_cls.param_count(layer.base_layer, config, path)
-                   for path, layer in model.base_model.adapter_layers())
-    for _, wrapper in model.base_model.saved_modules():  # a trained copy of each saved module (a task head)
+    saved = list(model.base_model.saved_modules())
+    adapted = Adapted(
+        cfg=config,
+        sites=[Site(path, layer.base_layer, config) for path, layer in model.base_model.adapter_layers()],
+        plain=family.model,
+        heads=[*(getattr(config, "modules_to_save", None) or []), *(path for path, _ in saved)],
+    )
+    expected = CLOSED_FORM[case[1]](adapted)
+    for _, wrapper in saved:  # a trained copy of each saved module (a task head)
         expected += sum(p.numel() for p in wrapper.modules_to_save["default"].parameters())
-    # adapter-level state that trains (VB-LoRA's vector bank, Uni-LoRA's theta_d): once per adapter, not per target
-    if "default" in model.base_model.shared_state:
-        expected += sum(t.numel() for t in model.base_model.shared_state["default"].tensors().values()
-                        if t.requires_grad)
     trainable, total = model.get_nb_trainable_parameters()
     assert expected > 0 and trainable == expected
     assert total == sum(p.numel() for p in model.parameters())
