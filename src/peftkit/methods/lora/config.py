@@ -16,6 +16,7 @@ from ..trainable_tokens.config import check_token_indices
 from .dispatch import register_custom_module
 from .replication import check_layer_map
 from .init_configs import CordaConfig, EvaConfig, LoraGAConfig, subconfig
+from .variant_configs import LoraRuntimeConfig, check_variants
 
 # "orthogonal", "eva", "corda", "lora_ga": data-driven and random-orthogonal inits (methods/lora/data_init.py)
 _INIT_NAMES = ("gaussian", "pissa", "olora", "loftq", "orthogonal", "eva", "corda", "lora_ga")
@@ -27,7 +28,7 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "megatron_config": None, "megatron_core": "megatron.core",
     "velora_config": None, "use_qalora": False, "qalora_group_size": 16,
     "monteclora_config": None, "use_bdlora": None,
-    "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False,
+    "arrow_config": None, "ensure_weight_tying": False,
 }
 # fields where an empty list means the same as the default
 _EMPTY_IS_DEFAULT: tuple[str, ...] = ()
@@ -63,6 +64,9 @@ class LoraConfig(PeftConfig):
         use_dora: weight-decomposed LoRA (Liu et al. 2024, arXiv 2402.09353).
         alora_invocation_tokens: activated LoRA (aLoRA): token ids of the invocation sequence; the adapter acts
             only from its last occurrence in each row on, in forward and ``generate`` (methods/lora/alora.py).
+        kasa_config: KaSA (``KasaConfig``; Wang et al. 2024, arXiv 2412.06071): the base weight loses its r smallest
+            singular components, the update is ``s B diag(lora_diag) A`` (methods/lora/kasa.py); Linear only.
+        runtime_config: ``LoraRuntimeConfig``, options of this process only (not saved).
         target_parameters: names (or dotted suffixes) of ``nn.Parameter``s to adapt directly, e.g. a
             mixture-of-experts model's stacked experts ``["experts.gate_up_proj", "experts.down_proj"]``: one
             low-rank delta per expert, as peft's ``ParamWrapper`` (methods/lora/params.py).
@@ -99,6 +103,7 @@ class LoraConfig(PeftConfig):
     qalora_group_size: int = 16
     monteclora_config: Any = None
     layer_replication: Any = None
+    runtime_config: Any = field(default_factory=LoraRuntimeConfig)  # never saved: to_dict drops it (as peft)
     target_parameters: Any = None
     use_bdlora: Any = None
     arrow_config: Any = None
@@ -122,6 +127,7 @@ class LoraConfig(PeftConfig):
         )
         self._check_loftq()
         self._check_data_init()
+        check_variants(self)  # kasa_config, runtime_config; one variant at most (variant_configs.py)
         tp = self.target_parameters  # LoRA on named nn.Parameters (methods/lora/params.py); a list, never a str
         if tp is not None and not (isinstance(tp, (list, tuple, set, frozenset))
                                    and all(isinstance(n, str) for n in tp)):
@@ -163,6 +169,11 @@ class LoraConfig(PeftConfig):
                     name in _EMPTY_IS_DEFAULT and isinstance(value, (list, tuple)) and not value):
                 allowed = f"{default!r} or []" if name in _EMPTY_IS_DEFAULT else repr(default)
                 raise ConfigError(f"LoraConfig.{name}={value!r} is not supported by peftkit (only {allowed})")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.pop("runtime_config", None)  # runtime settings are never saved (peft)
+        return out
 
     _custom_modules = None  # {layer type: adapter class}, peft's attribute (not a field: never saved)
 

@@ -32,6 +32,25 @@ BUILTIN: dict[type, type] = {}
 # and the per-call hooks they need around a forward / generate (``call_context``); filled by their modules too
 BY_FIELD: dict[str, type] = {}
 CALL_HOOKS: list[Callable[[Any, dict[str, Any]], Any]] = []
+# model-level rules and steps of variants (kasa.py: no KaSA beside plain LoRA; the base weight's truncation once
+# every layer of a new adapter is built, so a refused target leaves the model untouched)
+NEW_ADAPTER_CHECKS: list[Callable[[dict[str, Any], Any, str], None]] = []
+AFTER_INJECT: list[Callable[[nn.Module, str], None]] = []
+
+
+class VariantHooks:
+    """``LoraAdapter``'s model-level hooks (``Adapter.check_new_adapter`` / ``after_inject``), run for the
+    variants that registered one above."""
+
+    @classmethod
+    def check_new_adapter(cls, configs: dict[str, Any], config: Any, adapter_name: str) -> None:
+        for check in NEW_ADAPTER_CHECKS:
+            check(configs, config, adapter_name)
+
+    @classmethod
+    def after_inject(cls, model: nn.Module, adapter_name: str) -> None:
+        for step in AFTER_INJECT:
+            step(model, adapter_name)
 
 
 def custom_modules(config: Any) -> dict[type, type]:

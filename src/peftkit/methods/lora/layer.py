@@ -37,6 +37,7 @@ from . import fast as LFast
 from . import functional as LF
 from . import merging
 from . import replication
+from . import runtime
 from . import moe as LMoe
 from . import params as LP
 from . import data_init
@@ -70,7 +71,7 @@ def _kind(base: nn.Module) -> str:
         "pissa": {"r": 4, "lora_alpha": 8, "init_lora_weights": "pissa"},
     },
 )
-class LoraAdapter(Adapter):
+class LoraAdapter(dispatch.VariantHooks, Adapter):
     supported_layers = (nn.Linear, nn.Embedding, *_CONV) + CONV1D_TYPES
     default_roles = ("query", "value")
 
@@ -149,7 +150,7 @@ class LoraAdapter(Adapter):
             self._init_weights(base, config, key)
         if config.use_dora:
             with torch.no_grad():
-                norm = self._full_norm(base)
+                norm = runtime.offloaded(config, self, base, self._full_norm)  # runtime_config (runtime.py)
             self.magnitude = nn.Parameter(norm.reshape(self._magnitude_shape(d_out)).to(dtype))
 
     # -- layout ----------------------------------------------------------------------------------------
