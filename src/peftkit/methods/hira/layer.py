@@ -7,7 +7,8 @@ The paper's update is the Hadamard product of the frozen weight with a rank-r ma
 
 with ``A`` (r, d_in) and ``B`` (d_out, r) (Linear / Conv1D, in the (d_out, d_in) layout; GPT-2's Conv1D
 weight is stored transposed and the update is transposed with it). ``W0 * BA`` has rank up to
-rank(W0) r, far above r. ``B`` starts at zero, so the model starts at the base.
+rank(W0) r, far above r. ``B`` starts at zero, so the model starts at the base. On a plain Linear / Conv1D
+(no hooks, no active dropout) the two products are one, ``h = (W0 + W0 * BA) x + b`` (PEFT computes both).
 
 As in PEFT (0.21), whose files (``hira_A`` / ``hira_B``; on embeddings ``hira_embedding_A`` (r, num_embeddings)
 and ``hira_embedding_B`` (dim, r)) and numbers this follows:
@@ -37,9 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...config import ConfigError
-from ...kernel_helpers import CONV1D_TYPES, adapter_dtype, is_transposed, layer_dims
+from ...kernel_helpers import CONV1D_TYPES, adapter_dtype, has_hooks, is_transposed, layer_dims
 from ...layers import Adapter
 from ...registry import register_method
+from ...targeting import LINEAR_TYPES
 from . import functional as HF
 from .config import HiraConfig
 
@@ -136,6 +138,20 @@ class HiraAdapter(Adapter):
         return HF.hadamard_unmerge(weight, self.modulation())
 
     # -- forward ---------------------------------------------------------------------------------------
+    def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
+        """One product with ``W0 + W0 * M`` and the base bias instead of PEFT's two (the base's and the
+        modulated weight's): a plain Linear / Conv1D base of the adapter's dtype, no hooks, no autocast, no
+        active dropout (the two branches see the same input)."""
+        w = base.weight
+        if self.embedding or self.conv or type(base) not in LINEAR_TYPES or has_hooks(base):
+            return None
+        if (self.training and isinstance(self.dropout, nn.Dropout)) or w.dtype != self._factors()[0].dtype:
+            return None
+        if x.dtype != w.dtype or torch.is_autocast_enabled(x.device.type):
+            return None
+        weight = w + w * self.modulation()  # the base weight's layout
+        return F.linear(x, weight.t() if self.transposed else weight, base.bias)
+
     def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
         m = self.modulation()
         w = base.weight.to(m.dtype) * m  # W0 * M: (d_out, d_in) / (d_in, d_out) / (num, dim) / conv kernel

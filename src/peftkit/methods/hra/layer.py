@@ -124,21 +124,29 @@ class HRAAdapter(Adapter):
 
     # -- forward ---------------------------------------------------------------------------------------
     def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
-        """One product with ``W H`` (PEFT's forward): the base output is never computed separately."""
+        """One product with the frozen ``W`` on the reflected inputs ``x H^T`` (compact WY form; PEFT forms
+        ``W H`` and trains through it); convolutions: one product with ``W H``. The base output is never
+        computed separately."""
         w = base.weight
         if has_hooks(base) or not w.is_floating_point() or torch.is_autocast_enabled(x.device.type):
             return None
-        h = self.householder()
-        merged = self._matrix(w).to(h.dtype) @ h  # (d_out, n)
-        bias = None if base.bias is None else base.bias.to(h.dtype)
         if self.kind == "conv":
-            out = base._conv_forward(x.to(h.dtype), merged.view_as(w), bias)
-        else:
-            out = F.linear(x.to(h.dtype), merged, bias)
-        return out.to(x.dtype)
+            h = self.householder()
+            merged = self._matrix(w).to(h.dtype) @ h  # (d_out, n)
+            bias = None if base.bias is None else base.bias.to(h.dtype)
+            return base._conv_forward(x.to(h.dtype), merged.view_as(w), bias).to(x.dtype)
+        v, t = HF.compact_wy(self.hra_u, self.apply_gs)  # W H x = W (x + x H^T - x): the chain on the inputs
+        xs = x.to(v.dtype)
+        bias = None if base.bias is None else base.bias.to(v.dtype)
+        return F.linear(xs + HF.reflect_rows_delta(xs, v, t), self._matrix(w).to(v.dtype), bias).to(x.dtype)
 
     def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
-        """The running output plus ``(W H - W) x``."""
+        """The running output plus ``(W H - W) x`` (Linear: ``W (x H^T - x)``, the chain on the inputs)."""
+        if self.kind != "conv":
+            v, t = HF.compact_wy(self.hra_u, self.apply_gs)
+            xs = x.to(v.dtype)
+            y = F.linear(HF.reflect_rows_delta(xs, v, t), self._matrix(self._base_weight(base)).to(v.dtype))
+            return out + y.to(out.dtype)
         h = self.householder()
         w = self._matrix(self._base_weight(base)).to(h.dtype)
         delta = w @ h - w

@@ -92,6 +92,8 @@ class ShiraAdapter(Adapter):
         if tuple(mask.shape) != (layer_dims(base)):
             raise ConfigError(f"{where}: ShiraConfig.mask_fn returned a mask of shape {tuple(mask.shape)}; expected "
                               f"{layer_dims(base)} (d_out, d_in)")
+        if mask.is_meta:  # a base built on the meta device: no mask content, only the indices' shape
+            return torch.empty(2, k, dtype=torch.int32, device="meta")
         indices = SF.mask_indices(mask)
         if indices.shape[1] != k:
             raise ConfigError(f"{where}: ShiraConfig.mask_fn returned {indices.shape[1]} ones; expected exactly "

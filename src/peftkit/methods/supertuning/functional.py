@@ -27,6 +27,12 @@ def sparse_delta(values: Tensor, indices: Tensor, shape: tuple[int, int]) -> Ten
     return flat.scatter_add(0, indices.to(torch.int64), values).view(shape)
 
 
+def compose(w0: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+    """``W0 + S`` (d_out, d_in) in one scatter into a copy of ``W0`` (PEFT's forward weight; differentiable in
+    ``values`` only: the gradient is the dense weight gradient gathered at ``indices``)."""
+    return w0.reshape(-1).scatter_add(0, indices.to(torch.int64), values).view(w0.shape)
+
+
 def sparse_matvec(x: Tensor, values: Tensor, indices: Tensor, d_in: int, d_out: int) -> Tensor:
     """``x @ S^T`` for the sparse ``S`` (``sparse_delta``) without forming it: O(tokens k), not O(tokens d_in d_out).
     ``x`` (..., d_in) -> (..., d_out)."""

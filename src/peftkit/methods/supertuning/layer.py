@@ -10,9 +10,10 @@ before training, by magnitude (no data, no calibration pass), and optionally a l
 Tensors and file keys (Hugging Face PEFT 0.21's): ``supertuning_values`` (k,) the trained entries,
 ``supertuning_indices`` (k,) int32, flat row-major positions into ``W0`` (a buffer, saved only when
 ``save_precomputed_indices``; otherwise recomputed on load from the base weights), and with ``r``
-``supertuning_lora_A.weight`` (r, d_in), ``supertuning_lora_B.weight`` (d_out, r). The forward adds
-``x S^T`` by gathering the k input columns and scattering into the k output rows (O(tokens k); PEFT forms the
-dense ``W0 + S`` per call) and the LoRA branch, ``B A dropout(x)`` scaled by ``alpha / r``. The merge adds
+``supertuning_lora_A.weight`` (r, d_in), ``supertuning_lora_B.weight`` (d_out, r). The forward is one
+product with ``W0 + S`` (scattered into a copy of ``W0`` per call, as PEFT; on CPU this is faster than
+gathering the k input columns and scattering into the k output rows per token, the path kept for wrapped or
+hooked bases) plus the LoRA branch, ``B A dropout(x)`` scaled by ``alpha / r``. The merge adds
 ``S + (alpha / r) B A`` (a delta weight; unmerge is bit-exact through the wrapper).
 
 Where PEFT differs from the paper, peftkit follows PEFT: only magnitude scoring (the paper also scores by
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...config import ConfigError
-from ...kernel_helpers import adapter_dtype, is_transposed, layer_dims
+from ...kernel_helpers import adapter_dtype, has_hooks, is_transposed, layer_dims
 from ...layers import Adapter
 from ...registry import register_method
 from ...targeting import LINEAR_TYPES
@@ -128,6 +129,22 @@ class SupertuningAdapter(Adapter):
                 )
 
     # -- forward and merge ------------------------------------------------------------------------------
+    def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
+        """One product with ``W0 + S`` (PEFT's forward; on CPU the index gathers and scatters of ``forward`` over
+        every token cost several times this one GEMM), plus the LoRA branch: a plain Linear / Conv1D base whose
+        weight has the adapter's dtype, no hooks, no autocast."""
+        w, values = base.weight, self.supertuning_values
+        if type(base) not in LINEAR_TYPES or has_hooks(base) or w.dtype != values.dtype:
+            return None
+        if x.dtype != w.dtype or torch.is_autocast_enabled(x.device.type):
+            return None
+        weight = SF.compose(w.t() if self.transposed else w, values, self.supertuning_indices)
+        y = F.linear(x, weight, base.bias)
+        if self.r:
+            a, b = self.supertuning_lora_A, self.supertuning_lora_B
+            y = y + F.linear(F.linear(self.dropout(x), a), b) * self.scaling
+        return y
+
     def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
         values = self.supertuning_values
         xs = x.to(values.dtype)
