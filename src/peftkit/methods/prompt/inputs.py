@@ -102,8 +102,9 @@ def prepend_positions(position_ids: Tensor | None, n: int) -> Tensor | None:
 
 
 def embed_prompts(model: nn.Module, kwargs: dict[str, Any], n: int, prompts: Callable[[], Tensor]) -> dict[str, Any]:
-    """Prepend the first ``n`` rows of ``prompts()`` ((>= n, d); called only when the call embeds them, not in a
-    decoding step) to the input embeddings of the call (see the module docstring)."""
+    """Prepend the first ``n`` rows of ``prompts()`` ((>= n, d), or (rows, >= n, d) for one prompt per row; called
+    only when the call embeds them, not in a decoding step) to the input embeddings of the call (see the module
+    docstring)."""
     cache = pop_cache(kwargs)
     if cache is not None:
         kwargs["cache"] = cache
@@ -116,7 +117,7 @@ def embed_prompts(model: nn.Module, kwargs: dict[str, Any], n: int, prompts: Cal
             kwargs["position_ids"] = kwargs["position_ids"] + n
         return kwargs
     length = (kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[1]
-    kwargs["inputs_embeds"] = _cat_prompts(model, kwargs, prompts()[:n])
+    kwargs["inputs_embeds"] = _cat_prompts(model, kwargs, prompts()[..., :n, :])
     kwargs["attention_mask"] = prepend_ones(kwargs.get("attention_mask"), n)
     kwargs["position_ids"] = prepend_positions(kwargs.get("position_ids"), n)
     if kwargs.get("token_type_ids") is not None:
@@ -130,7 +131,7 @@ def embed_prompts(model: nn.Module, kwargs: dict[str, Any], n: int, prompts: Cal
 
 def embed_encoder_prompts(model: nn.Module, kwargs: dict[str, Any], prompts: Tensor) -> dict[str, Any]:
     """Prepend ``prompts`` to an encoder call's inputs; its mask is extended unless the model's forward did."""
-    n = prompts.shape[0]
+    n = prompts.shape[-2]
     length = (kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[1]
     kwargs["inputs_embeds"] = _cat_prompts(model, kwargs, prompts)
     mask = kwargs.get("attention_mask")
@@ -144,7 +145,8 @@ def _cat_prompts(model: nn.Module, kwargs: dict[str, Any], prompts: Tensor) -> T
     embeds = kwargs.get("inputs_embeds")
     if embeds is None:
         embeds = input_embeddings(model)(ids)
-    front = prompts.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+    front = prompts.to(embeds.dtype)  # (n, d), or (rows, n, d): one prompt per row (multitask prompt tuning)
+    front = front if front.dim() == 3 else front.unsqueeze(0).expand(embeds.shape[0], -1, -1)
     return torch.cat([front, embeds], dim=1)
 
 def embed_routed_prompts(model: nn.Module, kwargs: dict[str, Any], rows: list[Tensor | None]) -> dict[str, Any]:
