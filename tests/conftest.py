@@ -25,8 +25,13 @@ def one_thread() -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """``make test`` runs ``--dist loadgroup``: every file stays whole on one worker (its module fixtures are
-    built once), except the contract suite, whose thousands of independent cases spread over both workers
-    (whole, it would be the longest unit of work and keep one worker busy after the other is done)."""
+    built once), except the suites parametrized over the whole registry, whose hundreds of independent cases
+    spread over both workers (whole, each would be a long unit of work that keeps one worker busy after the
+    other is done). Those files have no module-scoped fixtures."""
     for item in items:
-        if item.path.name != "test_contract.py":
+        if item.path.name not in SPREAD:
             item.add_marker(pytest.mark.xdist_group(item.path.name))
+
+
+# registry-wide suites whose cases the two workers share (tests/test_house.py checks they have no module fixtures)
+SPREAD = {"test_contract.py", "test_gradient_checkpointing.py", "test_peft_parity.py"}

@@ -15,7 +15,8 @@ import peftkit
 from peftkit import Adapter, AdapterLayer, PeftModel, get_peft_model
 from peftkit.targeting import NotApplicableError
 
-from .closed_forms import CLOSED_FORM, Adapted, Site
+from .closed_form_parts import Adapted, Site
+from .closed_forms import CLOSED_FORM
 from .families import FAMILIES
 
 CASES = [(spec, name, kwargs) for spec in peftkit.list_methods() for name, kwargs in spec.examples]

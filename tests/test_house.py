@@ -41,3 +41,13 @@ def test_every_late_import_has_a_reason():
 
 def test_cycle_finder_finds_a_cycle():
     assert graph_tool.cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_suites_spread_over_workers_have_no_module_fixtures():
+    """``make test`` hands the cases of these files to both workers (tests/conftest.py): a module- or
+    session-scoped fixture would be built on each and could be torn down and rebuilt between cases."""
+    from .conftest import SPREAD
+
+    tests = Path(__file__).resolve().parent
+    for name in SPREAD:
+        assert "scope=" not in (tests / name).read_text(), name

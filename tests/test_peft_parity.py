@@ -402,6 +402,230 @@ SUPERTUNING = each(["llama", "gpt2", "bert"], {"sparsity": 0.9}) + [  # peft wra
     ("bert", {"sparsity": 0.9, "r": 1, "save_precomputed_indices": False}),
 ]
 
+
+def road_train(model, family) -> None:
+    """A few SGD steps, then a push of the angles and scales (the identity init moves little in 3 steps)."""
+    train_a_little(model, family)
+    perturb(model, only="road_")
+
+
+def road_changed(changed, name, tuned) -> None:
+    """RoAd folds R into the weight and the bias (R W, R b): every adapted weight changes, nothing else but
+    biases of adapted layers (the tiny BERT's are zero, so they stay)."""
+    assert {f"{t}.weight" for t in tuned} <= set(changed), changed
+    assert all(k.rsplit(".", 1)[0] in tuned and k.endswith((".weight", ".bias")) for k in changed), changed
+
+
+ROAD = each(["llama", "gpt2", "bert"], {"group_size": 8}) + [  # peft wraps nn.Linear only: its GPT-2 is linearized
+    ("llama", {"group_size": 8, "variant": "road_4"}),
+    ("bert", {"group_size": 16, "variant": "road_2"}),
+    ("gpt2", {"group_size": 4, "variant": "road_4"}),
+]
+
+
+def waveft_train(model, family) -> None:
+    """A few SGD steps (the coefficients start at 0), then a push of every coefficient: non-trivial files."""
+    train_a_little(model, family, lr=0.1)
+    perturb(model, scale=0.05, only="waveft_")
+
+
+def waveft_same_targets(theirs, ours, name, cfg) -> None:
+    """The role table's defaults are peft's (GPT-2: mlp.c_proj), and so are the per-layer coefficient counts."""
+    ref = {n.replace("base_model.model.", "", 1): m.waveft_n_frequency["default"] for n, m in theirs.named_modules()
+           if hasattr(m, "waveft_n_frequency")}
+    mine = {p: a.n for p, a in ours.base_model.adapters("default")}
+    assert mine == ref and mine, (mine, ref)
+
+
+WAVEFT = each(["llama", "gpt2", "bert"]) + [
+    ("llama", {"wavelet_family": "db3", "random_loc_seed": 11}), ("gpt2", {"wavelet_family": "sym2"}),
+    ("bert", {"wavelet_family": "coif1"}), ("llama", {"use_idwt": False}),
+    ("llama", {"proportional_parameters": True, "target_modules": ["q_proj", "k_proj", "o_proj", "up_proj"]}),
+    ("llama", {"n_frequency_pattern": {"v_proj": 7}}),
+]
+
+
+def adamss_train(model, family) -> None:
+    """A few SGD steps (B_k starts at 0, so A_k moves from the second), then a push of every factor."""
+    train_a_little(model, family)
+    perturb(model, only="adamss_")
+
+
+def adamss_same_init(theirs, ours, name, cfg) -> None:
+    """peft's SVD basis and clusters, and (same random stream; GPT-2's linearized copy drew other numbers) its A_k."""
+    ref, mine = peft.get_peft_model_state_dict(theirs), peftkit.get_peft_model_state_dict(ours)
+    for key, value in ref.items():
+        if key.endswith(".adamss_newB") or name != "gpt2":
+            assert torch.equal(mine[key], value), key
+    for path, layer in ours.base_model.adapter_layers():
+        ref_layer = theirs.base_model.model.get_submodule(path)
+        assert torch.equal(layer.adapters["default"].scatter_index, ref_layer.scatter_index["default"]), path
+
+
+ADAMSS = each(["llama", "gpt2", "bert"], {"r": 8, "num_subspaces": 3, "subspace_rank": 2}) + [
+    ("llama", {"r": 6, "num_subspaces": 4, "subspace_rank": 3, "use_dynamic_rank": True, "svd_threshold": 0.5}),
+]
+
+
+def tinylora_train(model, family) -> None:
+    """A few SGD steps (v starts at 0 and its gradients are small), then a push of the vectors: non-trivial files."""
+    train_a_little(model, family)
+    perturb(model, only="tinylora_v")
+
+
+def tinylora_same_frame(theirs, ours, name, cfg) -> None:
+    """peft's SVD frame and projections, layer by layer, and one trained vector per group of tied targets."""
+    shared = ours.base_model.shared_state["default"]
+    ref_v = theirs.base_model.tinylora_v["default"]
+    for path, layer in ours.base_model.adapter_layers():
+        ref, mine = theirs.base_model.model.get_submodule(path), layer.adapters["default"]
+        for key in ("tinylora_A", "tinylora_B", "tinylora_P"):
+            assert torch.equal(getattr(mine, key), getattr(ref, key)["default"]), (path, key)
+        group = ref._tinylora_v_key["default"]
+        assert mine.tinylora_v is getattr(shared, f"tinylora_v/{group}") and mine.tinylora_v.requires_grad
+        if cfg.init_weights is True:  # both start at 0 (uniform draws depend on the global RNG's position)
+            assert torch.equal(mine.tinylora_v, ref_v[group]) and not mine.tinylora_v.any(), path
+        assert mine.tinylora_v.shape == ref_v[group].shape
+
+
+def tinylora_files(family, name, kwargs, folder, mine, loaded) -> None:
+    for side in ("peft", "peftkit"):  # vectors at the model level, the frame (and P) per layer
+        keys = set(load_file(folder / side / "adapter_model.safetensors"))
+        assert "base_model.tinylora_v.0" in keys, side
+        assert any(k.endswith(".tinylora_P") for k in keys) == kwargs.get("save_projection", True), side
+
+
+
+def pvera_perturb(model, family=None) -> None:
+    perturb(model, only="pvera_lambda")
+
+
+def pvera_train(model, family) -> None:
+    """A few SGD steps (sampled latents), then a push (b starts at 0): non-trivial files, compared in eval mode."""
+    train_a_little(model, family)
+    pvera_perturb(model)
+
+
+def pvera_shared_projections(theirs, ours, name, cfg) -> None:
+    shared = ours.base_model.shared_state["default"]
+    assert shared.pvera_A.shape[0] == 2 * cfg.r  # mean and log-variance rows
+    assert torch.equal(shared.pvera_A, theirs.base_model.pvera_A["default"])
+    assert torch.equal(shared.pvera_B, theirs.base_model.pvera_B["default"])
+
+
+def pvera_projections_in_files(family, name, kwargs, folder, mine, loaded) -> None:
+    for side in ("peft", "peftkit"):
+        keys = set(load_file(folder / side / "adapter_model.safetensors"))
+        assert ({"base_model.pvera_A", "base_model.pvera_B"} <= keys) == kwargs["save_projection"], side
+        assert not any(".pvera_A" in k or ".pvera_B" in k for k in keys if not k.startswith("base_model.pvera_"))
+
+
+def beft_value_biases(theirs, ours, name, cfg) -> None:
+    """Only the value projections (GPT-2: the named c_attn) carry a (1, d_out) beft_bias, the same in both."""
+    ref, mine = peft.get_peft_model_state_dict(theirs), peftkit.get_peft_model_state_dict(ours)
+    assert ref.keys() == mine.keys() and all(k.endswith(".beft_bias") or ".classifier." in k for k in ref)
+    assert {k.split(".")[-2] for k in ref if k.endswith(".beft_bias")} == {"c_attn" if name == "gpt2" else "value" if name == "bert" else "v_proj"}
+    for key, value in ref.items():
+        assert torch.equal(mine[key], value), key  # the same draws from the same seed (zeros or N(0, 1))
+
+
+def beft_changed(changed, name, tuned) -> None:
+    """Merging changes only the value projections' biases."""
+    assert changed and {k.rpartition(".")[0] for k in changed} == tuned and all(k.endswith(".bias") for k in changed)
+
+
+def c3a_same_initial_kernels(theirs, ours, name, cfg) -> None:
+    """The same xavier-uniform draws from the same seed (GPT-2: peft's linearized copy draws its Linears first)."""
+    if name != "gpt2":
+        ref, mine = peft.get_peft_model_state_dict(theirs), peftkit.get_peft_model_state_dict(ours)
+        for key in ref:
+            assert torch.equal(ref[key], mine[key]), key
+
+
+def osf_same_svd(theirs, ours, name, cfg) -> None:
+    """Both start from the base weights' own low singular components (GPT-2: of peft's linearized copy)."""
+    ref, mine = peft.get_peft_model_state_dict(theirs), peftkit.get_peft_model_state_dict(ours)
+    for key in ref:
+        torch.testing.assert_close(mine[key], ref[key], atol=1e-6, rtol=0, msg=key)
+
+
+def osf_frozen_subspace_kept(family, name, kwargs, folder, mine, loaded) -> None:
+    """SGD with projected gradients leaves the top-k singular subspace alone: U_high^T dW = 0 = dW V_high^T."""
+    from peftkit.methods.osf.functional import split_svd
+
+    for path, layer in mine.base_model.adapter_layers():
+        a = layer.adapters["default"]
+        delta = a.delta_weight(layer.base_layer).detach()
+        delta = delta.t() if a.transposed else delta
+        svd = split_svd(a._natural(layer.base_layer), a.k, delta.dtype)
+        assert delta.abs().max() > 1e-4, path
+        torch.testing.assert_close(svd["U_high"].t() @ delta, torch.zeros(a.k, a.d_in), atol=2e-5, rtol=0, msg=path)
+        torch.testing.assert_close(delta @ svd["V_high"].t(), torch.zeros(a.d_out, a.k), atol=2e-5, rtol=0, msg=path)
+
+
+def peanut_train(model, family) -> None:
+    """A few SGD steps (B starts at 0), then a push of every tweaker layer: non-trivial files."""
+    train_a_little(model, family)
+    perturb(model, only="peanut_")
+
+
+def deft_train(model, family) -> None:
+    """A few SGD steps from the identity init, then a push of P and R: non-trivial files."""
+    train_a_little(model, family)
+    perturb(model, scale=0.05, only="deft_")
+
+
+def deft_same_initial_weights(theirs, ours, name, cfg) -> None:
+    """The same draws of P from the same seed, and R = right(P)^T W / s from them (identity at init)."""
+    ref_state, our_state = peft.get_peft_model_state_dict(theirs), peftkit.get_peft_model_state_dict(ours)
+    assert any(k.endswith(".deft_P") for k in ref_state)
+    for key in ref_state:
+        torch.testing.assert_close(our_state[key], ref_state[key], atol=1e-6, rtol=0, msg=key)
+
+
+def poly_train(model, family) -> None:
+    """A few SGD steps (B starts at 0, routers near uniform), then a push of every trained tensor."""
+    train_a_little(model, family)
+    perturb(model)
+
+
+# Poly routes each row by task_ids, which both libraries need in the call (n_tasks > 1): families whose inputs
+# carry one task id per row (peft's Llama needs CAUSAL_LM to pass them on)
+for _name, _tasks in (("llama", [2, 0]), ("bert", [1, 3])):
+    FAMILIES[f"{_name}+task_ids"] = dataclasses.replace(
+        FAMILY[_name], name=f"{_name}+task_ids",
+        inputs=lambda f=FAMILY[_name], t=_tasks: {**f.inputs(), "task_ids": torch.tensor(t)})
+
+
+def frod_train(model, family) -> None:
+    """A few SGD steps, then a push of the trained tensors: non-trivial files."""
+    train_a_little(model, family)
+    perturb(model, only="frod_lambda")
+
+
+def frod_same_bases(theirs, ours, name, cfg) -> None:
+    """The same per-category bases and sparse patterns, and every layer's frozen U, as peft builds."""
+    shared = ours.base_model.shared_state["default"].tensors()
+    cats = sorted(theirs.base_model.frod_V)
+    assert sorted(k.split("/", 1)[1] for k in shared if k.startswith("frod_V/")) == cats
+    for kind in ("frod_V", "frod_s_indices", "frod_s_size"):
+        for c in cats:
+            assert torch.equal(shared[f"{kind}/{c}"], getattr(theirs.base_model, kind)[c]["default"]), (kind, c)
+    their_u = {n.replace(".frod_U.default", ""): b for n, b in theirs.named_buffers() if ".frod_U." in n}
+    our_u = {p: layer.adapters["default"].frod_U for p, layer in ours.base_model.adapter_layers()}
+    assert len(our_u) == len(their_u) > 0
+    for path, u in our_u.items():
+        assert torch.equal(u, their_u["base_model.model." + path]), path
+
+
+def frod_files(family, name, kwargs, folder, mine, loaded) -> None:
+    for side in ("peft", "peftkit"):
+        keys = set(load_file(folder / side / "adapter_model.safetensors"))
+        shared = {k for k in keys if k.startswith(("base_model.frod_V.", "base_model.frod_s_"))}
+        assert bool(shared) == kwargs.get("save_projection", True), side
+        assert not any(".frod_U" in k for k in keys), side
+
+
 METHODS = [
     Method(
         "supertuning", state=SUPERTUNING + [("llama", {"sparsity": 0.5, "select_top": False})], load=SUPERTUNING,
@@ -536,6 +760,109 @@ METHODS = [
         merge=[("llama", {"r": 4, "init_weights": False}), ("llama", {"r": 3, "psoft_orth": False, "init_weights": False})],
         linearize_gpt2=True, train=psoft_train, layout=(".psoft_R.weight",), merged_agree=True,
         merge_changed=only_weights,
+    ),
+    Method(
+        "road", state=ROAD, load=ROAD,
+        merge=[("llama", {"group_size": 8, "init_weights": False}),
+               ("bert", {"group_size": 8, "variant": "road_4", "init_weights": False})],
+        linearize_gpt2=True, train=road_train, layout=(".road_theta", ".road_alpha"), merged_agree=True,
+        merge_changed=road_changed,
+    ),
+    Method(
+        "waveft", state=WAVEFT, load=WAVEFT,
+        merge=each(["llama", "gpt2", "bert"], {"init_weights": False}) + [
+            ("llama", {"init_weights": False, "wavelet_family": "db2"})],
+        defaults={"n_frequency": 40, "scaling": 5.0}, family_targets=False,  # the role table must agree with peft's
+        train=waveft_train, layout=(".waveft_spectrum",), merged_agree=True, merge_same_outputs=True,
+        merge_changed=only_weights, state_check=waveft_same_targets, quiet=True,  # peft warns on Conv1D
+    ),
+    Method(
+        "adamss", state=ADAMSS + [("bert", {"num_subspaces": 5}), ("llama", {"r": 8, "num_subspaces": 3, "random_seed": 4})],
+        load=ADAMSS, merge=[(n, {"r": 8, "num_subspaces": 3, "subspace_rank": 2, "init_weights": None}) for n in ("llama", "bert")],
+        linearize_gpt2=True, train=adamss_train, layout=(".adamss_newB", ".adamss_A.0", ".adamss_B.0"),
+        merged_agree=True, merge_changed=only_weights, state_check=adamss_same_init,  # zero biases: V^T's bias column is 0
+    ),
+    Method(
+        "tinylora", state=each(["llama", "gpt2", "bert"]) + [("llama", {"weight_tying": 0.5, "r": 3}),
+                                                            ("llama", {"weight_tying": 1.0, "init_weights": "uniform"})],
+        load=[(n, {"save_projection": s, "projection_seed": 7}) for s in (True, False) for n in ("llama", "gpt2")]
+        + [("bert", {"weight_tying": 0.5})],
+        merge=each(["llama", "gpt2"], {"init_weights": "uniform", "init_v_bound": 0.5}), defaults={"r": 2, "u": 8},
+        train=tinylora_train, layout=(".tinylora_A", ".tinylora_B"), merged_agree=True, merge_changed=only_weights,
+        state_check=tinylora_same_frame, load_check=tinylora_files, quiet=True,  # save_projection=False warns
+    ),
+    Method(
+        "pvera", state=each(["llama", "gpt2", "bert"]) + [("llama", {"sample_at_inference": True, "generator_seed": 3})],
+        load=[(n, {"save_projection": s, "projection_prng_key": 21}) for s in (True, False) for n in ("llama", "gpt2")]
+        + [("bert", {"save_projection": True, "generator_seed": 5, "pvera_dropout": 0.1})],
+        merge=each(["llama", "gpt2", "bert"]), defaults={"r": 8},
+        train=pvera_train, layout=(".pvera_lambda_d",), merge_prepare=pvera_perturb, merge_changed=only_weights,
+        merged_agree=True, state_check=pvera_shared_projections, load_check=pvera_projections_in_files, quiet=True,
+    ),
+    Method(
+        # peft wraps nn.Linear only and has no GPT-2 default: its GPT-2 is linearized, c_attn named; Llama's
+        # v_proj has no bias (both add one and warn; peft cannot merge there, so merges run on BERT)
+        "beft", state=each(["llama", "gpt2", "bert"]) + [("bert", {"init_weights": False})],
+        load=each(["llama", "gpt2", "bert"]), merge=each(["bert"], {"init_weights": False}),
+        family_targets=False, per_family={"gpt2": {"target_modules": ["c_attn"]}}, linearize_gpt2=True,
+        layout=(".beft_bias",), merged_agree=False, merge_changed=beft_changed, state_check=beft_value_biases,
+        quiet=True,
+    ),
+    Method(
+        "c3a", state=each(["llama", "gpt2", "bert"]) + [("llama", {"block_size": 32, "block_size_pattern": {"v_proj": 16}})],
+        load=each(["llama", "gpt2", "bert"]) + [("llama", {"block_size": 4, "init_weights": "gaussian"})],
+        merge=each(["llama", "bert"]), defaults={"block_size": 8}, family_targets=False, linearize_gpt2=True,
+        layout=(".c3a_kernel",), merged_agree=True, merge_changed=only_weights, state_check=c3a_same_initial_kernels,
+    ),
+    Method(
+        # defaults: peft's OSF table (Llama: all seven projections; GPT-2: c_attn and both c_proj, linearized for
+        # peft, which wraps no Conv1D), every linear layer on BERT
+        "osf", state=each(["llama", "gpt2", "bert"]) + [("llama", {"effective_rank": 4, "rank_pattern": {"k_proj": 0.25}})],
+        load=each(["llama", "gpt2"]) + [("llama", {"effective_rank": 0.75})], merge=each(["llama", "bert"], {"init_weights": False}),
+        family_targets=False, linearize_gpt2=True, layout=(".osf_svd_params.U_low", ".osf_svd_params.S_low"),
+        merged_agree=True, merge_changed=only_weights, state_check=osf_same_svd, load_check=osf_frozen_subspace_kept,
+    ),
+    Method(
+        # peft wraps nn.Linear only: its GPT-2 is linearized (the same weights read as nn.Linear)
+        "peanut", state=each(["llama", "gpt2"], {"r": 4}) + [("llama", {"r": 4, "depth": 2, "act_fn": "gelu"})],
+        load=each(["llama", "gpt2"], {"r": 4, "depth": 1}) + [("bert", {"r": 3, "depth": 2, "act_fn": "tanh", "scaling": 0.5})],
+        merge=[("llama", {"r": 4, "depth": 1, "init_weights": False}), ("bert", {"r": 3, "init_weights": False})],
+        linearize_gpt2=True, train=peanut_train, layout=(".peanut_A.weight", ".peanut_B.weight"), merged_agree=True,
+        merge_changed=only_weights,
+    ),
+    Method(
+        # peft wraps nn.Linear only: its GPT-2 is linearized; not mergeable (the weight depends on the row's task);
+        # GPT-2's files both ways: tests/methods/test_poly.py (the linearized reference needs the name "gpt2")
+        "poly", state=each(["llama", "gpt2", "bert"], {"n_tasks": 3}) + [("llama", {"r": 4, "n_skills": 2, "n_splits": 4})],
+        load=[("llama+task_ids", {"n_tasks": 3, "n_splits": 2}), ("bert+task_ids", {"n_tasks": 4, "n_skills": 2})],
+        defaults={"r": 2}, per_family={"llama+task_ids": {"task_type": "CAUSAL_LM"}}, linearize_gpt2=True,
+        train=poly_train, layout=(".poly_lora_A", ".poly_lora_B", ".poly_router.module_logits"),
+    ),
+    Method(
+        # a prompt method: the input embedding hosts it, no targets; files both ways on BERT (a CAUSAL_LM's logits
+        # grow by the virtual tokens; Llama's: tests/methods/test_multitask_prompt_tuning.py)
+        "multitask_prompt_tuning", state=each(["llama", "gpt2", "bert"], {"num_tasks": 3, "num_ranks": 2}),
+        load=[("bert+task_ids", {"num_tasks": 4, "num_ranks": 2})], defaults={"num_virtual_tokens": 3},
+        per_family={"llama": {"task_type": "CAUSAL_LM"}, "gpt2": {"task_type": "CAUSAL_LM"}}, family_targets=False, train=poly_train, layout=("prefix_task_cols", "prefix_task_rows", "prompt_embeddings"),
+    ),
+    Method(
+        # peft wraps Linear and GPT-2's Conv1D; the UNet (DeFT's field: text-to-image diffusion) on its attention
+        "deft", state=each(["llama", "gpt2", "unet"], {"r": 4}) + [("llama", {"r": 3, "para": True})],
+        load=[("llama", {"r": 4, "alpha": 8}), ("gpt2", {"r": 4, "decomposition_method": "qr"}), ("unet", {"r": 4}),
+              ("llama", {"r": 2, "para": True, "decomposition_method": "qr", "deft_dropout": 0.1})],
+        merge=[("llama", {"r": 4, "init_weights": False}), ("gpt2", {"r": 3, "decomposition_method": "qr", "init_weights": False}),
+               ("unet", {"r": 4, "alpha": 2, "init_weights": False})],
+        per_family={"unet": {"target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}},
+        train=deft_train, layout=(".deft_P",), merged_agree=True, merge_changed=only_weights,
+        state_check=deft_same_initial_weights, quiet=True,  # peft warns on GPT-2 (fan_in_fan_out set for Conv1D)
+    ),
+    Method(
+        "frod", state=each(["llama", "gpt2", "bert"]) + [("llama", {"sparse_rate": 0.0}), ("bert", {"regularization_alpha": 0.1})],
+        load=[(n, {"save_projection": s, "projection_prng_key": 3}) for s in (True, False) for n in ("llama", "gpt2")]
+        + [("bert", {"frod_dropout": 0.1})],
+        merge=each(["llama", "gpt2", "bert"], {"init_weights": False}), defaults={"sparse_rate": 0.05, "progressbar": False},
+        train=frod_train, layout=(".frod_lambda_l", ".frod_lambda_s_values"), merged_agree=True, merge_changed=only_weights,
+        state_check=frod_same_bases, load_check=frod_files, quiet=True,  # peft warns on GPT-2 (fan_in_fan_out)
     ),
 ]
 def _id(method: Method, name: str, kwargs: dict[str, Any]) -> str:

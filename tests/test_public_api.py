@@ -243,7 +243,8 @@ def test_get_peft_config_builds_each_method(name, peft_type, kwargs) -> None:
 
 
 # peft configs that need a field to be built
-PEFT_KWARGS = {"ADALORA": {"total_step": 10}, "ADAPTION_PROMPT": {"adapter_len": 4, "adapter_layers": 1}}
+PEFT_KWARGS = {"ADALORA": {"total_step": 10}, "ADAPTION_PROMPT": {"adapter_len": 4, "adapter_layers": 1},
+               "CPT": {"task_type": "CAUSAL_LM"}}
 SHARED_TYPES = sorted(str(t.value) for t in peftkit.PEFT_TYPE_TO_CONFIG_MAPPING if t.value in peft.PeftType.__members__)
 
 
@@ -266,8 +267,8 @@ def test_get_peft_config_reads_peft_dicts() -> None:
     assert ours.task_type == "CAUSAL_LM" and ours.peft_type == "LORA"
     assert type(peftkit.get_peft_config({"peft_type": "IA3", "target_modules": ["q"], "feedforward_modules": []})) \
         is peftkit.IA3Config
-    with pytest.raises(KeyError, match="XLORA"):
-        peftkit.get_peft_config({"peft_type": "XLORA"})
+    with pytest.raises(KeyError, match="NO_SUCH_TYPE"):
+        peftkit.get_peft_config({"peft_type": "NO_SUCH_TYPE"})
 
 
 def test_loftq_config_like_peft(tmp_path) -> None:

@@ -56,7 +56,19 @@ class BenchModel:
         if labels:
             out["labels"] = ids.clone() if self.kind == "causal_lm" else torch.randint(0, cfg.num_labels, (batch,),
                                                                                      generator=g)
+        tasks = _num_tasks(model)
+        if tasks:  # methods routed by task (Poly, multitask prompt tuning): the rows cycle through the tasks
+            out["task_ids"] = torch.arange(batch) % tasks
         return out
+
+
+def _num_tasks(model: nn.Module) -> int | None:
+    """The task count of a model's task-routed adapter (either library's), else None."""
+    for config in (getattr(model, "peft_config", None) or {}).values():
+        tasks = getattr(config, "n_tasks", None) or getattr(config, "num_tasks", None)
+        if tasks:
+            return int(tasks)
+    return None
 
 
 V = 1000  # vocabulary of the tiny language models

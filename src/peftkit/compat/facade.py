@@ -23,6 +23,7 @@ from peftkit import helpers
 from peftkit import mixed_model as mixed_mod
 from peftkit import model as model_mod
 from peftkit.layers import AdapterLayer
+from peftkit.methods.lora.intruders import reduce_intruder_dimension
 from peftkit.methods.lycoris.functional import factorization
 from peftkit.tuner import ModulesToSaveWrapper, TunerModel
 
@@ -87,7 +88,8 @@ _UTILS = {**_STATE, "ModulesToSaveWrapper": ModulesToSaveWrapper, "AuxiliaryTrai
           "_get_submodules": _get_submodules}
 _LORA = {"LoraConfig": peftkit.LoraConfig, "LoraModel": TunerModel, "LoraLayer": LoraLayer}
 # LoRA's data-driven initialisations (methods/lora/eva.py, corda.py, loraga.py, init_configs.py)
-_LORA_INIT_CONFIGS = {n: getattr(peftkit, n) for n in ("EvaConfig", "CordaConfig", "LoraGAConfig")}
+_LORA_INIT_CONFIGS = {n: getattr(peftkit, n) for n in ("EvaConfig", "CordaConfig", "LoraGAConfig", "KasaConfig",
+                                                        "LoraRuntimeConfig")}
 _LORA_INITS = {**_LORA_INIT_CONFIGS, **{n: getattr(peftkit, n) for n in (
     "get_eva_state_dict", "initialize_lora_eva_weights", "preprocess_loraga")}}
 
@@ -110,6 +112,7 @@ FACADES: dict[str, dict[str, Any] | Callable[[], dict[str, Any]]] = {
     "peft.tuners.lora.corda": {"preprocess_corda": peftkit.preprocess_corda, "CordaConfig": peftkit.CordaConfig},
     "peft.tuners.lora.loraga": {"preprocess_loraga": peftkit.preprocess_loraga},
     "peft.tuners.lora.model": _LORA,
+    "peft.tuners.lora.intruders": {"reduce_intruder_dimension": reduce_intruder_dimension},
     "peft.tuners.loha": {"LoHaConfig": peftkit.LoHaConfig, "LoHaLayer": LoHaLayer},
     "peft.tuners.loha.layer": {"LoHaLayer": LoHaLayer},
     "peft.tuners.lokr": {"LoKrConfig": peftkit.LoKrConfig, "LoKrLayer": LoKrLayer},

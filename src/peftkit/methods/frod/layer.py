@@ -115,7 +115,10 @@ class FrodAdapter(Adapter):
         v = self._shared("frod_V")
         nnz = self._shared("frod_s_indices").shape[1]
         self.frod_lambda_s_values = nn.Parameter(torch.zeros(nnz, device=w.device, dtype=dtype))
-        u, lam = FF.u_and_lambda(v.to(w.dtype), _natural(base))
+        if w.is_meta:  # a model without weights (parameter counts): shapes only
+            u, lam = torch.empty(self.d_out, self.d_in, device="meta"), torch.empty(self.d_in, device="meta")
+        else:
+            u, lam = FF.u_and_lambda(v.to(w.dtype), _natural(base))
         self.frod_lambda_l = nn.Parameter(lam.to(device=w.device, dtype=dtype))
         if init and not config.init_weights:  # off the base (tests), PEFT's draws in PEFT's order
             with torch.no_grad():
@@ -151,9 +154,13 @@ class FrodAdapter(Adapter):
                 raise NotApplicableError(
                     f"FrodConfig.target_modules: the {category!r} layers have different input sizes {sorted(dims)}; "
                     "FRoD shares one square basis per module category, so targets of one category need one d_in")
-            matrices = [_natural(b).detach().to(torch.float32).cpu() for b in bases]
             first = bases[0].weight
-            v = FF.projection_from_weights(matrices, config.regularization_alpha)
+            if first.is_meta:  # a model without weights (parameter counts): the basis's shape only
+                d = dims.pop()
+                v = torch.empty(d, d, device="meta")
+            else:
+                matrices = [_natural(b).detach().to(torch.float32).cpu() for b in bases]
+                v = FF.projection_from_weights(matrices, config.regularization_alpha)
             out[f"frod_V/{category}"] = v.to(dtype=first.dtype).to(first.device)
             d_in = v.shape[0]
             out[f"frod_s_indices/{category}"] = FF.sparse_pattern(d_in, config.sparse_rate, generator).to(first.device)

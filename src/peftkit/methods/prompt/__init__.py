@@ -11,10 +11,12 @@ import_submodules(__name__, __path__)  # importing registers every method in the
 
 from .adaption_prompt import AdaptionPromptConfig  # noqa: E402
 from .base import PromptLearningConfig  # noqa: E402
+from .cpt import CPTConfig  # noqa: E402
+from .multitask import MultitaskPromptTuningConfig, MultitaskPromptTuningInit  # noqa: E402
 from .p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType  # noqa: E402
 from .p_tuning_v2 import PTuningV2Config  # noqa: E402
 from .prefix_tuning import PrefixTuningConfig  # noqa: E402
 from .prompt_tuning import PromptTuningConfig, PromptTuningInit  # noqa: E402
 
-__all__ = ["AdaptionPromptConfig", "PTuningV2Config", "PrefixTuningConfig", "PromptEncoderConfig",
+__all__ = ["AdaptionPromptConfig", "CPTConfig", "MultitaskPromptTuningConfig", "MultitaskPromptTuningInit", "PTuningV2Config", "PrefixTuningConfig", "PromptEncoderConfig",
            "PromptEncoderReparameterizationType", "PromptLearningConfig", "PromptTuningConfig", "PromptTuningInit"]

@@ -19,7 +19,10 @@ Trainable: ``2 r + d_out`` per target; ``A``, ``B`` frozen. ``b`` starts at 0 (t
 Noise (as PEFT): with ``generator_seed`` each layer owns a CPU ``torch.Generator`` seeded with it (one per
 layer and adapter; noise is drawn on CPU and moved), otherwise ``randn_like`` on the global generator.
 Sampling advances that generator: a training forward is not free of state, so do not run training-mode
-forwards of one model from several threads. No loss term is added (PEFT adds none).
+forwards of one model from several threads. Activation checkpointing restores torch's global generator
+before it recomputes a block, not a layer's own: with ``generator_seed`` the recomputation draws new noise
+and the gradients belong to another sample (as in PEFT); train with checkpointing on the global generator
+(``generator_seed=None``, the default). No loss term is added (PEFT adds none).
 
 Shared projections, files and several adapters: VeRA's machinery (``vera.shared_projections``): generated from
 ``projection_prng_key`` exactly as PEFT (Kaiming uniform, ``A`` then ``B`` from one seeded CPU generator),
@@ -65,7 +68,7 @@ ARCH_DEFAULTS = {"dinov2": (("query", "q_proj"), ("value", "v_proj"))}
              "A, B shared random",
     paper="arXiv 2512.07703 (PVeRA)",
     # one example (the contract suite runs it on every family); save_projection=False is covered by the parity table
-    examples={"pvera": {"r": 4, "projection_prng_key": 7, "generator_seed": 11}},
+    examples={"pvera": {"r": 4, "projection_prng_key": 7}},
 )
 class PveraAdapter(Adapter):
     supported_layers = LINEAR_TYPES
