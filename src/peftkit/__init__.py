@@ -28,15 +28,28 @@ from .methods.lora import LoraConfig
 from .methods.lora.corda import preprocess_corda
 from .methods.lora.eva import get_eva_state_dict, initialize_lora_eva_weights
 from .methods.lora.init_configs import CordaConfig, EvaConfig, LoraGAConfig
+from .methods.lora.variant_configs import KasaConfig, LoraRuntimeConfig, MontecloraConfig, VeloraConfig
 from .methods.lora.loraga import preprocess_loraga
 from .methods.hira import HiraConfig
 from .methods.delora import DeloraConfig
+from .methods.peanut import PeanutConfig
+from .methods.deft import DeftConfig
+from .methods.poly import PolyConfig
+from .methods.prompt import MultitaskPromptTuningConfig, MultitaskPromptTuningInit
+from .methods.prompt import CPTConfig
+from .methods.beft import BeftConfig
+from .methods.c3a import C3AConfig
+from .methods.osf import OSFConfig
+from .methods.waveft import WaveFTConfig
+from .methods.adamss import AdamssConfig
+from .methods.road import RoadConfig
 from .methods.hra import HRAConfig
 from .methods.lycoris import LoHaConfig, LoKrConfig
 from .methods.miss import MissConfig
 from .methods.oft import BOFTConfig, OFTConfig
 from .methods.psoft import PsoftConfig
 from .methods.randlora import RandLoraConfig
+from .methods.frod import FrodConfig
 from .methods.gralora import GraloraConfig
 from .methods.lily import LilyConfig
 from .methods.prompt import (
@@ -67,8 +80,11 @@ from .methods.shira import ShiraConfig
 from .methods.ssf import SSFConfig
 from .methods.trainable_tokens import TrainableTokensConfig
 from .methods.vera import VeraConfig
+from .methods.pvera import PveraConfig
 from .methods.vblora import VBLoRAConfig
+from .methods.xlora import XLoraConfig
 from .methods.unilora import UniLoraConfig
+from .methods.tinylora import TinyLoraConfig
 from .methods.vision import build_cache, classify, set_tokenizer
 from .methods.vision.clip_adapter import ClipAdapterConfig
 from .methods.vision.coop import CoCoOpConfig, CoOpConfig
@@ -121,15 +137,19 @@ from ._version import __version__  # noqa: E402
 
 __all__ = [
     "SupertuningConfig",
+    "BeftConfig", "C3AConfig",
+    "OSFConfig",
+    "PeanutConfig",
+    "DeftConfig",
     "GloraConfig",
-    "RandLoraConfig", "GraloraConfig", "LilyConfig",
+    "RandLoraConfig", "FrodConfig", "GraloraConfig", "LilyConfig",
     "BOFTConfig", "OFTConfig",
     "BitFitConfig", "ChildTuningConfig", "DiffPruningConfig", "FishMaskConfig", "LNTuningConfig", "LastKConfig",
     "SelectionError", "fisher_diagonal", "fisher_mask", "l0_penalty", "project_to_sparsity", "selection_summary",
-    "AdaLoraConfig", "Adapter", "AdapterLayer", "ConfigError", "DeloraConfig", "HRAConfig", "PsoftConfig", "FourierFTConfig", "HiraConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "LoraConfig", "LoraModel", "MethodSpec", "MissConfig", "PeftConfig", "PeftModel",
+    "AdaLoraConfig", "AdamssConfig", "Adapter", "AdapterLayer", "ConfigError", "DeloraConfig", "PolyConfig", "MultitaskPromptTuningConfig", "MultitaskPromptTuningInit", "CPTConfig", "WaveFTConfig", "RoadConfig", "HRAConfig", "PsoftConfig", "FourierFTConfig", "HiraConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "LoraConfig", "LoraModel", "MethodSpec", "MissConfig", "PeftConfig", "PeftModel",
     "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
-    "SSFConfig", "ShiraConfig", "TaskType", "TrainableTokensConfig", "TunerModel", "UniLoraConfig", "VBLoRAConfig", "VeraConfig", "convert_to_lora", "create_loraplus_optimizer", "save_as_lora", "get_method", "get_peft_model",
+    "SSFConfig", "ShiraConfig", "TaskType", "TinyLoraConfig", "TrainableTokensConfig", "TunerModel", "UniLoraConfig", "VBLoRAConfig", "XLoraConfig", "VeraConfig", "PveraConfig", "convert_to_lora", "create_loraplus_optimizer", "save_as_lora", "get_method", "get_peft_model",
     "get_peft_model_state_dict", "inject_adapter_in_model", "list_methods", "register_method",
     "set_peft_model_state_dict", "prepare_model_for_kbit_training", "quantize_model", "hotswap_adapter", "prepare_model_for_compiled_hotswap",
     "AdaptionPromptConfig", "PrefixTuningConfig", "PromptEncoderConfig", "PromptEncoderReparameterizationType",
@@ -148,6 +168,7 @@ __all__ = [
     "shift_tokens_right", "get_layer_status", "get_model_status",
     "CordaConfig", "EvaConfig", "LoraGAConfig", "get_eva_state_dict", "initialize_lora_eva_weights",
     "preprocess_corda", "preprocess_loraga",
+    "KasaConfig", "LoraRuntimeConfig", "VeloraConfig", "MontecloraConfig",
     "PeftMixedModel",
 ]
 

@@ -89,7 +89,7 @@ _UTILS = {**_STATE, "ModulesToSaveWrapper": ModulesToSaveWrapper, "AuxiliaryTrai
 _LORA = {"LoraConfig": peftkit.LoraConfig, "LoraModel": TunerModel, "LoraLayer": LoraLayer}
 # LoRA's data-driven initialisations (methods/lora/eva.py, corda.py, loraga.py, init_configs.py)
 _LORA_INIT_CONFIGS = {n: getattr(peftkit, n) for n in ("EvaConfig", "CordaConfig", "LoraGAConfig", "KasaConfig",
-                                                        "LoraRuntimeConfig")}
+                                                        "LoraRuntimeConfig", "VeloraConfig", "MontecloraConfig")}
 _LORA_INITS = {**_LORA_INIT_CONFIGS, **{n: getattr(peftkit, n) for n in (
     "get_eva_state_dict", "initialize_lora_eva_weights", "preprocess_loraga")}}
 

@@ -26,8 +26,8 @@ _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 # implement. Any value other than the default is rejected with a clear error instead of being ignored.
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "megatron_config": None, "megatron_core": "megatron.core",
-    "velora_config": None, "use_qalora": False, "qalora_group_size": 16,
-    "monteclora_config": None, "use_bdlora": None,
+    "use_qalora": False, "qalora_group_size": 16,
+    "use_bdlora": None,
     "arrow_config": None, "ensure_weight_tying": False,
 }
 # fields where an empty list means the same as the default
@@ -66,6 +66,11 @@ class LoraConfig(PeftConfig):
             only from its last occurrence in each row on, in forward and ``generate`` (methods/lora/alora.py).
         kasa_config: KaSA (``KasaConfig``; Wang et al. 2024, arXiv 2412.06071): the base weight loses its r smallest
             singular components, the update is ``s B diag(lora_diag) A`` (methods/lora/kasa.py); Linear only.
+        velora_config: VeLoRA (``VeloraConfig``; Miles et al. 2024, arXiv 2405.17991): lora_A keeps rank-1 sub-token
+            projections of its input for backward instead of the input (methods/lora/velora.py); Linear only.
+        monteclora_config: MonteCLoRA (``MontecloraConfig``; Sengupta et al. 2024, arXiv 2411.04358): in training lora_A
+            is a learned mixture of Gaussian-perturbed copies, at eval A itself; ``monteclora_loss(model)`` is its
+            variational loss (methods/lora/monteclora.py); Linear only.
         runtime_config: ``LoraRuntimeConfig``, options of this process only (not saved).
         target_parameters: names (or dotted suffixes) of ``nn.Parameter``s to adapt directly, e.g. a
             mixture-of-experts model's stacked experts ``["experts.gate_up_proj", "experts.down_proj"]``: one

@@ -1,6 +1,8 @@
 """The sub-configs of LoRA's variants and runtime options, with peft 0.21.2's names, fields, defaults and checks:
-``KasaConfig`` (``kasa_config``: KaSA, methods/lora/kasa.py), ``LoraRuntimeConfig`` (``runtime_config``: options
-of this process only, never saved: ``LoraConfig.to_dict`` drops it, as peft).
+``KasaConfig`` (``kasa_config``: KaSA, methods/lora/kasa.py), ``VeloraConfig`` (``velora_config``: VeLoRA,
+methods/lora/velora.py), ``MontecloraConfig`` (``monteclora_config``: MonteCLoRA, methods/lora/monteclora.py),
+``LoraRuntimeConfig`` (``runtime_config``: options of this process only, never saved: ``LoraConfig.to_dict`` drops
+it, as peft).
 
 ``LoraConfig`` keeps them as these dataclasses; a dict (an ``adapter_config.json`` read back) becomes one.
 """
@@ -9,14 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import field
-from typing import Any
+from typing import Any, Literal
 
 from ...config import ConfigError
 from .init_configs import subconfig
 
 # peft's LoRA variant fields (``is_lora_variant`` in its LoraConfig): on one layer at most one may be set (peft's
 # ``resolve_lora_variant`` accepts no combination); the ones peftkit implements are checked by ``check_variants``
-VARIANT_FIELDS = ("use_dora", "alora_invocation_tokens", "kasa_config")
+VARIANT_FIELDS = ("use_dora", "alora_invocation_tokens", "kasa_config", "velora_config", "monteclora_config")
 
 
 def _number(value: Any) -> bool:
@@ -43,6 +45,77 @@ class KasaConfig:
                 raise ConfigError(f"KasaConfig.{name}: expected a number >= 0, got {value!r}")
 
 
+def _need(ok: bool, owner: str, name: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{owner}.{name}: expected {expected}, got {value!r}")
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_VELORA_INITS = ("batch_average_once", "batch_average", "random")
+
+
+@dataclasses.dataclass
+class VeloraConfig:
+    """VeLoRA, memory-efficient training with rank-1 sub-token projections (Miles et al. 2024, arXiv 2405.17991).
+
+    Args:
+        num_groups: each input token (d_in features) is split into this many sub-tokens of ``ceil(d_in / num_groups)``
+            features (zero-padded), each kept for backward as one number, its projection on a unit vector.
+        scale: factor on the reconstructed activations in the backward pass (> 0).
+        init_type: the projection vector: "batch_average" (the normalised mean sub-token of each training batch),
+            "batch_average_once" (of the first training batch only) or "random" (a random unit vector, fixed).
+    """
+
+    num_groups: int = field(default=64, metadata={"help": "Number of feature groups (sub-tokens) per input token"})
+    scale: float = field(default=1.0, metadata={"help": "Scale of the reconstructed activations in backward"})
+    init_type: Literal["batch_average", "batch_average_once", "random"] = field(
+        default="batch_average", metadata={"help": "Projection init: 'batch_average', 'batch_average_once', 'random'"})
+
+    def __post_init__(self) -> None:
+        _need(_int(self.num_groups) and self.num_groups > 0, "VeloraConfig", "num_groups", "an integer > 0",
+              self.num_groups)
+        _need(_number(self.scale) and self.scale > 0, "VeloraConfig", "scale", "a number > 0", self.scale)
+        _need(self.init_type in _VELORA_INITS, "VeloraConfig", "init_type",
+              "'batch_average_once', 'batch_average' or 'random'", self.init_type)
+
+
+@dataclasses.dataclass
+class MontecloraConfig:
+    """MonteCLoRA, Monte-Carlo low-rank adaptation (Sengupta et al. 2024, arXiv 2411.04358).
+
+    Args:
+        num_samples: Monte-Carlo samples (perturbed copies of lora_A) mixed per training forward.
+        use_entropy: add ``sum(expert_weights ** 2)`` to the variational loss.
+        dirichlet_prior: concentration of the Dirichlet prior on the mixture weights (> 0).
+        sample_scaler: scale of the Gaussian perturbations of lora_A (>= 0).
+        kl_loss_weight: weight of the KL terms in the variational loss (>= 0).
+        buffer_size: how many noise draws peft pre-generates per layer (>= 1; kept for the file, see monteclora.py).
+    """
+
+    num_samples: int = field(default=8, metadata={"help": "Number of Monte Carlo samples per forward pass"})
+    use_entropy: bool = field(default=False, metadata={"help": "Add the entropy regularization term"})
+    dirichlet_prior: float = field(default=0.1, metadata={"help": "Dirichlet prior of the expert weights"})
+    sample_scaler: float = field(default=1e-4, metadata={"help": "Scale of the Monte Carlo perturbations"})
+    kl_loss_weight: float = field(default=1e-5, metadata={"help": "Weight of the KL divergence loss"})
+    buffer_size: int = field(default=150, metadata={"help": "Size of the buffer for the Monte Carlo sampler"})
+
+    def __post_init__(self) -> None:
+        owner = "MontecloraConfig"
+        _need(_int(self.num_samples) and self.num_samples > 0, owner, "num_samples", "an integer > 0",
+              self.num_samples)
+        _need(isinstance(self.use_entropy, bool), owner, "use_entropy", "True or False", self.use_entropy)
+        _need(_number(self.dirichlet_prior) and self.dirichlet_prior > 0, owner, "dirichlet_prior", "a number > 0",
+              self.dirichlet_prior)
+        for name in ("sample_scaler", "kl_loss_weight"):
+            value = getattr(self, name)
+            _need(_number(value) and value >= 0, owner, name, "a number >= 0", value)
+        _need(_int(self.buffer_size) and self.buffer_size > 0, owner, "buffer_size", "an integer > 0",
+              self.buffer_size)
+
+
 @dataclasses.dataclass
 class LoraRuntimeConfig:
     """Options of this process only (peft's ``LoraRuntimeConfig``; never written to ``adapter_config.json``).
@@ -64,6 +137,8 @@ class LoraRuntimeConfig:
 def check_variants(config: Any) -> None:
     """``LoraConfig.__post_init__``: the variant sub-configs as dataclasses, and what peft refuses beside them."""
     config.kasa_config = subconfig(config.kasa_config, KasaConfig, "kasa_config")
+    config.velora_config = subconfig(config.velora_config, VeloraConfig, "velora_config")
+    config.monteclora_config = subconfig(config.monteclora_config, MontecloraConfig, "monteclora_config")
     runtime = config.runtime_config
     if runtime is None:
         config.runtime_config = LoraRuntimeConfig()
@@ -77,6 +152,10 @@ def check_variants(config: Any) -> None:
     if len(on) > 1:
         raise ConfigError(f"LoraConfig.{on[-1]}: cannot be combined with {on[0]} (peft accepts one LoRA variant per "
                           f"layer: {', '.join(VARIANT_FIELDS)}); set only one of them")
+    for name, what in (("velora_config", "VeLoRA"), ("monteclora_config", "MonteCLoRA")):
+        if getattr(config, name) is not None and config.target_parameters:
+            raise ConfigError(f"LoraConfig.{name}: {what} adapts Linear layers only, not target_parameters (peft "
+                              f"refuses it too); got target_parameters={config.target_parameters!r}")
     if config.kasa_config is not None:
         if config.target_parameters:
             raise ConfigError("LoraConfig.kasa_config: KaSA adapts nn.Linear layers only, not target_parameters "
