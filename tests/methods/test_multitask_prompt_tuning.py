@@ -8,7 +8,6 @@ import dataclasses
 import peft
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import peftkit
 from peftkit.config import ConfigError

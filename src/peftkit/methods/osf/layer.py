@@ -33,7 +33,7 @@ on few tokens, PEFT's rank-2r product.
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F

@@ -29,7 +29,7 @@ ones merged (PEFT reads the weight from before the first merge).
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
