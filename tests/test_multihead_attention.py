@@ -280,7 +280,7 @@ def test_every_weight_delta_method_acts_on_out_proj(spec, kwargs):
     model = AttnNet().eval()
     x, kpm = inputs(True, True)
     reference = copy.deepcopy(model)
-    pm = peftkit.get_peft_model(model, spec.config_cls(target_modules=["out_proj"], **kwargs))
+    pm = peftkit.get_peft_model(model, spec.config_cls(**{**kwargs, "target_modules": ["out_proj"]}))
     assert isinstance(pm.base_model.model.attn.out_proj, EffectiveWeightLayer)
     perturb(pm, scale=0.2)
     # gradients reach every trainable tensor of the adapter (train mode: the method's training forward)
