@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,6 +53,12 @@ def assert_same_outputs_and_grads(ref: nn.Module, ours: nn.Module, x: Tensor, mi
     assert g.keys() == g_ref.keys() and len(g) >= min_params, (sorted(g), sorted(g_ref))
     for key, grad in g.items():
         torch.testing.assert_close(grad, g_ref[key], atol=tol, rtol=tol, msg=key)
+
+
+def field_defaults(cls: type) -> dict[str, object]:
+    """A config dataclass's fields -> their defaults (factories called): what the two libraries' classes share."""
+    return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            for f in dataclasses.fields(cls)}
 
 
 def train_a_little(model: nn.Module, family, steps: int = 3, lr: float = 0.5) -> None:

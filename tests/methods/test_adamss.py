@@ -4,7 +4,6 @@ the update against a direct formula, the ASA schedule against PEFT's, and bad in
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import peft
 import pytest
@@ -19,14 +18,11 @@ from peftkit.methods.adamss.asa import scheduled_target
 
 from ..families import FAMILY
 from ..parity import linearized
+from ..parity import field_defaults
 
 
 def test_config_fields_and_defaults_match_peft(tmp_path):
-    def defaults(cls):
-        return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                for f in dataclasses.fields(cls)}
-
-    assert defaults(AdamssConfig) == defaults(peft.AdamssConfig)
+    assert field_defaults(AdamssConfig) == field_defaults(peft.AdamssConfig)
     peft.AdamssConfig(r=7, num_subspaces=3, use_asa=True, init_warmup=2, final_warmup=9).save_pretrained(tmp_path / "a")
     loaded = peftkit.PeftConfig.from_pretrained(tmp_path / "a")
     assert isinstance(loaded, AdamssConfig) and (loaded.r, loaded.num_subspaces, loaded.final_warmup) == (7, 3, 9)

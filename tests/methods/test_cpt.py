@@ -18,6 +18,7 @@ from peftkit.targeting import NotApplicableError
 
 from ..families import FAMILY, V
 from ..parity import assert_loads_both_ways, perturb, train_a_little
+from ..parity import field_defaults
 
 # two examples (input template, input, output template, label) and the query's template: types 1..4, 5..8, 9
 IDS = [5, 6, 7, 8, 9, 10, 11, 12, 13]
@@ -50,11 +51,7 @@ def _delta(model):
 
 
 def test_config_fields_and_defaults_match_peft(tmp_path):
-    def defaults(cls):
-        return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                for f in dataclasses.fields(cls)}
-
-    assert defaults(CPTConfig) == defaults(peft.CPTConfig)
+    assert field_defaults(CPTConfig) == field_defaults(peft.CPTConfig)
     ref, ours = peft.CPTConfig(task_type="CAUSAL_LM"), CPTConfig(task_type="CAUSAL_LM")
     assert (ours.cpt_token_ids, ours.cpt_mask, ours.cpt_tokens_type_mask, ours.num_virtual_tokens) == \
         (ref.cpt_token_ids, ref.cpt_mask, ref.cpt_tokens_type_mask, ref.num_virtual_tokens) == ([0], [1], [1], 1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import peft
 import pytest
@@ -13,14 +12,11 @@ import peftkit
 from peftkit.config import ConfigError
 from peftkit.methods.deft import DeftAdapter, DeftConfig
 from peftkit.methods.deft.functional import deft_apply, deft_delta, project, removal_factor
+from ..parity import field_defaults
 
 
 def test_config_fields_and_defaults_match_peft(tmp_path):
-    def defaults(cls):
-        return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                for f in dataclasses.fields(cls)}
-
-    assert defaults(DeftConfig) == defaults(peft.DeftConfig)
+    assert field_defaults(DeftConfig) == field_defaults(peft.DeftConfig)
     peft.DeftConfig(r=3, decomposition_method="qr", alpha=6, para=True, bias="deft_only").save_pretrained(tmp_path / "a")
     loaded = peftkit.PeftConfig.from_pretrained(tmp_path / "a")
     assert isinstance(loaded, DeftConfig)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import peft
 import pytest
@@ -13,14 +12,11 @@ import peftkit
 from peftkit.config import ConfigError
 from peftkit.methods.delora import DeloraAdapter, DeloraConfig
 from peftkit.methods.delora.functional import delora_apply, delora_delta
+from ..parity import field_defaults
 
 
 def test_config_fields_and_defaults_match_peft(tmp_path):
-    def defaults(cls):
-        return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                for f in dataclasses.fields(cls)}
-
-    assert defaults(DeloraConfig) == defaults(peft.DeloraConfig)
+    assert field_defaults(DeloraConfig) == field_defaults(peft.DeloraConfig)
     peft.DeloraConfig(r=3, delora_lambda=7, lambda_pattern={"q": 2}, rank_pattern={"v": 1}).save_pretrained(tmp_path / "a")
     loaded = peftkit.PeftConfig.from_pretrained(tmp_path / "a")
     assert isinstance(loaded, DeloraConfig) and (loaded.r, loaded.delora_lambda) == (3, 7)

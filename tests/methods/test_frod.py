@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import peft
 import pytest
@@ -16,14 +15,11 @@ from peftkit.methods.frod import functional as FF
 from peftkit.targeting import NotApplicableError, TargetError
 
 from ..families import FAMILY
+from ..parity import field_defaults
 
 
 def test_config_fields_and_defaults_match_peft(tmp_path):
-    def defaults(cls):
-        return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                for f in dataclasses.fields(cls)}
-
-    assert defaults(FrodConfig) == defaults(peft.FrodConfig)
+    assert field_defaults(FrodConfig) == field_defaults(peft.FrodConfig)
     peft.FrodConfig(sparse_rate=0.2, regularization_alpha=0.5, projection_prng_key=9,
                     target_modules=["q_proj"]).save_pretrained(tmp_path / "a")
     loaded = peftkit.PeftConfig.from_pretrained(tmp_path / "a")

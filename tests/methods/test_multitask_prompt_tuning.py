@@ -15,6 +15,7 @@ from peftkit.methods.prompt import MultitaskPromptTuningConfig
 
 from ..families import FAMILY, V
 from ..parity import assert_loads_both_ways, perturb, train_a_little
+from ..parity import field_defaults
 
 TASKS = torch.tensor([2, 0, 1])
 KW = dict(task_type="CAUSAL_LM", num_virtual_tokens=3, num_tasks=3, num_ranks=2)
@@ -36,11 +37,7 @@ def _pair(seed: int = 5, **kw):
 
 
 def test_config_fields_and_defaults_match_peft(tmp_path):
-    def defaults(cls):
-        return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                for f in dataclasses.fields(cls)}
-
-    assert defaults(MultitaskPromptTuningConfig) == defaults(peft.MultitaskPromptTuningConfig)
+    assert field_defaults(MultitaskPromptTuningConfig) == field_defaults(peft.MultitaskPromptTuningConfig)
     peft.MultitaskPromptTuningConfig(num_virtual_tokens=5, num_tasks=4, num_ranks=3).save_pretrained(tmp_path / "a")
     loaded = peftkit.PeftConfig.from_pretrained(tmp_path / "a")
     assert isinstance(loaded, MultitaskPromptTuningConfig) and (loaded.num_tasks, loaded.num_ranks) == (4, 3)

@@ -3,7 +3,6 @@ training step gives peft's weights), and bad input."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import peft
 import pytest
@@ -17,14 +16,11 @@ from peftkit.methods.osf.functional import osf_apply, osf_delta, resolve_rank, s
 
 from ..families import FAMILY
 from ..parity import perturb
+from ..parity import field_defaults
 
 
 def test_config_fields_and_defaults_match_peft(tmp_path):
-    def defaults(cls):
-        return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                for f in dataclasses.fields(cls)}
-
-    assert defaults(OSFConfig) == defaults(peft.OSFConfig)
+    assert field_defaults(OSFConfig) == field_defaults(peft.OSFConfig)
     peft.OSFConfig(effective_rank=0.25, rank_pattern={"k_proj": 3}).save_pretrained(tmp_path / "a")
     loaded = peftkit.PeftConfig.from_pretrained(tmp_path / "a")
     assert isinstance(loaded, OSFConfig) and loaded.effective_rank == 0.25 and loaded.rank_pattern == {"k_proj": 3}

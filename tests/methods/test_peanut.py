@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import peft
 import pytest
@@ -13,14 +12,11 @@ import peftkit
 from peftkit.config import ConfigError
 from peftkit.methods.peanut import PeanutAdapter, PeanutConfig
 from peftkit.methods.peanut.functional import peanut_apply, peanut_delta, tweak
+from ..parity import field_defaults
 
 
 def test_config_fields_and_defaults_match_peft(tmp_path):
-    def defaults(cls):
-        return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                for f in dataclasses.fields(cls)}
-
-    assert defaults(PeanutConfig) == defaults(peft.PeanutConfig)
+    assert field_defaults(PeanutConfig) == field_defaults(peft.PeanutConfig)
     peft.PeanutConfig(r=3, depth=2, act_fn="gelu", scaling=0.5).save_pretrained(tmp_path / "a")
     loaded = peftkit.PeftConfig.from_pretrained(tmp_path / "a")
     assert isinstance(loaded, PeanutConfig)

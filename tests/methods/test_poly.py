@@ -17,6 +17,7 @@ from peftkit.methods.poly.functional import mixed_factors, mixing_weights, poly_
 
 from ..families import FAMILY, V
 from ..parity import assert_loads_both_ways, linearized, perturb, train_a_little
+from ..parity import field_defaults
 
 TASKS = torch.tensor([2, 0, 1])
 
@@ -38,11 +39,7 @@ def _pair(family: str = "llama", seed: int = 5, **kw):
 
 
 def test_config_fields_and_defaults_match_peft(tmp_path):
-    def defaults(cls):
-        return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                for f in dataclasses.fields(cls)}
-
-    assert defaults(PolyConfig) == defaults(peft.PolyConfig)
+    assert field_defaults(PolyConfig) == field_defaults(peft.PolyConfig)
     peft.PolyConfig(r=3, n_tasks=5, n_skills=2, n_splits=4, target_modules=["q"]).save_pretrained(tmp_path / "a")
     loaded = peftkit.PeftConfig.from_pretrained(tmp_path / "a")
     assert isinstance(loaded, PolyConfig)

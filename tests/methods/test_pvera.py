@@ -3,7 +3,6 @@ eval and in merges, Monte-Carlo inference, the shared projections reused from Ve
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import peft
@@ -20,6 +19,7 @@ from peftkit.methods.pvera import functional as PF
 
 from ..families import FAMILY
 from ..parity import TwoProjections, assert_same_outputs_and_grads, perturb
+from ..parity import field_defaults
 
 SHARED = {"base_model.pvera_A", "base_model.pvera_B"}
 
@@ -33,11 +33,7 @@ def _quiet():
 
 # -- config -----------------------------------------------------------------------------------------------
 def test_config_fields_and_defaults_match_peft(tmp_path):
-    def defaults(cls):
-        return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                for f in dataclasses.fields(cls)}
-
-    assert defaults(PveraConfig) == defaults(peft.PveraConfig)
+    assert field_defaults(PveraConfig) == field_defaults(peft.PveraConfig)
     cfg = PveraConfig()
     assert cfg.peft_type == "PVERA" and (cfg.r, cfg.d_initial, cfg.sample_at_inference, cfg.generator_seed) == (
         256, 0.1, False, None)

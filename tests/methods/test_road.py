@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import peft
 import pytest
@@ -17,16 +16,13 @@ from peftkit.methods.road import functional as RF
 
 from ..families import FAMILY, V
 from ..parity import linearized
+from ..parity import field_defaults
 
 BASE = "__base__"
 
 
 def test_config_fields_and_defaults_match_peft(tmp_path):
-    def defaults(cls):
-        return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                for f in dataclasses.fields(cls)}
-
-    assert defaults(RoadConfig) == defaults(peft.RoadConfig)
+    assert field_defaults(RoadConfig) == field_defaults(peft.RoadConfig)
     peft.RoadConfig(variant="road_4", group_size=16, target_modules=["q_proj"]).save_pretrained(tmp_path / "a")
     loaded = peftkit.PeftConfig.from_pretrained(tmp_path / "a")
     assert isinstance(loaded, RoadConfig) and (loaded.variant, loaded.group_size) == ("road_4", 16)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import peft
@@ -21,14 +20,11 @@ from peftkit.methods.tinylora import TinyLoraAdapter, TinyLoraConfig
 from peftkit.methods.tinylora import functional as TF
 
 from ..parity import TwoProjections
+from ..parity import field_defaults
 
 
 def test_config_fields_and_defaults_match_peft(tmp_path):
-    def defaults(cls):
-        return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                for f in dataclasses.fields(cls)}
-
-    assert defaults(TinyLoraConfig) == defaults(peft.TinyLoraConfig)
+    assert field_defaults(TinyLoraConfig) == field_defaults(peft.TinyLoraConfig)
     peft.TinyLoraConfig(r=3, u=5, weight_tying=0.25, init_weights="uniform").save_pretrained(tmp_path / "a")
     loaded = peftkit.PeftConfig.from_pretrained(tmp_path / "a")
     assert isinstance(loaded, TinyLoraConfig) and (loaded.r, loaded.u, loaded.weight_tying) == (3, 5, 0.25)

@@ -4,7 +4,6 @@ optional PyWavelets dependency, and bad input."""
 from __future__ import annotations
 
 import ast
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -22,15 +21,13 @@ from peftkit.methods.waveft import WaveFTAdapter, WaveFTConfig
 from peftkit.methods.waveft import functional as WF
 
 from ..families import FAMILY
+from ..parity import field_defaults
 
 
-def defaults(cls):
-    return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-            for f in dataclasses.fields(cls)}
 
 
 def test_config_fields_and_defaults_match_peft(tmp_path):
-    assert defaults(WaveFTConfig) == defaults(peft.WaveFTConfig)
+    assert field_defaults(WaveFTConfig) == field_defaults(peft.WaveFTConfig)
     assert WaveFTConfig().peft_type == "WAVEFT"
     from peft.tuners.waveft.constants import WAVELET_REDUCTIONS
 

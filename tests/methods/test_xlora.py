@@ -4,7 +4,6 @@ cannot name expert folders: it raises NotApplicableError)."""
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import peft
@@ -17,6 +16,7 @@ from peftkit.methods.xlora import XLoraAdapter, XLoraConfig
 from peftkit.methods.xlora import functional as XF
 from peftkit.targeting import NotApplicableError
 from tests.families import FAMILY
+from ..parity import field_defaults
 
 IDS = torch.randint(0, 99, (2, 7), generator=torch.Generator().manual_seed(0))
 
@@ -69,11 +69,7 @@ def _pair(folders, **extra):
 
 
 def test_config_fields_and_defaults_match_peft(tmp_path):
-    def defaults(cls):
-        return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                for f in dataclasses.fields(cls)}
-
-    assert defaults(XLoraConfig) == defaults(peft.XLoraConfig)
+    assert field_defaults(XLoraConfig) == field_defaults(peft.XLoraConfig)
     peft.XLoraConfig(hidden_size=16, adapters={"a": "x"}, top_k_lora=2, xlora_depth=3).save_pretrained(tmp_path / "a")
     loaded = peftkit.PeftConfig.from_pretrained(tmp_path / "a")
     assert isinstance(loaded, XLoraConfig) and (loaded.hidden_size, loaded.top_k_lora, loaded.xlora_depth) == (16, 2, 3)
