@@ -123,6 +123,44 @@ def test_outputs_and_trainable_count_match_peft(experts, extra):
     torch.testing.assert_close(ours.get_latest_scalings(), theirs.get_latest_scalings(), atol=1e-5, rtol=1e-5)
 
 
+def test_runtime_setters_and_scalings_log_match_peft(experts):
+    """peft's XLoraModel methods on the PeftModel: top-k, global weight, scaling-pass value (None: 1/n), and the
+    scalings log with its buckets by sequence length; each setter changes the outputs as peft's does."""
+    _, folders = experts
+    theirs, ours = _pair(folders, layerwise_scalings=True)
+    base = ours(input_ids=IDS).logits.detach()
+    for model in (theirs, ours):
+        model.set_topk_lora(1)
+        model.set_global_scaling_weight(0.5)
+        model.set_scaling_pass_value(None)
+        model.enable_scalings_logging()
+    assert ours.get_global_scaling_weight() == theirs.get_global_scaling_weight() == 0.5
+    assert ours.peft_config["default"].scaling_pass_value == pytest.approx(1 / 3)
+    with torch.no_grad():
+        expected, got = theirs(input_ids=IDS).logits, ours(input_ids=IDS).logits
+        theirs(input_ids=IDS[:, :3]), ours(input_ids=IDS[:, :3])
+        theirs(input_ids=IDS), ours(input_ids=IDS)
+    assert (got - base).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    logs = ours.get_scalings_log(), theirs.get_scalings_log()
+    assert [t.shape for t in logs[0]] == [t.shape for t in logs[1]] and len(logs[0]) == 3
+    for a, b in zip(*logs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    buckets = ours.get_bucketed_scalings_log()
+    assert {k: v[0] for k, v in buckets.items()} == {k: v[0] for k, v in theirs.get_bucketed_scalings_log().items()}
+    assert {k: v[0] for k, v in buckets.items()} == {IDS.shape[1]: [0, 2], 3: [1]}
+    ours.disable_scalings_logging()
+    with torch.no_grad():
+        ours(input_ids=IDS)
+    assert len(ours.get_scalings_log()) == 3
+    ours.clear_scalings_log()
+    assert ours.get_scalings_log() == []
+    ours.set_topk_lora(None)
+    ours.set_global_scaling_weight(1.0)
+    ours.set_scaling_pass_value(0.0)
+    torch.testing.assert_close(ours(input_ids=IDS).logits, base, atol=1e-6, rtol=0)
+
+
 def test_files_both_ways_with_peft(experts, tmp_path):
     _, folders = experts
     # head dropout on: its Linear layers sit at layers.0 / layers.3 (peft mangles a head key whose index is an

@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...config import ConfigError
-from ...kernel_helpers import adapter_dtype, is_transposed, layer_dims
+from ...kernel_helpers import adapter_dtype, has_hooks, is_transposed, layer_dims
 from ...layers import Adapter, SharedState
 from ...registry import register_method
 from ...targeting import LINEAR_TYPES
+from ..lora.kernels import LoraLinear
 from . import functional as VF
 from .config import VBLoRAConfig
 
@@ -183,6 +184,21 @@ class VBLoRAAdapter(Adapter):
                                "is for merging and inference only, not for resuming training")
         bank = self.vblora_vector_bank.to(logits_a.device)
         return VF.vblora_factors(logits_a, logits_b, bank, self.topk)
+
+    def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
+        """Base and update in one pass on a plain Linear / Conv1D of the adapter's dtype: LoRA's kernel with the
+        mixed factors (scaling 1); the update accumulates into the fresh base output and its input gradient into
+        the base one, so no (tokens x d_out) temporary is added."""
+        w, bank = base.weight, self.vblora_vector_bank
+        if type(base) not in LINEAR_TYPES or has_hooks(base) or w.dtype != bank.dtype or x.dtype != w.dtype:
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            return None
+        a, b = self._factors()
+        x2d = x.reshape(-1, self.d_in)
+        xd = None if isinstance(self.dropout, nn.Identity) else self.dropout(x2d)
+        out = LoraLinear.apply(x2d, xd, w, base.bias, a, b, 1.0, self.transposed)
+        return out.view(*x.shape[:-1], self.d_out)
 
     def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
         a, b = self._factors()

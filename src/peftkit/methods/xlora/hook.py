@@ -17,6 +17,7 @@ feeds ``past_key_values`` back both see consistent caches. peft forces ``use_cac
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import weakref
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from . import functional as XF
 _TLS = threading.local()  # .call: {owner id: Owner} or None; .dummy: bool; .scalings: {owner id: Tensor}
 _CACHES: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()  # call's cache -> scaling pass's
 _HOOKS = "_xlora_hook_handles"
+_LOG = "_xlora_scalings_log"  # on the user's model: {"enabled": bool, "entries": [Tensor, ...]}
 
 
 class Owner:
@@ -136,6 +138,9 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
                                          c.xlora_dropout_p, module.training)
     _TLS.scalings = scalings
     _TLS.latest = scalings
+    log = vars(module).get(_LOG)
+    if log is not None and log["enabled"]:
+        log["entries"].append(next(iter(scalings.values())))
     _TLS.pending = _output_cache(res)
     return None
 
@@ -168,12 +173,81 @@ def install(model: nn.Module) -> None:
     handles = (model.register_forward_pre_hook(_pre_forward, with_kwargs=True),
                model.register_forward_hook(_post_forward, with_kwargs=True))
     object.__setattr__(model, _HOOKS, handles)
-    object.__setattr__(model, "get_latest_scalings", get_latest_scalings)
+    object.__setattr__(model, _LOG, {"enabled": False, "entries": []})
+    for name, fn in _API.items():
+        object.__setattr__(model, name, functools.partial(fn, weakref.ref(model)))
 
 
 def remove(model: nn.Module) -> None:
     for handle in getattr(model, _HOOKS, None) or ():
         handle.remove()
-    for name in (_HOOKS, "get_latest_scalings"):
+    for name in (_HOOKS, _LOG, *_API):
         if name in vars(model):
             object.__delattr__(model, name)
+
+
+# -- peft's XLoraModel methods, reached from the PeftModel through attribute forwarding -----------------------
+def _configs(ref: "weakref.ref[nn.Module]") -> list[Any]:
+    """The distinct configs of the model's X-LoRA adapters (the objects the layers read on every call)."""
+    found: dict[int, Any] = {}
+    for m in ref().modules():
+        if getattr(m, "expert_ids", None) is not None and "config" in vars(m):
+            found.setdefault(id(m.config), m.config)
+    return list(found.values())
+
+
+def set_topk_lora(ref: Any, value: int | None) -> None:
+    """Keep only the top-k experts' scalings per token (None: all, dense); reflected in the config."""
+    for c in _configs(ref):
+        c.top_k_lora = value
+
+
+def set_global_scaling_weight(ref: Any, weight: float) -> None:
+    """The scalar every expert's output is multiplied by (default 1); reflected in the config."""
+    for c in _configs(ref):
+        c.global_scaling_weight = weight
+
+
+def get_global_scaling_weight(ref: Any) -> float:
+    return _configs(ref)[0].global_scaling_weight
+
+
+def set_scaling_pass_value(ref: Any, value: float | None) -> None:
+    """The scaling every expert gets in the scaling pass; None: 1 / n_experts (peft's rule)."""
+    for c in _configs(ref):
+        c.scaling_pass_value = 1 / len(c.adapters) if value is None else value
+
+
+def enable_scalings_logging(ref: Any) -> None:
+    vars(ref())[_LOG]["enabled"] = True
+
+
+def disable_scalings_logging(ref: Any) -> None:
+    """Stop logging, keeping the log."""
+    vars(ref())[_LOG]["enabled"] = False
+
+
+def clear_scalings_log(ref: Any) -> None:
+    vars(ref())[_LOG]["entries"].clear()
+
+
+def get_scalings_log(ref: Any) -> list[torch.Tensor]:
+    """A copy of the list of logged scalings, each (batch, seq, n_layers, n_experts) (the tensors are shared)."""
+    return list(vars(ref())[_LOG]["entries"])
+
+
+def get_bucketed_scalings_log(ref: Any) -> dict[int, tuple[list[int], list[torch.Tensor]]]:
+    """The log bucketed by sequence length: {seq_len: ([positions in the log], [scalings])}."""
+    buckets: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
+    for i, s in enumerate(get_scalings_log(ref)):
+        positions, tensors = buckets.setdefault(s.shape[1], ([], []))
+        positions.append(i)
+        tensors.append(s)
+    return buckets
+
+
+_API = {"get_latest_scalings": lambda ref: get_latest_scalings(), "set_topk_lora": set_topk_lora,
+        "set_global_scaling_weight": set_global_scaling_weight, "get_global_scaling_weight": get_global_scaling_weight,
+        "set_scaling_pass_value": set_scaling_pass_value, "enable_scalings_logging": enable_scalings_logging,
+        "disable_scalings_logging": disable_scalings_logging, "clear_scalings_log": clear_scalings_log,
+        "get_scalings_log": get_scalings_log, "get_bucketed_scalings_log": get_bucketed_scalings_log}
