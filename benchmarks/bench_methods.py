@@ -78,6 +78,10 @@ SELECTIVE = {
     "lora": ("LoraConfig", {"r": 8, "lora_alpha": 16, "target_modules": QV}),
     "fish_mask": ("FishMaskConfig", {"density": 0.005, "criterion": "random"}),
     "diff_pruning": ("DiffPruningConfig", {"density": 0.005}),
+    # LoRA variants peft lacks (METHODS needs a peft counterpart): LoRA's q/v config, memory against LoRA
+    "lorafa": ("LoraFAConfig", {"r": 8, "lora_alpha": 16, "target_modules": QV}),
+    "deltalora": ("DeltaLoraConfig", {"r": 8, "lora_alpha": 16, "update_start_step": 0, "target_modules": QV}),
+    "dylora": ("DyLoraConfig", {"r": 8, "lora_alpha": 16, "target_modules": QV}),
 }
 
 

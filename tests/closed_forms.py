@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from .closed_form_parts import (
     Adapted,
+    _named,
     _named_ff,
     _oft,
     _own,
@@ -37,6 +38,52 @@ from .closed_form_parts import (
     xlora,
 )
 
+def _shadow(a: Adapted) -> int:
+    """ShadowPEFT: per block W_down (r x d), W_up (d x r) and the update MLPs T, G (d -> u -> d, biases; u =
+    update_hidden_size or r); once, the mirror backbone: the decoder stack with one block (its own embeddings, as
+    share_embeddings=False)."""
+    plain = a.plain()
+    stack = getattr(plain, "model", None) or plain.transformer
+    blocks = getattr(stack, "layers", None) or stack.h
+    d, r = plain.config.hidden_size, a.cfg.r
+    u = a.cfg.update_hidden_size or r
+    backbone = sum(p.numel() for p in stack.parameters()) - sum(p.numel() for b in blocks[1:] for p in b.parameters())
+    return len(a.sites) * (2 * d * r + 2 * (2 * d * u + u + d)) + backbone
+
+
+def _lst(a: Adapted) -> int:
+    """LST (arXiv 2206.06522): side width d_s = d / r over N backbone blocks: N + 1 down-projections d -> d_s (with
+    bias), N gate logits, N BERT blocks of width d_s (Q, K, V, O: d_s x d_s + bias; FFN d_s -> f -> d_s with biases,
+    f = intermediate_size // r; two LayerNorms), the up-projection d_s -> d (with bias)."""
+    cfg = a.plain().config
+    d, n, r = cfg.hidden_size, cfg.num_hidden_layers, a.cfg.reduction_factor
+    ds, f = d // r, a.cfg.side_intermediate_size or cfg.intermediate_size // r
+    block = 4 * ds * (ds + 1) + 2 * ds * f + f + ds + 4 * ds
+    return (n + 1) * ds * (d + 1) + n + n * block + d * (ds + 1)
+
+
+def _fact_slices(s) -> int:
+    """FacT: the d x d slices of one weight (a width d does not divide takes one more, cropped)."""
+    d = s.cfg.hidden_size
+    return -(-s.d_out // d) * -(-s.d_in // d)
+
+
+def _difffit(s) -> int:
+    """DiffFit on one layer: a norm layer's own weight and bias (train_norm), another layer's bias (train_bias),
+    when the layer is among target_modules (None: all); plus gamma, one factor per output channel, on each
+    residual-branch output (scale_modules, resolved to paths)."""
+    cfg, base = s.cfg, s.base
+    targeted = cfg.target_modules is None or _named(s.path, cfg.target_modules)
+    norm = type(base).__name__.lower().endswith("norm")  # LayerNorm, GroupNorm, RMSNorm, a model's own *Norm
+    if norm:
+        own = _own(base) if targeted and cfg.train_norm else 0
+    else:
+        bias = getattr(base, "bias", None)
+        own = bias.numel() if targeted and cfg.train_bias and bias is not None else 0
+    gamma = s.c_out if cfg.scale_modules and _named(s.path, cfg.scale_modules) else 0
+    return own + gamma
+
+
 CLOSED_FORM: dict[str, Callable[[Adapted], int]] = {
     # -- LoRA family ------------------------------------------------------------------------------------------
     "lora": each(lora),
@@ -47,6 +94,9 @@ CLOSED_FORM: dict[str, Callable[[Adapted], int]] = {
     "hira": each(lora),  # A: r x d_in, B: d_out x r (the update W0 * BA is of high rank)
     "shira": each(lora),  # r (d_in + d_out) entries of the weight, LoRA's count
     "delora": each(lambda s: lora(s) + 1),  # A, B and the boundary lambda (the weight norms are frozen)
+    "lorafa": each(lambda s: s.cfg.r * s.d_out),  # LoRA-FA: B (d_out, r) only; A (r, d_in) frozen at its init
+    "deltalora": each(lora),  # A and B; W's update follows from them (the start factors are frozen)
+    "dylora": each(lora),  # A and B at the largest rank r (every rank k <= r uses their first k rows / columns)
     # k blocks A_i (r, d_in / k) and B_i (d_out / k, r), plus a rank-hybrid_r LoRA beside them
     "gralora": each(lambda s: (s.cfg.r + s.cfg.hybrid_r) * (s.d_in + s.d_out)),
     "loha": each(lambda s: 2 * lora(s)),  # two rank-r pairs, Hadamard product
@@ -72,8 +122,13 @@ CLOSED_FORM: dict[str, Callable[[Adapted], int]] = {
     # an inventory of n_skills LoRA pairs per layer + the (n_tasks, n_splits x n_skills) routing logits
     "poly": each(lambda s: s.cfg.n_skills * lora(s) + s.cfg.n_tasks * s.cfg.n_splits * s.cfg.n_skills),
     "xlora": xlora,  # the scaling head
+    "shadow": _shadow,  # injection + update per block, the one-block mirror backbone once
+    "lst": _lst,  # the side network: ladders, gates, narrow blocks, up-projection
+    # MoLE: per layer a gate W_g (N, d_in) + b_g (N) over the N frozen LoRA experts
+    "mole": each(lambda s: s.cfg.num_experts * (s.d_in + 1)),
     "adamss": each(adamss),  # K subspaces' A_k (1, R), B_k (n_k, 1)
     "fourierft": each(lambda s: s.cfg.n_frequency),  # n_frequency spectral coefficients
+    "svdiff": each(lambda s: min(s.d_out, s.d_in)),  # one shift per singular value of the (d_out, d_in k^2) matrix
     "waveft": each(lambda s: s.cfg.n_frequency),  # n_frequency wavelet coefficients
     "c3a": each(lambda s: s.d_in * s.d_out // s.cfg.block_size),  # (d_out / b) x (d_in / b) circulant blocks of b
     "ia3": each(lambda s: s.c_in if _named_ff(s) else s.c_out),  # one scale per input / output channel
@@ -101,6 +156,8 @@ CLOSED_FORM: dict[str, Callable[[Adapted], int]] = {
     # -- bottleneck adapters and hybrids ------------------------------------------------------------------------
     "houlsby": each(bottleneck),  # m (d_in + 1) + d (m + 1) per adapter
     "pfeiffer": each(bottleneck),
+    "adapterdrop": each(bottleneck),  # a Pfeiffer adapter on every layer not dropped (fixed n: none below n)
+    "adapterdrop-robust": each(bottleneck),  # robust AdapterDrop: an adapter on every layer
     "parallel_adapter": each(bottleneck),
     "adaptformer": each(bottleneck),
     "compacter": each(compacter, once=lambda cfg: cfg.phm_dim ** 3),  # + the n rules A_i (n, n), shared
@@ -111,8 +168,11 @@ CLOSED_FORM: dict[str, Callable[[Adapted], int]] = {
     "ssf": each(ssf),
     "ln_tuning": each(lambda s: _own(s.base)),  # a trained copy of the norm layer's weight and bias
     "bitfit": each(lambda s: s.base.bias.numel()),  # each targeted layer's bias
+    "difffit": each(_difffit),  # biases, norm affines, and gamma (d_out) per residual-branch output
     "last_k": each(lambda s: _own(s.base)),  # every layer of the last k blocks: all its own parameters
     "trainable_tokens": trainable_tokens,
+    # n placeholder vectors of width d, one per distinct embedding weight (a tied LM head shares the rows)
+    "textual_inversion": lambda a: a.cfg.num_vectors * sum({id(s.base.weight): s.base.weight.shape[1] for s in a.sites}.values()),
     "child_tuning_f": selectable,  # every selectable entry (the Bernoulli mask acts on gradients)
     "child_tuning_d_random": lambda a: round(a.cfg.reserve_p * selectable(a)),  # round(p_D N) entries
     "fish_mask_random": lambda a: round(a.cfg.density * selectable(a)),  # round(density N) entries
@@ -131,6 +191,11 @@ CLOSED_FORM: dict[str, Callable[[Adapted], int]] = {
     "prefix": each(lambda s: s.cfg.num_virtual_tokens * 2 * s.cfg.num_layers * s.cfg.token_dim),
     "prefix-projection": each(prefix_projection),
     "p_tuning_v2": each(lambda s: s.cfg.num_virtual_tokens * 2 * s.cfg.num_layers * s.cfg.token_dim),
+    # Cartridges: prefix tuning's n x 2 L d KV prefix, learned directly, its first f = num_frozen_tokens rows frozen
+    "cartridge": each(lambda s: (s.cfg.num_virtual_tokens - s.cfg.num_frozen_tokens) * 2 * s.cfg.num_layers
+                      * s.cfg.token_dim),
+    "cartridge-unfrozen": each(lambda s: (s.cfg.num_virtual_tokens - s.cfg.num_frozen_tokens) * 2 * s.cfg.num_layers
+                               * s.cfg.token_dim),
     # per adapted attention: adapter_len x hidden prompts and one gate
     "adaption_prompt": each(lambda s: s.cfg.adapter_len * s.base.config.hidden_size + 1),
     # -- vision ---------------------------------------------------------------------------------------------
@@ -140,4 +205,10 @@ CLOSED_FORM: dict[str, Callable[[Adapted], int]] = {
     "tip_adapter": each(lambda s: s.cfg.cache_size * s.base.out_features),  # Tip-Adapter-F: N K keys x the width
     # per adapted feature: a D -> D / r -> D bottleneck without biases (r = 4)
     "clip_adapter": each(lambda s: 2 * s.base.out_features * max(1, s.base.out_features // 4)),
+    # per bypass (ViT attention / MLP of width d = the hidden size): down c (d + 1), 3x3 conv c (9c + 1), up d (c + 1)
+    "convpass": lambda a: len(a.sites) * (2 * a.plain().config.hidden_size * a.cfg.dim + 9 * a.cfg.dim ** 2
+                                          + 2 * a.cfg.dim + a.plain().config.hidden_size),
+    # -- FacT: per weight, a x b slices of d x d (a = ceil(d_out / d), b = ceil(d_in / d)), d = cfg.hidden_size --
+    "fact_tt": each(lambda s: _fact_slices(s) * s.cfg.r ** 2, once=lambda cfg: 2 * cfg.hidden_size * cfg.r),
+    "fact_tk": each(lambda s: _fact_slices(s) * s.cfg.r, once=lambda cfg: 2 * cfg.hidden_size * cfg.r + cfg.r ** 3),
 }

@@ -193,12 +193,10 @@ def test_a_config_class_names_its_own_peft_type_as_in_peft():
 
 
 UNSUPPORTED = [
-    ("use_qalora", True),
-    ("qalora_group_size", 32),
+    ("qalora_group_size", 0),  # implemented (test_lora_qalora.py); a group size must be an integer > 0
     ("layer_replication", [[1, 1]]),  # implemented; an empty range is refused (test_lora_layer_replication.py)
     ("loftq_config", {"loftq_bits": 4}),
     ("megatron_config", {"tensor_model_parallel_size": 1}),
-    ("ensure_weight_tying", True),
     ("target_parameters", "mlp.experts.weight"),  # supported as a list (test_lora_target_parameters.py)
 ]
 
@@ -366,7 +364,7 @@ def test_from_pretrained_json_not_an_object(tmp_path):
     assert str(tmp_path / CONFIG_NAME) in str(info.value)
 
 
-@pytest.mark.parametrize("name,value", [("use_qalora", True), ("layer_replication", [[1, 1]])])
+@pytest.mark.parametrize("name,value", [("qalora_group_size", 0), ("layer_replication", [[1, 1]])])
 def test_from_pretrained_unsupported_peft_value(tmp_path, name, value):
     peft.LoraConfig(r=4, target_modules=["q_proj"]).save_pretrained(str(tmp_path))
     path = tmp_path / CONFIG_NAME

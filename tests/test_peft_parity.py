@@ -846,6 +846,14 @@ METHODS = [
         per_family={"llama": {"task_type": "CAUSAL_LM"}, "gpt2": {"task_type": "CAUSAL_LM"}}, family_targets=False, train=poly_train, layout=("prefix_task_cols", "prefix_task_rows", "prompt_embeddings"),
     ),
     Method(
+        # a KV-prefix prompt method on causal LMs (peft 0.21.2 cannot feed a prefix to BERT under transformers 5:
+        # "Model does not support past key values"); all frozen (f = n): nothing trains
+        "cartridge", state=each(["llama", "gpt2"]) + [("llama", {"num_frozen_tokens": 0}), ("llama", {"num_frozen_tokens": 4})],
+        load=each(["llama", "gpt2"]) + [("llama", {"num_frozen_tokens": 0}), ("gpt2", {"num_frozen_tokens": 3})],
+        defaults={"num_virtual_tokens": 4}, per_family={"llama": {"task_type": "CAUSAL_LM"}, "gpt2": {"task_type": "CAUSAL_LM"}},
+        family_targets=False, layout=("prompt_embeddings",),
+    ),
+    Method(
         # peft wraps Linear and GPT-2's Conv1D; the UNet (DeFT's field: text-to-image diffusion) on its attention
         "deft", state=each(["llama", "gpt2", "unet"], {"r": 4}) + [("llama", {"r": 3, "para": True})],
         load=[("llama", {"r": 4, "alpha": 8}), ("gpt2", {"r": 4, "decomposition_method": "qr"}), ("unet", {"r": 4}),
@@ -863,6 +871,14 @@ METHODS = [
         merge=each(["llama", "gpt2", "bert"], {"init_weights": False}), defaults={"sparse_rate": 0.05, "progressbar": False},
         train=frod_train, layout=(".frod_lambda_l", ".frod_lambda_s_values"), merged_agree=True, merge_changed=only_weights,
         state_check=frod_same_bases, load_check=frod_files, quiet=True,  # peft warns on GPT-2 (fan_in_fan_out)
+    ),
+    Method(
+        # whole decoder blocks plus the model-level shadow backbone (one adapter-level network); not mergeable
+        # (peft refuses it too). tests/methods/test_shadow.py: generation, aux loss, SEQ_CLS, unload_shadow
+        "shadow", state=each(["llama", "gpt2"]) + [("llama", {"share_embeddings": False, "update_hidden_size": 6,
+                                                             "shadow_intermediate_size": 20})],
+        load=each(["llama", "gpt2"], {"r": 4}) + [("llama", {"shadow_hidden_size": 16, "shadow_num_attention_heads": 2})],
+        defaults={"task_type": "CAUSAL_LM"}, family_targets=False, layout=(".shadow_down.default.weight",),
     ),
 ]
 def _id(method: Method, name: str, kwargs: dict[str, Any]) -> str:

@@ -114,3 +114,17 @@ def test_every_shipped_recipe_is_valid():
     for path in paths:
         recipe = load_recipe(path)
         assert recipe.task in TASKS, path
+
+
+def test_resume_reads_fields_added_after_the_checkpoint_as_their_defaults():
+    """A checkpoint's recipe written before a field existed (e.g. ``data.packing``) resumes when the current recipe
+    keeps that field's default, and is refused naming the field when it does not."""
+    from peftkit.train.recipe import Recipe
+    from peftkit.train.resume import recipe_differences
+
+    saved = Recipe().to_dict()
+    del saved["data"]["packing"], saved["train"]["ce_chunk_size"], saved["grpo"]
+    assert recipe_differences(saved, Recipe().to_dict()) == []
+    changed = Recipe()
+    changed.data.packing = True
+    assert recipe_differences(saved, changed.to_dict()) == ["data.packing: False in the checkpoint, True now"]

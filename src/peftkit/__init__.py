@@ -28,8 +28,11 @@ from .methods.lora import LoraConfig
 from .methods.lora.corda import preprocess_corda
 from .methods.lora.eva import get_eva_state_dict, initialize_lora_eva_weights
 from .methods.lora.init_configs import CordaConfig, EvaConfig, LoraGAConfig
-from .methods.lora.variant_configs import KasaConfig, LoraRuntimeConfig, MontecloraConfig, VeloraConfig
+from .methods.lora.variant_configs import (
+    BdLoraConfig, KasaConfig, LoraRuntimeConfig, MontecloraConfig, VeloraConfig,
+)
 from .methods.lora.loraga import preprocess_loraga
+from .methods.lora.arrow import ArrowConfig, create_arrow_model
 from .methods.hira import HiraConfig
 from .methods.delora import DeloraConfig
 from .methods.peanut import PeanutConfig
@@ -37,12 +40,24 @@ from .methods.deft import DeftConfig
 from .methods.poly import PolyConfig
 from .methods.prompt import MultitaskPromptTuningConfig, MultitaskPromptTuningInit
 from .methods.prompt import CPTConfig
+from .methods.prompt.cartridge import CartridgeConfig
+from .methods.prompt.cartridge_utils import (
+    compose_cartridge_adapters,
+    initialize_kv_prefix_from_past_key_values,
+    initialize_kv_prefix_from_text,
+    prompt_embeddings_from_past_key_values,
+)
 from .methods.beft import BeftConfig
+from .methods.difffit import DiffFitConfig
+from .methods.svdiff import SVDiffConfig
 from .methods.c3a import C3AConfig
 from .methods.osf import OSFConfig
 from .methods.waveft import WaveFTConfig
 from .methods.adamss import AdamssConfig
 from .methods.road import RoadConfig
+from .methods.lorafa import LoraFAConfig
+from .methods.deltalora import DeltaLoraConfig, delta_lora_step
+from .methods.dylora import DyLoraConfig, set_rank
 from .methods.hra import HRAConfig
 from .methods.lycoris import LoHaConfig, LoKrConfig
 from .methods.miss import MissConfig
@@ -79,10 +94,17 @@ from .methods.selective import (
 from .methods.shira import ShiraConfig
 from .methods.ssf import SSFConfig
 from .methods.trainable_tokens import TrainableTokensConfig
+from .methods.textual_inversion import TextualInversionConfig, add_textual_inversion, save_textual_inversion
 from .methods.vera import VeraConfig
 from .methods.pvera import PveraConfig
 from .methods.vblora import VBLoRAConfig
+from .methods.convpass import ConvpassConfig
+from .methods.fact import FacTConfig
 from .methods.xlora import XLoraConfig
+from .methods.shadow import ShadowConfig
+from .methods.lst import LSTConfig
+from .methods.mole import MoleConfig
+from .methods.adapterdrop import AdapterDropConfig
 from .methods.unilora import UniLoraConfig
 from .methods.tinylora import TinyLoraConfig
 from .methods.vision import build_cache, classify, set_tokenizer
@@ -138,6 +160,7 @@ from ._version import __version__  # noqa: E402
 __all__ = [
     "SupertuningConfig",
     "BeftConfig", "C3AConfig",
+    "LoraFAConfig", "DeltaLoraConfig", "delta_lora_step", "DyLoraConfig", "set_rank",
     "OSFConfig",
     "PeanutConfig",
     "DeftConfig",
@@ -146,10 +169,10 @@ __all__ = [
     "BOFTConfig", "OFTConfig",
     "BitFitConfig", "ChildTuningConfig", "DiffPruningConfig", "FishMaskConfig", "LNTuningConfig", "LastKConfig",
     "SelectionError", "fisher_diagonal", "fisher_mask", "l0_penalty", "project_to_sparsity", "selection_summary",
-    "AdaLoraConfig", "AdamssConfig", "Adapter", "AdapterLayer", "ConfigError", "DeloraConfig", "PolyConfig", "MultitaskPromptTuningConfig", "MultitaskPromptTuningInit", "CPTConfig", "WaveFTConfig", "RoadConfig", "HRAConfig", "PsoftConfig", "FourierFTConfig", "HiraConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "LoraConfig", "LoraModel", "MethodSpec", "MissConfig", "PeftConfig", "PeftModel",
+    "AdaLoraConfig", "AdamssConfig", "Adapter", "AdapterLayer", "ConfigError", "DeloraConfig", "PolyConfig", "MultitaskPromptTuningConfig", "MultitaskPromptTuningInit", "CPTConfig", "CartridgeConfig", "compose_cartridge_adapters", "initialize_kv_prefix_from_past_key_values", "initialize_kv_prefix_from_text", "prompt_embeddings_from_past_key_values", "WaveFTConfig", "RoadConfig", "HRAConfig", "PsoftConfig", "FourierFTConfig", "HiraConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "LoraConfig", "LoraModel", "MethodSpec", "MissConfig", "PeftConfig", "PeftModel",
     "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
-    "SSFConfig", "ShiraConfig", "TaskType", "TinyLoraConfig", "TrainableTokensConfig", "TunerModel", "UniLoraConfig", "VBLoRAConfig", "XLoraConfig", "VeraConfig", "PveraConfig", "convert_to_lora", "create_loraplus_optimizer", "save_as_lora", "get_method", "get_peft_model",
+    "SSFConfig", "ShiraConfig", "TaskType", "TinyLoraConfig", "TrainableTokensConfig", "TextualInversionConfig", "add_textual_inversion", "save_textual_inversion", "TunerModel", "UniLoraConfig", "VBLoRAConfig", "ConvpassConfig", "FacTConfig", "XLoraConfig", "ShadowConfig", "LSTConfig", "MoleConfig", "DiffFitConfig", "SVDiffConfig", "AdapterDropConfig", "VeraConfig", "PveraConfig", "convert_to_lora", "create_loraplus_optimizer", "save_as_lora", "get_method", "get_peft_model",
     "get_peft_model_state_dict", "inject_adapter_in_model", "list_methods", "register_method",
     "set_peft_model_state_dict", "prepare_model_for_kbit_training", "quantize_model", "hotswap_adapter", "prepare_model_for_compiled_hotswap",
     "AdaptionPromptConfig", "PrefixTuningConfig", "PromptEncoderConfig", "PromptEncoderReparameterizationType",
@@ -168,7 +191,8 @@ __all__ = [
     "shift_tokens_right", "get_layer_status", "get_model_status",
     "CordaConfig", "EvaConfig", "LoraGAConfig", "get_eva_state_dict", "initialize_lora_eva_weights",
     "preprocess_corda", "preprocess_loraga",
-    "KasaConfig", "LoraRuntimeConfig", "VeloraConfig", "MontecloraConfig",
+    "KasaConfig", "LoraRuntimeConfig", "VeloraConfig", "MontecloraConfig", "BdLoraConfig",
+    "ArrowConfig", "create_arrow_model",
     "PeftMixedModel",
 ]
 

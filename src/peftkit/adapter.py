@@ -35,6 +35,12 @@ class Adapter(nn.Module):
     supports_routing: ClassVar[bool] = True
     changes_output: ClassVar[bool] = True  # False: the layer's forward skips it (prompts rewrite model inputs)
     default_roles: ClassVar[tuple[str, ...]] = ("query", "value")
+    @classmethod
+    def unreached_params(cls, model: nn.Module) -> set[str]:
+        """Names (``model.named_parameters()``) of trained parameters that the call's output does not reach,
+        kept trainable to match peft's count (Shadow: the last block's update networks produce a state nothing
+        reads). The contract suite lets these alone go without a gradient. Default: none."""
+        return set()
 
     @classmethod
     def prepare_model(cls, model: nn.Module, config: Any) -> None:

@@ -45,6 +45,24 @@ def select_saved(model: nn.Module, names: list[str], adapter_name: str, layer_cl
     return out
 
 
+def select_tied(model: nn.Module, config: Any, adapter_name: str, saved: list[str], layer_cls: type
+                ) -> tuple[str, list[str]]:
+    """peft's ``modules_to_tie`` (a config attribute a method's ``prepare_config`` sets: LoRA's
+    ``ensure_weight_tying``): modules saved in full whose copy shares the input embedding's copy (one tensor, the
+    LM head of a tied model). Returns (the input embedding's path, the tied modules' paths), checked before
+    anything changes (as ``select_saved``): the input embedding must be in ``saved``."""
+    names = sorted(getattr(config, "modules_to_tie", None) or ())
+    if not names:
+        return "", []
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    path = next((name for name, module in model.named_modules() if emb is not None and module is emb), None)
+    if path not in saved:
+        raise ValueError(f"modules_to_tie {names} of adapter {adapter_name!r}: the input embedding ({path!r}) is not "
+                         "in modules_to_save, so the tied modules have no trained copy to share")
+    return path, [p for p in select_saved(model, names, adapter_name, layer_cls) if p not in saved]
+
+
 class ModulesToSaveWrapper(nn.Module):
     """A module trained in full: the original stays frozen, each adapter gets its own trainable copy."""
 
@@ -55,8 +73,11 @@ class ModulesToSaveWrapper(nn.Module):
         self.active_adapter: str | None = None
         self.disable_adapters = False
 
-    def add(self, name: str) -> None:
-        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+    def add(self, name: str, tied_to: "ModulesToSaveWrapper | None" = None) -> None:
+        """A trainable copy for adapter ``name``; ``tied_to``: a wrapper whose copy for ``name`` lends the new copy
+        its weight (peft's ``tied_module``: the LM head of a tied model shares the input embedding's copy)."""
+        memo = {} if tied_to is None else {id(self.original_module.weight): tied_to.modules_to_save[name].weight}
+        self.modules_to_save[name] = copy.deepcopy(self.original_module, memo)
 
     def check_single(self, path: str, names: list[str]) -> None:
         """Raise when more than one of ``names`` has a copy here: one module runs one copy (as PEFT)."""

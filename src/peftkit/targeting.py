@@ -258,6 +258,11 @@ def is_target(config: Any, key: str, targets: str | Iterable[str]) -> bool:
         return True
     if not _matches_list(key, targets):
         return False
+    return in_layers(config, key)
+
+
+def in_layers(config: Any, key: str) -> bool:
+    """Whether ``key`` passes ``config``'s layer filter (``layers_to_transform`` / ``layers_pattern``; none: all)."""
     layers = getattr(config, "layers_to_transform", None)
     if layers is None or (isinstance(layers, list) and not layers):
         return True

@@ -23,7 +23,7 @@ from .registry import get_method
 from .targeting import Conv1D
 
 from .adapter_names import BASE, NAME_RULE, check_adapter_name  # noqa: F401 - re-exported
-from .saved_modules import TASK_HEADS, ModulesToSaveWrapper, select_saved  # noqa: F401 - re-exported
+from .saved_modules import TASK_HEADS, ModulesToSaveWrapper, select_saved, select_tied  # noqa: F401 - re-exported
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -163,6 +163,7 @@ class TunerModel(nn.Module):
         attach_parameters = cls.plan_parameters(self.model, config, adapter_name, paths, init)  # target_parameters
         saved = select_saved(self.model, list(getattr(config, "modules_to_save", None) or []), adapter_name,
                              AdapterLayer)
+        embedding, tied = select_tied(self.model, config, adapter_name, saved, AdapterLayer)  # peft's modules_to_tie
         modules = dict(named)
         wrappers = dict(self.model.named_modules(remove_duplicate=False))  # aliases too (T5's tied embeddings)
         shared, extra = None, {}
@@ -197,12 +198,12 @@ class TunerModel(nn.Module):
             layer.add(adapter_name, adapter)
         for method in (cls, *aux_classes):  # layers that refer to each other are linked (tied embeddings)
             method.after_inject(self.model, adapter_name)
-        for path in saved:  # a module already saved by another adapter gets one more copy (as PEFT)
+        for path in saved + tied:  # a module already saved by another adapter gets one more copy (as PEFT)
             wrapper = self.model.get_submodule(path)
             if not isinstance(wrapper, ModulesToSaveWrapper):
                 wrapper = ModulesToSaveWrapper(wrapper)
                 _set_submodule(self.model, path, wrapper)
-            wrapper.add(adapter_name)
+            wrapper.add(adapter_name, tied_to=self.model.get_submodule(embedding) if path in tied else None)
         cls.install_model_hooks(self.model)  # methods acting on the whole call (prompts rewrite its inputs)
         self.hooked_methods.add(cls)
         self.peft_config[adapter_name] = config

@@ -253,3 +253,13 @@ def test_original_ln_before_needs_a_post_ln_model():
         ParallelAdapterConfig(original_ln_before=True)
     with pytest.raises(ConfigError, match="original_ln_before"):
         PfeifferConfig(original_ln_before=True, train_layernorms=True)
+
+
+@pytest.mark.parametrize("cls", [PfeifferConfig, HoulsbyConfig])
+def test_layers_to_transform_filters_the_positions(cls):
+    """Targets found from ``positions`` (full module paths) still pass through the layer filter."""
+    model = get_peft_model(FAMILY["bert"].model(), cls(layers_to_transform=[1]))
+    paths = [p for p, _ in model.base_model.adapter_layers()]
+    assert paths and all(p.startswith("bert.encoder.layer.1.") for p in paths)
+    every = [p for p, _ in get_peft_model(FAMILY["bert"].model(), cls()).base_model.adapter_layers()]
+    assert len(every) == 2 * len(paths)

@@ -89,9 +89,10 @@ _UTILS = {**_STATE, "ModulesToSaveWrapper": ModulesToSaveWrapper, "AuxiliaryTrai
 _LORA = {"LoraConfig": peftkit.LoraConfig, "LoraModel": TunerModel, "LoraLayer": LoraLayer}
 # LoRA's data-driven initialisations (methods/lora/eva.py, corda.py, loraga.py, init_configs.py)
 _LORA_INIT_CONFIGS = {n: getattr(peftkit, n) for n in ("EvaConfig", "CordaConfig", "LoraGAConfig", "KasaConfig",
-                                                        "LoraRuntimeConfig", "VeloraConfig", "MontecloraConfig")}
+                                                        "LoraRuntimeConfig", "VeloraConfig", "MontecloraConfig",
+                                                        "BdLoraConfig", "ArrowConfig")}
 _LORA_INITS = {**_LORA_INIT_CONFIGS, **{n: getattr(peftkit, n) for n in (
-    "get_eva_state_dict", "initialize_lora_eva_weights", "preprocess_loraga")}}
+    "get_eva_state_dict", "initialize_lora_eva_weights", "preprocess_loraga", "create_arrow_model")}}
 
 # module name -> names it holds (a callable is called when the module is built)
 FACADES: dict[str, dict[str, Any] | Callable[[], dict[str, Any]]] = {
@@ -113,6 +114,7 @@ FACADES: dict[str, dict[str, Any] | Callable[[], dict[str, Any]]] = {
     "peft.tuners.lora.loraga": {"preprocess_loraga": peftkit.preprocess_loraga},
     "peft.tuners.lora.model": _LORA,
     "peft.tuners.lora.intruders": {"reduce_intruder_dimension": reduce_intruder_dimension},
+    "peft.tuners.lora.arrow": lambda: {"ArrowConfig": peftkit.ArrowConfig, "create_arrow_model": peftkit.create_arrow_model},
     "peft.tuners.loha": {"LoHaConfig": peftkit.LoHaConfig, "LoHaLayer": LoHaLayer},
     "peft.tuners.loha.layer": {"LoHaLayer": LoHaLayer},
     "peft.tuners.lokr": {"LoKrConfig": peftkit.LoKrConfig, "LoKrLayer": LoKrLayer},

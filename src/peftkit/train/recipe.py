@@ -22,6 +22,9 @@ import yaml
 from ..registry import get_method
 
 from .data import HF_PREFIX, DataError, parse_hf
+from .packing import causal_lm_options_problem
+from .preference import PreferenceSpec, preference_problem
+from .grpo import GrpoSpec, grpo_problem
 
 
 class RecipeError(ValueError):
@@ -51,6 +54,8 @@ class DataSpec:
     labels: list[str | int] | None = None  # classification: the label set, in class-index order (None: inferred)
     shots: int | None = None  # clip_fewshot: training images per class (None: all)
     class_template: str = "a photo of a {}."  # clip_fewshot: the prompt each class name goes into
+    packing: bool = False  # causal_lm: several examples per row, attention kept within each (packing.py)
+    pack_length: int | None = None  # tokens per packed row (None: max_length)
 
 
 @dataclass
@@ -76,6 +81,7 @@ class TrainSpec:
     eval_batch_size: int = 128
     num_threads: int | None = None  # torch threads (None: leave torch's default)
     strategy: str = "ddp"  # under torchrun: "ddp" (replicated model) or "fsdp" (FSDP2, parameters sharded)
+    ce_chunk_size: int | None = None  # causal_lm: loss through the LM head in chunks of N tokens (chunked_ce.py)
 
 
 @dataclass
@@ -84,7 +90,7 @@ class Recipe:
 
     model: str = "minilm"
     model_quant: str = "none"  # "4bit" (NF4, double quant: QLoRA) or "8bit" base via bitsandbytes (peftkit.quant)
-    task: str = "seq_cls"  # seq_cls, causal_lm, image_cls, clip_fewshot, diffusion
+    task: str = "seq_cls"  # seq_cls, causal_lm, image_cls, clip_fewshot, diffusion, dpo, grpo
     method: str = "lora"
     peft: dict[str, Any] = field(
         default_factory=lambda: {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
@@ -95,12 +101,14 @@ class Recipe:
     resume: bool = False
     tensorboard: bool = False
     num_labels: int | None = None  # classification: inferred from the training labels when None
+    preference: PreferenceSpec = field(default_factory=PreferenceSpec)  # task dpo: the loss and its fields
+    grpo: GrpoSpec = field(default_factory=GrpoSpec)  # task grpo: sampling, reward, clip and KL (grpo.py)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-TASKS = ("seq_cls", "causal_lm", "image_cls", "clip_fewshot", "diffusion")
+TASKS = ("seq_cls", "causal_lm", "image_cls", "clip_fewshot", "diffusion", "dpo", "grpo")
 CHOICES = {
     "task": TASKS,
     "model_quant": ("none", "4bit", "8bit"),
@@ -296,17 +304,23 @@ def _validate(recipe: Recipe, base_dir: str) -> None:
     if not 0 <= recipe.train.warmup_ratio < 1:
         raise RecipeError(f"train.warmup_ratio: expected a number in [0, 1), got {recipe.train.warmup_ratio}")
     _check_labels(recipe)
+    problem = causal_lm_options_problem(recipe) or preference_problem(recipe) or grpo_problem(recipe)
+    if problem:
+        raise RecipeError(problem)
     _check_output_dir(recipe.output_dir)
     try:
         spec = get_method(recipe.method)
     except KeyError as exc:
         raise RecipeError(f"method: {exc.args[0]}") from None
     try:
-        build_peft_config(recipe, spec)
+        config = build_peft_config(recipe, spec)
     except RecipeError:
         raise
     except (ValueError, TypeError) as exc:
         raise RecipeError(f"peft: {exc}") from None
+    if recipe.data.packing and (config.is_prompt_learning or getattr(config, "is_adaption_prompt", False)):
+        raise RecipeError(f"data.packing: method {recipe.method} adds virtual tokens to each row, which packed "
+                          "rows of several examples cannot hold; set data.packing=false")
     for name in ("train", "test"):
         source = getattr(recipe.data, name)
         if source is None or source.startswith("builtin:"):

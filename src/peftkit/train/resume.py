@@ -60,6 +60,10 @@ def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     as ``"train.lr: 0.001 in the checkpoint, 0.0005 now"`` lines sorted by field; fields in
     :data:`RESUME_FREE` (logging, evaluation, checkpoint keeping) are not compared."""
     old, new = _flat(saved), _flat(current)
+    # a field the checkpoint's recipe lacks was added to the schema after it was written: it had its default
+    for key, value in _flat(Recipe().to_dict()).items():
+        if not key.startswith("peft."):
+            old.setdefault(key, value)
     out = []
     for key in sorted(set(old) | set(new)):
         if key in RESUME_FREE or old.get(key, _UNSET) == new.get(key, _UNSET):

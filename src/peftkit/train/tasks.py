@@ -10,12 +10,14 @@ import torch
 from torch import Tensor, nn
 
 from ..config import TaskType
+from .chunked_ce import check_plain_head, chunked_lm_loss
 from .losses import supervised_lm_loss, supervised_tokens
+from .packing import check_packed_attention, flattens, pack_examples
 from .data import DataError, Table, report_skipped
 from .labels import encode_labels, infer_labels
 from .models import resolve_model
 from .task import TASKS, Task, quiet_transformers, register_task  # noqa: F401  (TASKS: the table, re-exported)
-from . import clip_fewshot, diffusion, vision  # noqa: F401  (importing registers their tasks in TASKS)
+from . import clip_fewshot, diffusion, grpo_task, preference_task, vision  # noqa: F401  (importing registers their tasks in TASKS)
 
 
 @register_task("seq_cls")
@@ -113,11 +115,15 @@ class InstructionTuning(Task):
     A row is ``prompt`` (``data.text_column``) and ``response`` (``data.response_column``); the model sees
     the tokenizer's chat template when it has one, else ``prompt + "\\n"``, then the response and EOS.
     Prompt and padding positions get label -100, so they do not count in the loss.
+
+    ``data.packing``: a training batch's examples are packed several to a row (packing.py); evaluation
+    batches stay padded. ``train.ce_chunk_size``: the loss never forms the whole logits (chunked_ce.py).
     """
 
     task_type = TaskType.CAUSAL_LM
     main_metric = "test_loss"
     higher_is_better = False
+    flat = False  # flash attention: a packed batch is one flattened row (set by load_model)
 
     def load_data(self) -> None:
         d = self.recipe.data
@@ -138,7 +144,13 @@ class InstructionTuning(Task):
         quiet_transformers()
         path = resolve_model(self.recipe.model)
         self.tok = AutoTokenizer.from_pretrained(path)
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if self.recipe.data.packing:
+            check_packed_attention(model)  # a model whose attention ignores the restarts fails here
+            self.flat = flattens(model)
+        if self.recipe.train.ce_chunk_size:
+            check_plain_head(model)
+        return model
 
     def _prompt_text(self, prompt: str) -> str:
         if getattr(self.tok, "chat_template", None):
@@ -147,10 +159,14 @@ class InstructionTuning(Task):
             )
         return prompt + "\n"
 
-    def _encode(self, rows: list[tuple[str, str]]) -> dict[str, Tensor]:
+    def _pad_id(self) -> int:
+        eos = self.tok.eos_token_id
+        return self.tok.pad_token_id if self.tok.pad_token_id is not None else (eos if eos is not None else 0)
+
+    def _tokenize(self, rows: list[tuple[str, str]]) -> tuple[list[list[int]], list[list[int]]]:
+        """Token ids of prompt + response (+ EOS), truncated to ``data.max_length``, and their labels."""
         max_len = self.recipe.data.max_length
         eos = self.tok.eos_token_id
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else (eos if eos is not None else 0)
         seqs, labels = [], []
         for prompt, response in rows:
             p = self.tok(self._prompt_text(prompt), add_special_tokens=False)["input_ids"]
@@ -158,6 +174,11 @@ class InstructionTuning(Task):
             ids = (p + r)[:max_len]
             seqs.append(ids)
             labels.append(([-100] * len(p) + r)[:max_len])
+        return seqs, labels
+
+    def _encode(self, rows: list[tuple[str, str]]) -> dict[str, Tensor]:
+        seqs, labels = self._tokenize(rows)
+        pad = self._pad_id()
         width = max(len(s) for s in seqs)
         input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -169,9 +190,17 @@ class InstructionTuning(Task):
         return {"input_ids": input_ids, "attention_mask": mask, "labels": lab}
 
     def batch(self, indices: list[int]) -> dict[str, Any]:
-        return self._encode([self.train_rows[i] for i in indices])
+        rows = [self.train_rows[i] for i in indices]
+        d = self.recipe.data
+        if not d.packing:
+            return self._encode(rows)
+        seqs, labels = self._tokenize(rows)
+        capacity = None if self.flat else (d.pack_length or d.max_length)
+        return pack_examples(seqs, labels, capacity, self._pad_id())[0]
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
+        if self.recipe.train.ce_chunk_size:
+            return chunked_lm_loss(model, batch, self.recipe.train.ce_chunk_size)
         return supervised_lm_loss(model, batch)  # logits for the response tokens only
 
     @torch.no_grad()
@@ -186,7 +215,7 @@ class InstructionTuning(Task):
             batch = self.move(self._encode(self.test_rows[s : s + bs]))
             n = supervised_tokens(batch["labels"])
             if n:
-                total += float(supervised_lm_loss(model, batch)) * n
+                total += float(self.loss(model, batch)) * n
             tokens += n
         model.train(was_training)
         loss = total / max(tokens, 1)

@@ -45,7 +45,8 @@ from ...layers import Adapter
 from ...kernel_helpers import adapter_dtype, layer_dims
 from ...registry import register_method
 from ...targeting import (
-    LINEAR_TYPES, SPLIT_FFN, NotApplicableError, TargetError, find_targets, model_family, role_paths,
+    LINEAR_TYPES, SPLIT_FFN, NotApplicableError, TargetError, find_targets, in_layers, model_family,
+    role_paths,
 )
 
 from .bottleneck_config import ACTIVATIONS, BottleneckConfig, HoulsbyConfig, ParallelAdapterConfig, PfeifferConfig
@@ -210,7 +211,7 @@ class BottleneckAdapter(Adapter):
                 if not hits:
                     raise NotApplicableError(
                         f"{type(config).__name__}.positions: {model_family(model)} models have no {role!r} module")
-                found.update(hits)
+                found.update(h for h in hits if in_layers(config, h))  # role paths are full: filter them here
             paths = find_targets(model, named, dataclasses.replace(config, target_modules=sorted(found)), (),
                                  (nn.Module,))
         if config.mode == "sequential":

@@ -17,6 +17,7 @@ from .dispatch import register_custom_module
 from .replication import check_layer_map
 from .init_configs import CordaConfig, EvaConfig, LoraGAConfig, subconfig
 from .variant_configs import LoraRuntimeConfig, check_variants
+from .arrow_config import check_arrow
 
 # "orthogonal", "eva", "corda", "lora_ga": data-driven and random-orthogonal inits (methods/lora/data_init.py)
 _INIT_NAMES = ("gaussian", "pissa", "olora", "loftq", "orthogonal", "eva", "corda", "lora_ga")
@@ -26,9 +27,6 @@ _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 # implement. Any value other than the default is rejected with a clear error instead of being ignored.
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "megatron_config": None, "megatron_core": "megatron.core",
-    "use_qalora": False, "qalora_group_size": 16,
-    "use_bdlora": None,
-    "arrow_config": None, "ensure_weight_tying": False,
 }
 # fields where an empty list means the same as the default
 _EMPTY_IS_DEFAULT: tuple[str, ...] = ()
@@ -71,6 +69,15 @@ class LoraConfig(PeftConfig):
         monteclora_config: MonteCLoRA (``MontecloraConfig``; Sengupta et al. 2024, arXiv 2411.04358): in training lora_A
             is a learned mixture of Gaussian-perturbed copies, at eval A itself; ``monteclora_loss(model)`` is its
             variational loss (methods/lora/monteclora.py); Linear only.
+        use_bdlora: BD-LoRA (``BdLoraConfig``; Wang et al. 2025, arXiv 2510.23346): block-diagonal lora_A or lora_B on
+            the targets its patterns name, for tensor-parallel serving (methods/lora/bdlora.py); nn.Linear only.
+        use_qalora / qalora_group_size: QALoRA (Xu et al. 2023, arXiv 2309.14717): lora_A acts on the input averaged
+            over groups of ``qalora_group_size`` features (methods/lora/qalora.py); nn.Linear and bitsandbytes bases.
+        arrow_config: Arrow (``ArrowConfig``; Ostapenko et al. 2024, arXiv 2405.11157): the router over LoRA experts
+            that ``create_arrow_model`` adds, optionally with GenKnowSub (methods/lora/arrow.py); Linear only.
+        ensure_weight_tying: on a model with ``tie_word_embeddings``, the layers tied to the input embedding (the
+            LM head) share its adapter: its trained copy (``modules_to_save``) or its LoRA factors (``target_modules``),
+            peft's config rewrite included (methods/lora/tying.py, tied.py).
         runtime_config: ``LoraRuntimeConfig``, options of this process only (not saved).
         target_parameters: names (or dotted suffixes) of ``nn.Parameter``s to adapt directly, e.g. a
             mixture-of-experts model's stacked experts ``["experts.gate_up_proj", "experts.down_proj"]``: one
@@ -132,6 +139,7 @@ class LoraConfig(PeftConfig):
         )
         self._check_loftq()
         self._check_data_init()
+        check_arrow(self)  # arrow_config as an ArrowConfig (arrow_config.py; the router: arrow.py)
         check_variants(self)  # kasa_config, runtime_config; one variant at most (variant_configs.py)
         tp = self.target_parameters  # LoRA on named nn.Parameters (methods/lora/params.py); a list, never a str
         if tp is not None and not (isinstance(tp, (list, tuple, set, frozenset))
@@ -140,7 +148,9 @@ class LoraConfig(PeftConfig):
                               f"['experts.gate_up_proj', 'experts.down_proj']) or None, got {tp!r}")
         if isinstance(tp, (tuple, set, frozenset)):
             self.target_parameters = sorted(tp)
-        check_bool(self, "lora_bias")
+        check_bool(self, "lora_bias", "ensure_weight_tying")
+        if self.ensure_weight_tying:  # peft's attributes (not fields), set when the model is known (tying.py)
+            self.modules_to_tie = self.target_modules_to_tie = None
         if self.lora_bias and (self.use_dora or not isinstance(init, bool)):
             raise ConfigError("LoraConfig.lora_bias: only with use_dora=False and init_lora_weights True or False "
                               f"(as in peft); got use_dora={self.use_dora}, init_lora_weights={init!r}")

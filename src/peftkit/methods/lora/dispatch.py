@@ -84,7 +84,7 @@ def adapter_cls_for(base: Any, config: Any) -> type | None:
         if isinstance(base, layer_type):
             return adapter_cls
     for field, adapter_cls in BY_FIELD.items():  # a variant refuses the bases it cannot adapt
-        if getattr(config, field, None) is not None:
+        if getattr(config, field, None) not in (None, False):  # use_qalora is a flag
             return adapter_cls
     for layer_type, adapter_cls in BUILTIN.items():
         if isinstance(base, layer_type):

@@ -40,7 +40,7 @@ from . import replication
 from . import runtime
 from . import moe as LMoe
 from . import params as LP
-from . import data_init
+from . import data_init, tying
 from .config import LoraConfig
 from .kernels import ScaleShift
 
@@ -76,9 +76,10 @@ class LoraAdapter(dispatch.VariantHooks, Adapter):
     default_roles = ("query", "value")
 
     def __new__(cls, base: Any = None, config: Any = None, *args: Any, **kwargs: Any) -> "LoraAdapter":
-        # another adapter class for some bases (nn.MultiheadAttention, LoraConfig._register_custom_module):
-        # methods/lora/dispatch.py
-        sub = dispatch.adapter_cls_for(base, config) if cls is LoraAdapter else None
+        # another adapter class for some bases (nn.MultiheadAttention, LoraConfig._register_custom_module:
+        # methods/lora/dispatch.py) or for a layer tied to the input embedding (ensure_weight_tying: tied.py)
+        own = cls is LoraAdapter
+        sub = (tying.adapter_cls(config, *args, **kwargs) or dispatch.adapter_cls_for(base, config)) if own else None
         if sub is None or issubclass(sub, cls):
             return super().__new__(sub or cls)  # Python then runs sub.__init__ with the same arguments
         return sub(base, config, *args, **kwargs)  # an Adapter of its own: built whole here
@@ -86,6 +87,7 @@ class LoraAdapter(dispatch.VariantHooks, Adapter):
     @classmethod
     def select_targets(cls, model: nn.Module, named: list[tuple[str, nn.Module]], config: Any) -> list[str]:
         paths = dispatch.select_targets(cls, model, named, config, extra=cls is LoraAdapter)
+        paths = tying.with_tied(model, named, config, paths)  # ensure_weight_tying's tied layers (tying.py)
         data_init.check_prepared(named, paths, config)  # CorDA / LoRA-GA data on all targets or none
         return paths
 
@@ -102,6 +104,7 @@ class LoraAdapter(dispatch.VariantHooks, Adapter):
     @classmethod
     def prepare_config(cls, model: nn.Module, named: list[tuple[str, nn.Module]], config: Any) -> None:
         LMoe.convert_config(model, named, config)  # peft's rewrite for transformers 5's fused experts (moe.py)
+        tying.prepare_config(model, config)  # ensure_weight_tying: peft's rewrite and warnings (tying.py)
 
     @classmethod
     def plan_parameters(cls, model: nn.Module, config: Any, adapter_name: str, paths: list[str],

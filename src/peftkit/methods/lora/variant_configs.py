@@ -1,8 +1,9 @@
 """The sub-configs of LoRA's variants and runtime options, with peft 0.21.2's names, fields, defaults and checks:
 ``KasaConfig`` (``kasa_config``: KaSA, methods/lora/kasa.py), ``VeloraConfig`` (``velora_config``: VeLoRA,
 methods/lora/velora.py), ``MontecloraConfig`` (``monteclora_config``: MonteCLoRA, methods/lora/monteclora.py),
-``LoraRuntimeConfig`` (``runtime_config``: options of this process only, never saved: ``LoraConfig.to_dict`` drops
-it, as peft).
+``BdLoraConfig`` (``use_bdlora``: BD-LoRA, methods/lora/bdlora.py), ``LoraRuntimeConfig`` (``runtime_config``: options
+of this process only, never saved: ``LoraConfig.to_dict`` drops it, as peft). QALoRA (``use_qalora``,
+``qalora_group_size``: methods/lora/qalora.py) is two plain fields, checked by ``check_variants``.
 
 ``LoraConfig`` keeps them as these dataclasses; a dict (an ``adapter_config.json`` read back) becomes one.
 """
@@ -18,7 +19,8 @@ from .init_configs import subconfig
 
 # peft's LoRA variant fields (``is_lora_variant`` in its LoraConfig): on one layer at most one may be set (peft's
 # ``resolve_lora_variant`` accepts no combination); the ones peftkit implements are checked by ``check_variants``
-VARIANT_FIELDS = ("use_dora", "alora_invocation_tokens", "kasa_config", "velora_config", "monteclora_config")
+VARIANT_FIELDS = ("use_dora", "alora_invocation_tokens", "kasa_config", "velora_config", "monteclora_config",
+                  "use_bdlora", "use_qalora", "arrow_config")
 
 
 def _number(value: Any) -> bool:
@@ -116,6 +118,46 @@ class MontecloraConfig:
               self.buffer_size)
 
 
+def _patterns(value: Any) -> bool:
+    return value is None or (isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(p, str) for p in value))
+
+
+@dataclasses.dataclass
+class BdLoraConfig:
+    """BD-LoRA, block-diagonal LoRA for tensor-parallel multi-LoRA serving (Wang et al. 2025, arXiv 2510.23346).
+
+    A target whose name contains a pattern of ``target_modules_bd_a`` gets a block-diagonal lora_A (use it on
+    row-sharded layers: attention's output, the MLP's down projection), one of ``target_modules_bd_b`` a
+    block-diagonal lora_B (column-sharded layers: q / k / v, up / gate), ``nblocks`` blocks each (the serving
+    sharding degree).
+
+    Args:
+        target_modules_bd_a / target_modules_bd_b: substrings of module names (``pattern in name``, as peft).
+        nblocks: number of diagonal blocks (>= 1); it must divide the factor's dimensions (checked per layer).
+        match_strict: every target must match one of the two lists (False: unmatched targets get plain LoRA).
+    """
+
+    target_modules_bd_a: list[str] | None = field(default=None, metadata={"help": "Modules with block-diagonal A"})
+    target_modules_bd_b: list[str] | None = field(default=None, metadata={"help": "Modules with block-diagonal B"})
+    nblocks: int = field(default=1, metadata={"help": "Number of blocks of each block-diagonal factor"})
+    match_strict: bool = field(default=True, metadata={"help": "Every target must match bd_a or bd_b"})
+
+    def __post_init__(self) -> None:
+        owner = "BdLoraConfig"
+        for name in ("target_modules_bd_a", "target_modules_bd_b"):
+            value = getattr(self, name)
+            _need(_patterns(value), owner, name, "a list of module-name patterns (e.g. ['q_proj', 'v_proj']) or None",
+                  value)
+            if value is not None:
+                setattr(self, name, sorted(value) if isinstance(value, (set, frozenset)) else list(value))
+        _need(_int(self.nblocks) and self.nblocks > 0, owner, "nblocks", "an integer > 0", self.nblocks)
+        _need(isinstance(self.match_strict, bool), owner, "match_strict", "True or False", self.match_strict)
+        overlap = sorted(set(self.target_modules_bd_a or []) & set(self.target_modules_bd_b or []))
+        if overlap:
+            raise ConfigError(f"BdLoraConfig.target_modules_bd_a / target_modules_bd_b: a pattern may be in one list "
+                              f"only (a factor is block-diagonal in A or in B); both hold {overlap}")
+
+
 @dataclasses.dataclass
 class LoraRuntimeConfig:
     """Options of this process only (peft's ``LoraRuntimeConfig``; never written to ``adapter_config.json``).
@@ -139,6 +181,8 @@ def check_variants(config: Any) -> None:
     config.kasa_config = subconfig(config.kasa_config, KasaConfig, "kasa_config")
     config.velora_config = subconfig(config.velora_config, VeloraConfig, "velora_config")
     config.monteclora_config = subconfig(config.monteclora_config, MontecloraConfig, "monteclora_config")
+    config.use_bdlora = subconfig(config.use_bdlora, BdLoraConfig, "use_bdlora")
+    _check_qalora_fields(config)
     runtime = config.runtime_config
     if runtime is None:
         config.runtime_config = LoraRuntimeConfig()
@@ -152,6 +196,9 @@ def check_variants(config: Any) -> None:
     if len(on) > 1:
         raise ConfigError(f"LoraConfig.{on[-1]}: cannot be combined with {on[0]} (peft accepts one LoRA variant per "
                           f"layer: {', '.join(VARIANT_FIELDS)}); set only one of them")
+    for name, what in (("use_bdlora", "BD-LoRA"), ("use_qalora", "QALoRA")):
+        if getattr(config, name) not in (None, False):
+            _check_factor_variant(config, name, what)
     for name, what in (("velora_config", "VeLoRA"), ("monteclora_config", "MonteCLoRA")):
         if getattr(config, name) is not None and config.target_parameters:
             raise ConfigError(f"LoraConfig.{name}: {what} adapts Linear layers only, not target_parameters (peft "
@@ -164,3 +211,22 @@ def check_variants(config: Any) -> None:
             raise ConfigError("LoraConfig.kasa_config: KaSA does not support fan_in_fan_out=True (e.g. GPT-2's "
                               "Conv1D), as peft; target nn.Linear layers")
 
+
+def _check_qalora_fields(config: Any) -> None:
+    _need(isinstance(config.use_qalora, bool), "LoraConfig", "use_qalora", "True or False", config.use_qalora)
+    size = config.qalora_group_size
+    _need(_int(size) and size > 0, "LoraConfig", "qalora_group_size", "an integer > 0 (it must divide the targets' "
+          "in_features)", size)
+
+
+def _check_factor_variant(config: Any, name: str, what: str) -> None:
+    """BD-LoRA / QALoRA replace a LoRA factor of an nn.Linear by another shape: what they cannot take beside it."""
+    init = config.init_lora_weights
+    if not (isinstance(init, bool) or init == "gaussian"):
+        raise ConfigError(f"LoraConfig.{name}: {what} takes init_lora_weights True, False or 'gaussian' (its "
+                          f"reshaped factor gets its own init, so a weight-derived init would not hold); got {init!r}")
+    for other, bad in (("lora_bias", config.lora_bias), ("fan_in_fan_out", config.fan_in_fan_out),
+                       ("target_parameters", config.target_parameters)):
+        if bad:
+            raise ConfigError(f"LoraConfig.{name}: {what} adapts nn.Linear layers without a LoRA bias; it cannot be "
+                              f"combined with {other}={bad!r}")

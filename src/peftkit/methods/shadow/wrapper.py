@@ -1,0 +1,64 @@
+"""``ShadowLayer``: the wrapper of one decoder block, and the per-call shadow state it reads.
+
+A block wrapped for the call's adapter takes the running shadow state ``s^(l-1)`` of the call (opened by the
+model's pre-hook, ``hook.py``), runs the block on the injected input ``h + alpha * W_up W_down (h - s)`` and
+advances the state from the block's output by the gated update. The state lives in a thread-local stack,
+never on the layer (request threads share layers), so the decoder loop between blocks sees plain tensors (peft
+passes a ``ShadowCarrier`` object through it instead: the outputs are the same). Outside a shadow call (adapters
+disabled, another adapter active, the block not adapted) the block runs as it is.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from torch import Tensor
+
+from ...layers import AdapterLayer
+
+LOCAL = threading.local()
+
+
+class Call:
+    """One call's shadow state: the adapter's name, its entry adapter (which holds the network), ``s^(0)``,
+    the running ``s^(l)``, the backbone's cache and whether to pack a ``ShadowCache``."""
+
+    def __init__(self, name: str, entry: Any, seed: Tensor, cache: Any, pack: bool) -> None:
+        self.name, self.entry, self.seed, self.state, self.cache, self.pack = name, entry, seed, seed, cache, pack
+
+
+def current() -> Call | None:
+    stack = getattr(LOCAL, "stack", None)
+    return stack[-1] if stack else None
+
+
+def block_hidden(out: Any) -> Tensor:
+    """The hidden states in a block's return value (a tensor, a tuple, or an output with ``hidden_states``)."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, tuple):
+        return out[0]
+    for attr in ("hidden_states", "last_hidden_state"):
+        if getattr(out, attr, None) is not None:
+            return getattr(out, attr)
+    raise TypeError(f"ShadowPEFT: unsupported decoder block output {type(out).__name__}; expected a Tensor or a tuple")
+
+
+class ShadowLayer(AdapterLayer):
+    """A decoder block with shadow adapters (peft's ``ShadowLayer``)."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        call = current()
+        if (call is None or self.disable_adapters or call.name not in self.adapters
+                or call.name not in self.active_adapters):
+            return self.base_layer(*args, **kwargs)
+        adapter = self.adapters[call.name]
+        if args:
+            h = args[0]
+            out = self.base_layer(adapter.inject(h, call.state), *args[1:], **kwargs)
+        else:
+            h = kwargs.pop("hidden_states")
+            out = self.base_layer(hidden_states=adapter.inject(h, call.state), **kwargs)
+        call.state = adapter.update(block_hidden(out), call.state)
+        return out
