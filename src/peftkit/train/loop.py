@@ -249,7 +249,13 @@ class Trainer:
                                     ex_s=f"{record['samples_per_s']:.0f}")
             if bar is not None:
                 bar.update(1)
-            if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+            if r.data.dev and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
+                dev = self._evaluate(dev=True)  # data.dev: the curve is on dev rows (dev_eval.py)
+                self._record({"step": step, "event": "dev", **dev})
+                if writer:
+                    for k, v in dev.items():
+                        writer.add_scalar(f"dev/{k}", v, step)
+            elif t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
                 self._record({"step": step, "event": "eval", **self._evaluate()})
             if t.save_every and step % t.save_every == 0 and step < t.max_steps:
                 self._save_checkpoint(step, loss_sum, loss_count)
@@ -299,9 +305,9 @@ class Trainer:
         device = "cuda" if next(self.model.parameters()).is_cuda else "cpu"
         return torch.autocast(device, dtype=torch.bfloat16)
 
-    def _evaluate(self) -> dict[str, float]:
+    def _evaluate(self, dev: bool = False) -> dict[str, float]:
         with self._autocast():
-            return self.task.evaluate(self.model)
+            return self.task.evaluate_dev(self.model) if dev else self.task.evaluate(self.model)
 
     def _record(self, record: dict[str, Any]) -> None:
         if self.rank == 0:
@@ -334,6 +340,10 @@ class Trainer:
             "world_size": self.world, "allreduced_numel": self.comm_numel, "wall_time_s": round(wall, 2),
             **self.task.run_info(),
         }
+        devs = [m for m in self.metrics.read() if m.get("event") == "dev"] if self.rank == 0 else []
+        if devs:  # the last dev evaluation, apart from the test metric above
+            summary.update({"dev_step": devs[-1]["step"], "dev_evals": len(devs),
+                            **{k: v for k, v in devs[-1].items() if k.startswith("dev_")}})
         if self.rank != 0 and self.fsdp:
             get_peft_model_state_dict(self.model)  # gathering the sharded adapter is a collective
         if self.rank == 0:

@@ -23,8 +23,11 @@ from ..registry import get_method
 
 from .data import HF_PREFIX, DataError, parse_hf
 from .packing import causal_lm_options_problem
+from .chat import chat_options_problem
+from .dev_eval import dev_problem
 from .preference import PreferenceSpec, preference_problem
 from .grpo import GrpoSpec, grpo_problem
+from .dreambooth import DreamBoothSpec, dreambooth_problem
 
 
 class RecipeError(ValueError):
@@ -56,6 +59,9 @@ class DataSpec:
     class_template: str = "a photo of a {}."  # clip_fewshot: the prompt each class name goes into
     packing: bool = False  # causal_lm: several examples per row, attention kept within each (packing.py)
     pack_length: int | None = None  # tokens per packed row (None: max_length)
+    chat_template: bool = False  # causal_lm: {messages: [{role, content}]} rows, loss on assistant turns (chat.py)
+    dev: str | None = None  # held-out rows evaluated every train.eval_every steps (dev_eval.py)
+    dev_rows: int | None = None  # use the first N dev rows
 
 
 @dataclass
@@ -90,7 +96,7 @@ class Recipe:
 
     model: str = "minilm"
     model_quant: str = "none"  # "4bit" (NF4, double quant: QLoRA) or "8bit" base via bitsandbytes (peftkit.quant)
-    task: str = "seq_cls"  # seq_cls, causal_lm, image_cls, clip_fewshot, diffusion, dpo, grpo
+    task: str = "seq_cls"  # seq_cls, causal_lm, image_cls, clip_fewshot, diffusion, dpo, grpo, dreambooth
     method: str = "lora"
     peft: dict[str, Any] = field(
         default_factory=lambda: {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
@@ -103,12 +109,13 @@ class Recipe:
     num_labels: int | None = None  # classification: inferred from the training labels when None
     preference: PreferenceSpec = field(default_factory=PreferenceSpec)  # task dpo: the loss and its fields
     grpo: GrpoSpec = field(default_factory=GrpoSpec)  # task grpo: sampling, reward, clip and KL (grpo.py)
+    dreambooth: DreamBoothSpec = field(default_factory=DreamBoothSpec)  # task dreambooth (dreambooth.py)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-TASKS = ("seq_cls", "causal_lm", "image_cls", "clip_fewshot", "diffusion", "dpo", "grpo")
+TASKS = ("seq_cls", "causal_lm", "image_cls", "clip_fewshot", "diffusion", "dpo", "grpo", "dreambooth")
 CHOICES = {
     "task": TASKS,
     "model_quant": ("none", "4bit", "8bit"),
@@ -304,7 +311,8 @@ def _validate(recipe: Recipe, base_dir: str) -> None:
     if not 0 <= recipe.train.warmup_ratio < 1:
         raise RecipeError(f"train.warmup_ratio: expected a number in [0, 1), got {recipe.train.warmup_ratio}")
     _check_labels(recipe)
-    problem = causal_lm_options_problem(recipe) or preference_problem(recipe) or grpo_problem(recipe)
+    problem = (causal_lm_options_problem(recipe) or chat_options_problem(recipe) or dev_problem(recipe)
+               or preference_problem(recipe) or grpo_problem(recipe) or dreambooth_problem(recipe))
     if problem:
         raise RecipeError(problem)
     _check_output_dir(recipe.output_dir)
@@ -321,7 +329,7 @@ def _validate(recipe: Recipe, base_dir: str) -> None:
     if recipe.data.packing and (config.is_prompt_learning or getattr(config, "is_adaption_prompt", False)):
         raise RecipeError(f"data.packing: method {recipe.method} adds virtual tokens to each row, which packed "
                           "rows of several examples cannot hold; set data.packing=false")
-    for name in ("train", "test"):
+    for name in ("train", "test", "dev"):
         source = getattr(recipe.data, name)
         if source is None or source.startswith("builtin:"):
             continue

@@ -15,7 +15,8 @@ from .recipe import Recipe, RecipeError
 
 # fields that change only what is logged, evaluated or kept, never the trained weights: they may differ on resume
 RESUME_FREE = ("resume", "output_dir", "tensorboard", "train.log_every", "train.eval_every", "train.save_every",
-               "train.keep_last", "train.eval_batch_size", "train.num_threads", "data.test", "data.test_rows")
+               "train.keep_last", "train.eval_batch_size", "train.num_threads", "data.test", "data.test_rows",
+               "data.dev", "data.dev_rows")
 
 
 def _flat(tree: dict[str, Any]) -> dict[str, Any]:

@@ -13,11 +13,13 @@ from ..config import TaskType
 from .chunked_ce import check_plain_head, chunked_lm_loss
 from .losses import supervised_lm_loss, supervised_tokens
 from .packing import check_packed_attention, flattens, pack_examples
+from .chat import no_template_message, read_conversations, tokenize_conversation
 from .data import DataError, Table, report_skipped
+from .recipe import RecipeError
 from .labels import encode_labels, infer_labels
 from .models import resolve_model
 from .task import TASKS, Task, quiet_transformers, register_task  # noqa: F401  (TASKS: the table, re-exported)
-from . import clip_fewshot, diffusion, grpo_task, preference_task, vision  # noqa: F401  (importing registers their tasks in TASKS)
+from . import clip_fewshot, diffusion, dreambooth_task, grpo_task, preference_task, vision  # noqa: F401  (importing registers their tasks in TASKS)
 
 
 @register_task("seq_cls")
@@ -118,6 +120,8 @@ class InstructionTuning(Task):
 
     ``data.packing``: a training batch's examples are packed several to a row (packing.py); evaluation
     batches stay padded. ``train.ce_chunk_size``: the loss never forms the whole logits (chunked_ce.py).
+    ``data.chat_template``: rows are ``{messages: [...]}`` conversations, loss on assistant turns (chat.py).
+    ``data.dev``: held-out rows whose loss is logged every ``train.eval_every`` steps (dev_eval.py).
     """
 
     task_type = TaskType.CAUSAL_LM
@@ -127,16 +131,23 @@ class InstructionTuning(Task):
 
     def load_data(self) -> None:
         d = self.recipe.data
-        cols, kinds = [d.text_column, d.response_column], ["prompt", "response"]
-        train = self._table(d.train, d.train_rows, cols, kinds)
-        self.train_rows = [(str(r[d.text_column]), str(r[d.response_column])) for r in train.rows]
-        self.test_rows = []
-        if d.test:
-            test = self._table(d.test, d.test_rows, cols, kinds)
-            self.test_rows = [(str(r[d.text_column]), str(r[d.response_column])) for r in test.rows]
-            self.notes += [n for n in [_skipped(test)] if n]
-        self.notes += [n for n in [_skipped(train)] if n]
+        self.train_rows = self._rows(d.train, d.train_rows)
+        self.test_rows = self._rows(d.test, d.test_rows) if d.test else []
+        self.dev_rows = self._rows(d.dev, d.dev_rows) if d.dev else []
         self.n_train = len(self.train_rows)
+
+    def _rows(self, source: str, limit: int | None) -> list[Any]:
+        """(prompt, response) pairs, or message lists with ``data.chat_template``; skipped rows become notes."""
+        d = self.recipe.data
+        if d.chat_template:
+            table, rows = read_conversations(source, limit, d.bad_rows)
+            if not rows:
+                raise DataError(f"{table.source}: no usable rows")
+        else:
+            table = self._table(source, limit, [d.text_column, d.response_column], ["prompt", "response"])
+            rows = [(str(r[d.text_column]), str(r[d.response_column])) for r in table.rows]
+        self.notes += [n for n in [_skipped(table)] if n]
+        return rows
 
     def load_model(self) -> nn.Module:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -144,6 +155,8 @@ class InstructionTuning(Task):
         quiet_transformers()
         path = resolve_model(self.recipe.model)
         self.tok = AutoTokenizer.from_pretrained(path)
+        if self.recipe.data.chat_template and not getattr(self.tok, "chat_template", None):
+            raise RecipeError(no_template_message(self.recipe.model))  # before the weights load
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         if self.recipe.data.packing:
             check_packed_attention(model)  # a model whose attention ignores the restarts fails here
@@ -163,9 +176,12 @@ class InstructionTuning(Task):
         eos = self.tok.eos_token_id
         return self.tok.pad_token_id if self.tok.pad_token_id is not None else (eos if eos is not None else 0)
 
-    def _tokenize(self, rows: list[tuple[str, str]]) -> tuple[list[list[int]], list[list[int]]]:
+    def _tokenize(self, rows: list[Any]) -> tuple[list[list[int]], list[list[int]]]:
         """Token ids of prompt + response (+ EOS), truncated to ``data.max_length``, and their labels."""
         max_len = self.recipe.data.max_length
+        if self.recipe.data.chat_template:
+            pairs = [tokenize_conversation(self.tok, messages, max_len) for messages in rows]
+            return [p[0] for p in pairs], [p[1] for p in pairs]
         eos = self.tok.eos_token_id
         seqs, labels = [], []
         for prompt, response in rows:
@@ -176,7 +192,7 @@ class InstructionTuning(Task):
             labels.append(([-100] * len(p) + r)[:max_len])
         return seqs, labels
 
-    def _encode(self, rows: list[tuple[str, str]]) -> dict[str, Tensor]:
+    def _encode(self, rows: list[Any]) -> dict[str, Tensor]:
         seqs, labels = self._tokenize(rows)
         pad = self._pad_id()
         width = max(len(s) for s in seqs)
@@ -203,23 +219,30 @@ class InstructionTuning(Task):
             return chunked_lm_loss(model, batch, self.recipe.train.ce_chunk_size)
         return supervised_lm_loss(model, batch)  # logits for the response tokens only
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        if not self.test_rows:
+        return self._mean_loss(model, self.test_rows, "test")
+
+    def evaluate_dev(self, model: nn.Module) -> dict[str, float]:
+        """``dev_loss`` / ``dev_perplexity`` on ``data.dev`` (empty without one)."""
+        return self._mean_loss(model, self.dev_rows, "dev")
+
+    @torch.no_grad()
+    def _mean_loss(self, model: nn.Module, rows: list[Any], split: str) -> dict[str, float]:
+        if not rows:
             return {}
         was_training = model.training
         model.eval()
         total, tokens = 0.0, 0
         bs = max(1, self.recipe.train.batch_size)
-        for s in range(0, len(self.test_rows), bs):
-            batch = self.move(self._encode(self.test_rows[s : s + bs]))
+        for s in range(0, len(rows), bs):
+            batch = self.move(self._encode(rows[s : s + bs]))
             n = supervised_tokens(batch["labels"])
             if n:
                 total += float(self.loss(model, batch)) * n
             tokens += n
         model.train(was_training)
         loss = total / max(tokens, 1)
-        return {"test_loss": loss, "test_perplexity": float(torch.exp(torch.tensor(loss)))}
+        return {f"{split}_loss": loss, f"{split}_perplexity": float(torch.exp(torch.tensor(loss)))}
 
 
 # the image tasks register themselves on import (their heavy dependencies load only when they run)
