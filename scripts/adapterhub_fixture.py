@@ -17,6 +17,9 @@ the math) and records, with the model in eval mode:
 - ``adapter_<name>.safetensors``: the adapter's parameters under AdapterHub's own key names;
 - ``inputs.safetensors``: ``input_ids`` and ``attention_mask`` (the second row padded);
 - ``outputs.safetensors``: AdapterHub's ``last_hidden_state`` per adapter name, plus ``base``;
+- ``base_mlm.safetensors``, ``adapter_mlm_seq_bn_inv.safetensors``: a BertForMaskedLM (same config, seed) with
+  MAD-X's ``SeqBnInvConfig``, whose logits (``mlm_seq_bn_inv``, and ``mlm_base`` without adapter) exercise the
+  invertible adapter's inverse before the tied decoder;
 - ``meta.json``: the BERT config, AdapterHub's config dict per adapter, its trainable-parameter count
   (``train_adapter``), and the package versions.
 
@@ -42,7 +45,7 @@ OUT = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "adap
 def adapter_configs() -> dict:
     from adapters import (
         CompacterConfig, CompacterPlusPlusConfig, DoubleSeqBnConfig, LoRAConfig, MAMConfig, ParBnConfig,
-        PrefixTuningConfig, SeqBnConfig, UniPELTConfig,
+        PrefixTuningConfig, SeqBnConfig, SeqBnInvConfig, UniPELTConfig,
     )
 
     prefix = PrefixTuningConfig(prefix_length=3, bottleneck_size=16)  # reparameterised (flat=False), tanh
@@ -54,6 +57,9 @@ def adapter_configs() -> dict:
         "compacter_pp": CompacterPlusPlusConfig(reduction_factor=4),  # PHM, Pfeiffer placement
         "mam": MAMConfig(prefix, ParBnConfig(reduction_factor=4)),
         "unipelt": UniPELTConfig(prefix, SeqBnConfig(reduction_factor=4), LoRAConfig(r=2, alpha=2)),
+        # MAD-X language adapter: Pfeiffer + NICE coupling after the embeddings (its inverse needs an LM head:
+        # see main's "mlm_seq_bn_inv")
+        "seq_bn_inv": SeqBnInvConfig(reduction_factor=4),
     }
 
 
@@ -117,6 +123,36 @@ def main(out: pathlib.Path) -> None:
                   str(out / f"adapter_{name}.safetensors"))
         meta["adapters"][name] = {"config": config_dict(config), "trainable_parameters": count,
                                   "file": f"adapter_{name}.safetensors"}
+
+    # MAD-X on a masked LM: the coupling after the embeddings and its inverse before the tied decoder
+    from adapters import SeqBnInvConfig
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(SEED)
+    mlm = BertForMaskedLM(bert_config()).eval()
+    save_file({k: v.detach().clone().contiguous() for k, v in mlm.state_dict().items()
+               if k != "cls.predictions.decoder.weight"},  # tied to the word embeddings
+              str(out / "base_mlm.safetensors"))
+    with torch.no_grad():
+        outputs["mlm_base"] = mlm(input_ids=input_ids, attention_mask=attention_mask).logits.contiguous()
+    name = "mlm_seq_bn_inv"
+    config = SeqBnInvConfig(reduction_factor=4)
+    adapters.init(mlm)
+    mlm.add_adapter(name, config=config)
+    mlm.train_adapter(name)
+    params = {k: p for k, p in mlm.named_parameters() if p.requires_grad}
+    count = sum(p.numel() for p in params.values())
+    g = torch.Generator().manual_seed(SEED + 100)
+    with torch.no_grad():
+        for key in sorted(params):
+            params[key].copy_(torch.randn(params[key].shape, generator=g) * SCALE)
+    mlm.set_active_adapters(name)
+    mlm.eval()
+    with torch.no_grad():
+        outputs[name] = mlm(input_ids=input_ids, attention_mask=attention_mask).logits.contiguous()
+    save_file({k: p.detach().clone().contiguous() for k, p in params.items()}, str(out / f"adapter_{name}.safetensors"))
+    meta["adapters"][name] = {"config": config_dict(config), "trainable_parameters": count,
+                              "file": f"adapter_{name}.safetensors", "model": "BertForMaskedLM"}
 
     save_file(outputs, str(out / "outputs.safetensors"))
     (out / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")

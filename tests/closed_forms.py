@@ -84,6 +84,21 @@ def _difffit(s) -> int:
     return own + gamma
 
 
+def _madx(s) -> int:
+    """MAD-X: the NICE coupling on the input embeddings (d = the embedding / LayerNorm width, d1 = d // 2, d2 = d - d1;
+    F: d2 -> d2 // r -> d1, G: d1 -> d1 // r -> d2, each Linear with bias), nothing on the LM head (it reuses F, G),
+    Pfeiffer's bottleneck elsewhere."""
+    inp, out = s.cfg.inv_adapter_modules
+    if s.path == out:
+        return 0
+    if s.path != inp:
+        return bottleneck(s)
+    d = s.base.normalized_shape[-1] if hasattr(s.base, "normalized_shape") else s.base.embedding_dim
+    d1, d2, r = d // 2, d - d // 2, s.cfg.inv_adapter_reduction_factor
+    h_f, h_g = int(d2 // r), int(d1 // r)
+    return (d2 + 1) * h_f + (h_f + 1) * d1 + (d1 + 1) * h_g + (h_g + 1) * d2
+
+
 CLOSED_FORM: dict[str, Callable[[Adapted], int]] = {
     # -- LoRA family ------------------------------------------------------------------------------------------
     "lora": each(lora),
@@ -156,6 +171,7 @@ CLOSED_FORM: dict[str, Callable[[Adapted], int]] = {
     # -- bottleneck adapters and hybrids ------------------------------------------------------------------------
     "houlsby": each(bottleneck),  # m (d_in + 1) + d (m + 1) per adapter
     "pfeiffer": each(bottleneck),
+    "pfeiffer_inv": each(_madx),  # Pfeiffer + MAD-X's invertible adapter
     "adapterdrop": each(bottleneck),  # a Pfeiffer adapter on every layer not dropped (fixed n: none below n)
     "adapterdrop-robust": each(bottleneck),  # robust AdapterDrop: an adapter on every layer
     "parallel_adapter": each(bottleneck),

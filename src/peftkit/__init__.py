@@ -55,6 +55,7 @@ from .methods.osf import OSFConfig
 from .methods.waveft import WaveFTConfig
 from .methods.adamss import AdamssConfig
 from .methods.road import RoadConfig
+from .methods.madx import PfeifferInvConfig
 from .methods.lorafa import LoraFAConfig
 from .methods.deltalora import DeltaLoraConfig, delta_lora_step
 from .methods.dylora import DyLoraConfig, set_rank
@@ -181,7 +182,7 @@ __all__ = [
     "build_cache", "classify", "set_tokenizer",
     "AdaptFormerConfig", "Average", "BottleneckConfig", "CompacterConfig", "CompacterPlusPlusConfig",
     "CompositionConfig", "Fuse", "HoulsbyConfig", "HybridConfig", "MamConfig", "Parallel", "ParallelAdapterConfig",
-    "PfeifferConfig", "Stack", "UniPeltConfig",
+    "PfeifferConfig", "PfeifferInvConfig", "Stack", "UniPeltConfig",
     # peft's other public names (docs/compatibility.md, "peft's public names", lists those peftkit lacks)
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING", "AutoPeftModel", "AutoPeftModelForCausalLM",
     "AutoPeftModelForFeatureExtraction", "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM",
