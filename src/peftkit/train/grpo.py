@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .preference import _unwrap
+from .preference import _unwrap, token_logps
 
 REWARDS = ("exact", "regex")
 ADV_EPS = 1e-4  # the advantage's denominator is std + ADV_EPS (TRL's value)
@@ -147,35 +147,6 @@ def group_advantages(rewards: Tensor, group: int, eps: float = ADV_EPS) -> Tenso
     """``(r - mean) / (std + eps)`` within each run of ``group`` consecutive rewards (one prompt's group)."""
     r = rewards.view(-1, group)
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).reshape(-1)
-
-
-def token_logps(model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-    """Per-token ``log p(token)`` of the scored tokens (``labels != -100``, shifted by one), as a
-    ``(rows, length - 1)`` tensor that is 0 elsewhere, and that mask. Only the scored positions go through the
-    output layer (a pre-hook on it, as in losses.py)."""
-    labels = batch["labels"]
-    target = labels[:, 1:]
-    keep = target != -100
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    inner = _unwrap(model)
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if head is None:
-        logits = model(**inputs).logits
-        virtual = logits.shape[1] - labels.shape[1]
-        picked = logits[:, virtual : virtual + labels.shape[1] - 1][keep]
-    else:
-        def pick(module: nn.Module, args: tuple) -> tuple:
-            hidden = args[0]
-            virtual = hidden.shape[1] - labels.shape[1]  # prompt methods put virtual tokens first
-            return (hidden[:, virtual : virtual + labels.shape[1] - 1][keep],) + tuple(args[1:])
-
-        handle = head.register_forward_pre_hook(pick)
-        try:
-            picked = model(**inputs).logits
-        finally:
-            handle.remove()
-    flat = torch.log_softmax(picked.float(), -1).gather(-1, target[keep][:, None])[:, 0]
-    return torch.zeros(keep.shape, dtype=flat.dtype, device=flat.device).masked_scatter(keep, flat), keep
 
 
 def reference_token_logps(model: nn.Module, batch: dict[str, Any]) -> Tensor:

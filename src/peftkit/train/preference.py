@@ -97,9 +97,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def response_logps(model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-    """Per row: the sum of ``log p(token)`` over the response tokens (``labels != -100``, shifted by one), and
-    how many there are. Only those positions go through the output layer (a pre-hook, as in losses.py)."""
+def token_logps(model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """Per-token ``log p(token)`` of the scored tokens (``labels != -100``, shifted by one), as a
+    ``(rows, length - 1)`` tensor that is 0 elsewhere, and that mask. Only the scored positions go through the
+    output layer (a pre-hook on it, as in losses.py)."""
     labels = batch["labels"]
     target = labels[:, 1:]
     keep = target != -100
@@ -121,10 +122,16 @@ def response_logps(model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Ten
             picked = model(**inputs).logits
         finally:
             handle.remove()
-    token_logps = torch.log_softmax(picked.float(), -1).gather(-1, target[keep][:, None])[:, 0]
-    rows = keep.nonzero()[:, 0]  # boolean indexing is row-major: the row of each picked position
-    sums = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=token_logps.device)
-    return sums.index_add(0, rows, token_logps), keep.sum(1)
+    flat = torch.log_softmax(picked.float(), -1).gather(-1, target[keep][:, None])[:, 0]
+    return torch.zeros(keep.shape, dtype=flat.dtype, device=flat.device).masked_scatter(keep, flat), keep
+
+
+def response_logps(model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """Per row: the sum of ``log p(token)`` over the response tokens (``token_logps``), and how many there are."""
+    per_token, keep = token_logps(model, batch)
+    rows = keep.nonzero()[:, 0]  # boolean indexing is row-major: the row of each scored position
+    sums = per_token.new_zeros(per_token.shape[0])
+    return sums.index_add(0, rows, per_token[keep]), keep.sum(1)
 
 
 def reference_logps(model: nn.Module, batch: dict[str, Any]) -> Tensor:
