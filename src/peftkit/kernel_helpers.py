@@ -57,6 +57,17 @@ def adapter_dtype(base: nn.Module | Tensor | None, *, keep_half: bool = False) -
     return torch.float32 if dtype in _HALF and not keep_half else dtype
 
 
+def embed_scale(base: nn.Module) -> Tensor | None:
+    """A scaled embedding's factor (Gemma's ``embed_scale``), which its forward multiplies the rows by (adapters
+    that add to an embedding's output scale their rows by it too, as peft does); None for a plain embedding."""
+    scale = getattr(base, "embed_scale", None)
+    if isinstance(scale, (int, float)):
+        return torch.tensor(scale, device=base.weight.device, dtype=base.weight.dtype)
+    if isinstance(scale, Tensor) and scale.numel() == 1:
+        return scale
+    return None
+
+
 def has_hooks(module: nn.Module) -> bool:
     """Whether computing ``module``'s output without calling it (an adapter's ``fused_forward``) would skip a hook."""
     return bool(module._forward_hooks or module._forward_pre_hooks

@@ -251,3 +251,76 @@ def test_contract_checks_on_a_real_xlora(experts, tmp_path):
     assert not plain._forward_pre_hooks and not plain._forward_hooks
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=IDS).logits, base_out, atol=0, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def embed_experts(tmp_path_factory):
+    """Experts on the input embedding: one written by peft (embed_tokens + q/v), one by peftkit (embed_tokens + v),
+    their embedding factors seeded-random (LoRA's embedding init zeroes A)."""
+    root = tmp_path_factory.mktemp("xlora_embed")
+    torch.manual_seed(20)
+    theirs = peft.get_peft_model(_base(), peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                                          target_modules=["embed_tokens", "q_proj", "v_proj"]))
+    theirs.save_pretrained(root / "e0")
+    torch.manual_seed(21)
+    ours = peftkit.get_peft_model(_base(), peftkit.LoraConfig(r=3, lora_alpha=6, init_lora_weights=False,
+                                                              target_modules=["embed_tokens", "v_proj"]))
+    g = torch.Generator().manual_seed(22)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    ours.save_pretrained(root / "e1")
+    return {"0": str(root / "e0"), "1": str(root / "e1")}
+
+
+@pytest.mark.parametrize("extra", [{"layerwise_scalings": True},
+                                   {"layerwise_scalings": True, "top_k_lora": 1, "global_scaling_weight": 0.5},
+                                   {"top_k_lora": 1, "enable_softmax_topk": True, "scaling_pass_value": 0.3}])
+def test_embedding_experts_match_peft(embed_experts, extra):
+    from safetensors.torch import load_file
+    keys = set(load_file(f"{embed_experts['1']}/adapter_model.safetensors"))
+    assert "base_model.model.model.embed_tokens.lora_embedding_A" in keys  # peftkit writes peft's embedding keys
+    theirs, ours = _pair(embed_experts, **extra)
+    layers = [p for p, _ in ours.base_model.adapter_layers()]
+    assert layers[0] == "model.embed_tokens" and len(layers) == 1 + 2 * 2  # embed, then q / v of both blocks
+    n_out = 2 * (len(layers) if extra.get("layerwise_scalings") else 1)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert ours.get_nb_trainable_parameters()[0] == 8 * 33 + n_out * 9
+    with torch.no_grad():
+        expected, got = theirs(input_ids=IDS).logits, ours(input_ids=IDS).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.get_latest_scalings(), theirs.get_latest_scalings(), atol=1e-5, rtol=1e-5)
+    # the embedding's experts carry weight in that match: without them the outputs move
+    embed = dict(ours.base_model.adapter_layers())["model.embed_tokens"]
+    with torch.no_grad():
+        for lora in embed.adapters["default"].experts:
+            lora.lora_B.zero_()
+        assert (ours(input_ids=IDS).logits - got).abs().max() > 1e-3
+
+
+def test_embedding_mixture_with_embed_scale_and_padding_idx():
+    """The embedding mixture against peft's per-expert formula, on a scaled embedding with a padding row."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.nn.Embedding(11, 4, padding_idx=0)
+    ids = torch.tensor([[0, 3, 7], [10, 0, 2]])
+    As = [torch.randn(r, 11, generator=g) for r in (2, 3)]
+    Bs = [torch.randn(4, r, generator=g) for r in (2, 3)]
+    w = torch.rand(2, 3, 2, generator=g)
+    direct = sum(0.7 * s * (As[i].t()[ids] * w[..., i:i + 1]) @ Bs[i].t() for i, s in enumerate((1.5, 0.5))) * 2.0
+    got = XF.embedding_mixture(ids, As, Bs, [1.5, 0.5], w, 0.7, base, torch.tensor(2.0))
+    torch.testing.assert_close(got, direct, atol=1e-5, rtol=1e-5)
+
+
+def test_conv2d_expert_is_refused_naming_the_module(tmp_path):
+    from tests.families import ConvNet
+    peftkit.get_peft_model(ConvNet(), peftkit.LoraConfig(r=2, target_modules=["conv1"])).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"'conv1' is a Conv2d.*feature map"):
+        peftkit.get_peft_model(ConvNet(), XLoraConfig(hidden_size=8, adapters={"0": str(tmp_path)}))
+
+
+def test_expert_saved_with_another_base_embedding_is_refused(tmp_path):
+    other = FAMILY["llama"].model(seed=1)
+    peft.get_peft_model(other, peft.LoraConfig(r=2, target_modules=["embed_tokens"])).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"embed_tokens.base_layer.weight.*differs from this model's"):
+        peftkit.get_peft_model(_base(), XLoraConfig(**_kw({"0": str(tmp_path)})))

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...kernel_helpers import CONV1D_TYPES, adapter_dtype, has_hooks, is_transposed, layer_dims
+from ...kernel_helpers import CONV1D_TYPES, adapter_dtype, embed_scale, has_hooks, is_transposed, layer_dims
 from ...layers import Adapter
 from ...quant import dequantize_weight, guard_cpu_repack
 from ...registry import register_method
@@ -391,7 +391,8 @@ class LoraAdapter(dispatch.VariantHooks, Adapter):
         )
         lora = (h @ self.lora_B.t()) * self.scaling
         if self.magnitude is None:
-            return out + lora.to(out.dtype)
+            scale = embed_scale(base)  # a scaled embedding (Gemma) scales its rows in forward: the update too, as peft
+            return out + (lora if scale is None else lora * scale.to(lora.dtype)).to(out.dtype)
         scale = self._dora_scale(base)
         return (out * scale + lora * scale).to(out.dtype)
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...config import ConfigError
-from ...kernel_helpers import adapter_dtype
+from ...kernel_helpers import adapter_dtype, embed_scale
 from ...layers import Adapter, AdapterLayer, adapter_layers
 from ...registry import register_method
 from ...targeting import NotApplicableError, find_targets, is_target
@@ -268,7 +268,7 @@ class TrainableTokensAdapter(Adapter):
             if pad is not None and (idx == (pad % base.num_embeddings)).any():  # no gradient into the padding row
                 pad_row = int((idx == (pad % base.num_embeddings)).nonzero()[0])
             rows = F.embedding(row, delta, padding_idx=pad_row)
-            scale = _embed_scale(base)
+            scale = embed_scale(base)
             if scale is not None:
                 rows = rows * scale.to(rows.dtype)
             return torch.where(hit.unsqueeze(-1), rows.to(out.dtype), out)
@@ -284,7 +284,7 @@ class TrainableTokensAdapter(Adapter):
         weight = base.weight.index_copy(0, idx, delta.to(base.weight.dtype))
         out = F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
                           base.sparse)
-        scale = _embed_scale(base)
+        scale = embed_scale(base)
         return out if scale is None else out * scale.to(out.dtype)
 
     # -- merge ---------------------------------------------------------------------------------------------
@@ -301,13 +301,3 @@ class TrainableTokensAdapter(Adapter):
     def effective_param(self, base: nn.Module, name: str, value: Tensor) -> Tensor:
         delta, idx, _, _ = self._tensors()
         return value.index_copy(0, idx.to(value.device), delta.to(value))
-
-
-def _embed_scale(base: nn.Module) -> Tensor | None:
-    """A scaled embedding's factor (Gemma's ``embed_scale``), applied to the replaced rows as the base applies it."""
-    scale = getattr(base, "embed_scale", None)
-    if isinstance(scale, (int, float)):
-        return torch.tensor(scale, device=base.weight.device, dtype=base.weight.dtype)
-    if isinstance(scale, Tensor) and scale.numel() == 1:
-        return scale
-    return None

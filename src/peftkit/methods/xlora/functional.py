@@ -1,7 +1,7 @@
 """X-LoRA's math as pure functions: the scaling head, the per-layer top-k, the experts' weighted sum.
 
 Shapes: hidden ``(b, s, hidden_size)``; scalings ``(b, s, n_layers, n_experts)``; a layer's input ``x``
-``(b, s, d_in)``; expert i: ``A_i (r_i, d_in)``, ``B_i (d_out, r_i)``, scale ``s_i = alpha_i / r_i``.
+``(b, s, d_in)`` (an embedding's: token ids ``(b, s)``); expert i: ``A_i (r_i, d_in)``, ``B_i (d_out, r_i)``, scale ``s_i = alpha_i / r_i``.
 """
 
 from __future__ import annotations
@@ -69,8 +69,26 @@ def mixture(x: Tensor, As: list[Tensor], Bs: list[Tensor], scales: list[float], 
     concatenated ``A`` (``sum r_i`` columns), a per-(token, rank) multiply, one GEMM with the concatenated ``B``;
     no ``(b, s, d_in)`` copy of the input per expert."""
     A = torch.cat(As, 0) if len(As) > 1 else As[0]
+    return _rank_mix(x @ A.t(), As, Bs, scales, weights, factor)
+
+
+def embedding_mixture(ids: Tensor, As: list[Tensor], Bs: list[Tensor], scales: list[float], weights: Tensor | None,
+                      factor: float, base: torch.nn.Embedding, embed_scale: Tensor | None = None) -> Tensor:
+    """On an embedding (token ids ``(b, s)``, ``A_i (r_i, num_embeddings)``, ``B_i (dim, r_i)``):
+    ``factor sum_i s_i (w_i * A_i^T[ids]) B_i^T``, times the base's ``embed_scale`` when it has one (peft's
+    ``XLoraEmbeddingLayer``: the per-token weight multiplies the looked-up rank vectors; no dropout). Each ``A_i``
+    is looked up with the base's ``padding_idx`` / ``max_norm`` options, as LoRA's embedding does."""
+    opts = (base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+    h = torch.cat([F.embedding(ids, a.t(), *opts) for a in As], -1)
+    out = _rank_mix(h, As, Bs, scales, weights, factor)
+    return out if embed_scale is None else out * embed_scale.to(out.dtype)
+
+
+def _rank_mix(h: Tensor, As: list[Tensor], Bs: list[Tensor], scales: list[float], weights: Tensor | None,
+              factor: float) -> Tensor:
+    """``h`` (the concatenated ``A_i`` outputs, ``sum r_i`` wide) times ``factor s_i w_i`` per rank column, then
+    the concatenated ``B``."""
     B = torch.cat(Bs, 1) if len(Bs) > 1 else Bs[0]
-    h = x @ A.t()
     ranks = [a.shape[0] for a in As]
     col = torch.tensor([s * factor for s, r in zip(scales, ranks) for _ in range(r)], dtype=h.dtype, device=h.device)
     if weights is None:

@@ -9,7 +9,10 @@ call runs the model twice:
    ``layerwise_scalings`` one ``(b, s, n)`` broadcast to all L);
 2. the real pass: on adapted layer l, ``y = W0 x + g sum_i s_i B_i A_i (lambda_{l,i} * x)`` (``g``:
    ``global_scaling_weight``), with optionally only the top-k ``lambda`` kept per token (and re-normalised by a
-   softmax over them with ``enable_softmax_topk``).
+   softmax over them with ``enable_softmax_topk``). On an embedding (token ids ``t``) the weight multiplies the
+   looked-up rank vectors: ``y = W0[t] + g sum_i s_i (lambda_{l,i} * A_i^T[t]) B_i^T``, times the base's
+   ``embed_scale`` when it has one (Gemma), without expert dropout (peft's ``XLoraEmbeddingLayer``).
+   Convolution experts are refused (``experts.py``: peft's ``XLoraConv2dLayer`` is not well defined).
 
 What trains: the head only, ``sum_j out_j (in_j + 1)`` parameters (peft's count); the experts stay frozen unless
 ``use_trainable_adapters``. Per-call state (the scalings) lives in a thread-local (``hook.py``), never on the
@@ -37,7 +40,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ...kernel_helpers import layer_dims
+from ...kernel_helpers import embed_scale, layer_dims
 from ...layers import Adapter, SharedState
 from ...registry import register_method
 from ...targeting import pattern_value
@@ -156,8 +159,9 @@ class XLoraAdapter(Adapter):
         config = self.config
         scalings = hook.scalings_for(self.owner)
         weights, factor = None, 1.0
+        embedding = isinstance(base, nn.Embedding)
         if scalings is not None:
-            if x.dim() != 3 or tuple(x.shape[:2]) != tuple(scalings.shape[:2]):
+            if x.dim() != (2 if embedding else 3) or tuple(x.shape[:2]) != tuple(scalings.shape[:2]):
                 raise ValueError(f"X-LoRA: layer input of shape {tuple(x.shape)} does not start with the call's "
                                  f"(batch, sequence) {tuple(scalings.shape[:2])}")
             layer = XF.layer_weights(scalings[:, :, self.layer_number, :], config.top_k_lora,
@@ -167,6 +171,9 @@ class XLoraAdapter(Adapter):
         As = [e.lora_A for e in self.experts]
         Bs = [e.lora_B for e in self.experts]
         scales = [e.scaling for e in self.experts]
+        if embedding:  # peft's XLoraEmbeddingLayer: no expert dropout; the base's embed_scale on the delta
+            delta = XF.embedding_mixture(x, As, Bs, scales, weights, factor, base, embed_scale(base))
+            return out.add_(delta.to(out.dtype))
         x = x.to(As[0].dtype)
         dropouts = [e.dropout for e in self.experts]
         if self.training and any(d is not None for d in dropouts):  # one mask per expert, as peft draws them
