@@ -268,7 +268,7 @@ def _weight_delta_examples():
     for spec in list_methods():
         if not spec.mergeable or "target_modules" not in spec.config_cls.__dataclass_fields__:
             continue
-        if spec.name in ("ln_tuning", "trainable_tokens"):
+        if spec.name in ("ln_tuning", "trainable_tokens", "textual_inversion"):  # embedding rows, not out_proj
             continue
         out.extend(pytest.param(spec, kw, id=name) for name, kw in spec.examples)
     return out

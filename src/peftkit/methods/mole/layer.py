@@ -53,6 +53,10 @@ from .config import MoleConfig, lora_specs
 SUPPORTED = (nn.Linear, *CONV1D_TYPES)
 
 
+# an expert's file keys on a Linear / Conv1D layer (LoRA's; MoLE's experts live on those layers only)
+_EXPERT_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+
+
 def _as_mole_error(err: Exception) -> ValueError:
     """X-LoRA's expert reader's message, naming MoLE's field instead of X-LoRA's."""
     return ValueError(str(err).replace("XLoraConfig.adapters", "MoleConfig.adapters").replace("X-LoRA", "MoLE"))
@@ -152,7 +156,7 @@ class MoleAdapter(Adapter):
             if experts is None:
                 MF.init_expert(A, B, config.init_lora_weights)
                 continue
-            shaped = types.SimpleNamespace(lora_A=A, lora_B=B)
+            shaped = types.SimpleNamespace(lora_A=A, lora_B=B, checkpoint_keys=_EXPERT_KEYS)
             try:
                 tensors = expert_tensors(experts[i], key, shaped)
             except ValueError as err:
