@@ -192,6 +192,36 @@ def ru_maxrss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
+def statm_rss_mb() -> float:
+    """This process's RSS now (MB), read from /proc/self/statm (cheap enough to sample every millisecond)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def rss_during(fn) -> dict:
+    """RSS before ``fn()`` (after a collection) and its peak while ``fn`` runs, sampled every millisecond by a
+    thread: ``{"setup_mb", "train_peak_mb"}`` (the names the memory tables read)."""
+    import threading
+
+    gc.collect()
+    setup = statm_rss_mb()
+    peak, done = [setup], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], statm_rss_mb())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return {"setup_mb": setup, "train_peak_mb": max(peak[0], statm_rss_mb())}
+
+
 def collect() -> None:
     gc.collect()
     gc.collect()

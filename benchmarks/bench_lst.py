@@ -24,7 +24,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench_utils as U  # noqa: E402
@@ -72,16 +71,8 @@ def saved_bytes(model, batch) -> int:
     return sum(seen.values())
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def child_memory(a) -> dict:
     """RSS after set-up, and the peak RSS while training 3 steps (sampled every millisecond)."""
-    import gc
-    import threading
-
     import torch
 
     from peftkit.bench import measure as M
@@ -90,22 +81,7 @@ def child_memory(a) -> dict:
     model = build(a._method)
     opt = M.make_optimizer(model)
     batch = _batch(model, a)
-    gc.collect()
-    setup = _rss_mb()
-    peak, done = [setup], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_mb())
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    for _ in range(3):
-        M.train_step(model, opt, batch)
-    done.set()
-    thread.join()
-    return {"setup_mb": setup, "train_peak_mb": max(peak[0], _rss_mb())}
+    return U.rss_during(lambda: [M.train_step(model, opt, batch) for _ in range(3)])
 
 
 def main() -> int:

@@ -144,37 +144,14 @@ def step_times(a) -> dict:
     return samples
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def child_memory(a) -> dict:
     """RSS after set-up, and the peak RSS while training 3 steps (sampled every millisecond)."""
-    import gc
-    import threading
-
     from peftkit.bench import measure as M
 
     model = build(a._lib, a._method, table=SELECTIVE if a._selective else METHODS)
     opt = M.make_optimizer(model)
     batch = _batch(model, a)
-    gc.collect()
-    setup = _rss_mb()
-    peak, done = [setup], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_mb())
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    for _ in range(3):
-        M.train_step(model, opt, batch)
-    done.set()
-    thread.join()
-    return {"setup_mb": setup, "train_peak_mb": max(peak[0], _rss_mb())}
+    return U.rss_during(lambda: [M.train_step(model, opt, batch) for _ in range(3)])
 
 
 def memory(a, methods: list[str], libs: tuple[str, ...] = LIBS, selective: bool = False) -> dict:

@@ -2,36 +2,20 @@
 
 from __future__ import annotations
 
-import json
 
 import torch
 import torch.nn.functional as F
-import yaml
 
-from peftkit.train import load_recipe, train
+from peftkit.train import train
 from peftkit.train.tasks import TASKS
 
-from .train_helpers import tiny_llama_dir
+from .train_helpers import fruit_recipe
 
 ANSWERS = {"red": "apple", "yellow": "banana", "green": "lime", "purple": "grape"}
 
 
 def _recipe(tmp_path, **train_overrides):
-    rows = [{"prompt": f"which fruit is {c}?", "response": f} for c, f in ANSWERS.items()] * 8
-    for name, part in (("train", rows), ("test", rows[:4])):
-        with open(tmp_path / f"{name}.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in part)
-    recipe = {
-        "model": tiny_llama_dir(tmp_path), "task": "causal_lm", "method": "lora",
-        "peft": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"train": "train.jsonl", "test": "test.jsonl", "text_column": "prompt",
-                 "response_column": "response", "max_length": 32},
-        "train": {"max_steps": 40, "batch_size": 8, "lr": 3e-2, "log_every": 10, "save_every": 0, "num_threads": 1,
-                  **train_overrides},
-        "output_dir": str(tmp_path / "run"),
-    }
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    return load_recipe(str(tmp_path / "r.yaml"))
+    return fruit_recipe(tmp_path, ANSWERS, 8, **train_overrides)
 
 
 def test_labels_mask_the_prompt_and_padding(tmp_path):

@@ -4,12 +4,10 @@ LM head, adapter parameters) to 1e-5, with no logits tensor larger than ``chunk 
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -20,7 +18,7 @@ from peftkit.train.chunked_ce import check_plain_head, chunked_lm_loss, linear_c
 from peftkit.train.losses import supervised_lm_loss
 from peftkit.train.models import ModelError
 
-from .train_helpers import tiny_llama_dir
+from .train_helpers import fruit_recipe
 
 VOCAB = 1031
 
@@ -171,22 +169,8 @@ def test_an_adapted_or_post_processed_head_is_refused():
 
 
 def _recipe(tmp_path, **train_over):
-    rows = [{"prompt": f"which fruit is {c}?", "response": f} for c, f in
-            {"red": "apple", "yellow": "banana, ripe", "green": "lime", "purple": "grape"}.items()] * 3
-    for name, part in (("train", rows), ("test", rows[:4])):
-        with open(tmp_path / f"{name}.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in part)
-    recipe = {
-        "model": tiny_llama_dir(tmp_path), "task": "causal_lm", "method": "lora",
-        "peft": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"train": "train.jsonl", "test": "test.jsonl", "text_column": "prompt",
-                 "response_column": "response", "max_length": 32},
-        "train": {"max_steps": 3, "batch_size": 4, "lr": 3e-2, "log_every": 1, "save_every": 0, "num_threads": 1,
-                  **train_over},
-        "output_dir": str(tmp_path / "run"),
-    }
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    return load_recipe(str(tmp_path / "r.yaml"))
+    answers = {"red": "apple", "yellow": "banana, ripe", "green": "lime", "purple": "grape"}
+    return fruit_recipe(tmp_path, answers, 3, max_steps=3, batch_size=4, log_every=1, **train_over)
 
 
 def test_training_run_equals_the_plain_loss_run(tmp_path):

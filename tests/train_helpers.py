@@ -100,3 +100,29 @@ def env() -> dict[str, str]:
     e = dict(os.environ)
     e.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     return e
+
+
+def fruit_recipe(root: Path, answers: dict[str, str], repeat: int, **train_overrides):
+    """A causal_lm LoRA recipe on the tiny Llama: "which fruit is <colour>?" -> the answer, ``repeat`` copies of
+    the rows for training, the first 4 for test; ``train_overrides`` go into ``train``."""
+    import json
+
+    import yaml
+
+    from peftkit.train import load_recipe
+
+    rows = [{"prompt": f"which fruit is {c}?", "response": f} for c, f in answers.items()] * repeat
+    for name, part in (("train", rows), ("test", rows[:4])):
+        with open(root / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in part)
+    recipe = {
+        "model": tiny_llama_dir(root), "task": "causal_lm", "method": "lora",
+        "peft": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"train": "train.jsonl", "test": "test.jsonl", "text_column": "prompt",
+                 "response_column": "response", "max_length": 32},
+        "train": {"max_steps": 40, "batch_size": 8, "lr": 3e-2, "log_every": 10, "save_every": 0, "num_threads": 1,
+                  **train_overrides},
+        "output_dir": str(root / "run"),
+    }
+    (root / "r.yaml").write_text(yaml.safe_dump(recipe))
+    return load_recipe(str(root / "r.yaml"))
