@@ -4,8 +4,9 @@ Each family knows how to build its model, make inputs and read an output."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -51,6 +52,9 @@ _BASE_OUTPUTS: dict[str, torch.Tensor] = {}
 _MODULE_TYPES: dict[str, dict[str, type]] = {}
 
 
+IMAGE_PROMPT = torch.linspace(-2.0, 2.0, 32).reshape(1, 1, 32)  # the unet family's image embedding (B, N, D)
+
+
 def _ids(shape: tuple[int, ...] = (2, 7)) -> torch.Tensor:
     return torch.randint(0, V, shape)
 
@@ -93,9 +97,26 @@ FAMILIES = [
     # itself; through the logits alone the text queries and keys could not change anything.
     Family("clip", tiny_models.clip, lambda: {"input_ids": _ids(), "pixel_values": torch.randn(2, 3, 32, 32)},
            lambda o: torch.cat([o.logits_per_image.flatten(), o.text_model_output.last_hidden_state.flatten()])),
+    # added_cond_kwargs: diffusers' image prompt, which IP-Adapter reads and the plain UNet ignores (fixed values:
+    # no draw from the seeded RNG, so the other inputs are as before)
     Family("unet", tiny_models.unet, lambda: {"sample": torch.randn(1, 4, 8, 8), "timestep": 10,
-                                               "encoder_hidden_states": torch.randn(1, 5, 16)}, lambda o: o.sample),
+                                               "encoder_hidden_states": torch.randn(1, 5, 16),
+                                               "added_cond_kwargs": {"image_embeds": [IMAGE_PROMPT]}}, lambda o: o.sample),
     Family("minilm", tiny_models.minilm, lambda: {"input_ids": torch.randint(1000, 20000, (2, 12))}, lambda o: o.logits,
            task_type="SEQ_CLS"),
 ]
 FAMILY = {f.name: f for f in FAMILIES}
+
+
+@contextlib.contextmanager
+def untouched(model: nn.Module) -> Iterator[None]:
+    """The block must leave ``model`` as it was: the same module types in the same places and every tensor of its
+    state equal (for the refusals: ``with untouched(model), pytest.raises(...): get_peft_model(...)``)."""
+    modules = [(name, type(m)) for name, m in model.named_modules()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    yield
+    assert [(name, type(m)) for name, m in model.named_modules()] == modules, "the model's modules changed"
+    after = model.state_dict()
+    assert after.keys() == before.keys(), "the model's state keys changed"
+    changed = [k for k, v in after.items() if not torch.equal(before[k], v)]
+    assert not changed, f"tensors changed: {changed[:5]}"

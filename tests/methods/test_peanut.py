@@ -13,6 +13,7 @@ from peftkit.config import ConfigError
 from peftkit.methods.peanut import PeanutAdapter, PeanutConfig
 from peftkit.methods.peanut.functional import peanut_apply, peanut_delta, tweak
 from ..parity import field_defaults
+from tests.families import untouched
 
 
 def test_config_fields_and_defaults_match_peft(tmp_path):
@@ -109,8 +110,5 @@ def test_conv1d_delta_in_base_layout():
 
 def test_unsupported_layer_is_refused_model_untouched():
     model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(4, 4, 1))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"'1' is a Conv2d; this method wraps Linear"):
+    with untouched(model), pytest.raises(ValueError, match=r"'1' is a Conv2d; this method wraps Linear"):
         peftkit.get_peft_model(model, PeanutConfig(r=2, target_modules=["0", "1"]))
-    assert not any(isinstance(m, peftkit.AdapterLayer) for m in model.modules())
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
