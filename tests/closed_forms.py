@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
 from .closed_form_parts import (
     Adapted,
     _named,
@@ -62,6 +65,47 @@ def _lst(a: Adapted) -> int:
     return (n + 1) * ds * (d + 1) + n + n * block + d * (ds + 1)
 
 
+def _ip_adapter(a: Adapted) -> int:
+    """IP-Adapter (arXiv 2308.06721): per cross-attention W'_k, W'_v, bias-free c -> d as its to_k / to_v; once, the
+    image projection D -> N c (with bias) and its LayerNorm over c (c: the text width every adapted layer reads)."""
+    c = a.sites[0].base.to_k.in_features
+    per_layer = sum(2 * s.base.to_k.in_features * s.base.to_k.out_features for s in a.sites)
+    return per_layer + a.cfg.image_embed_dim * a.cfg.num_tokens * c + a.cfg.num_tokens * c + 2 * c
+
+
+def _conv(c_in: int, c_out: int, k: int) -> int:
+    return c_in * c_out * k * k + c_out
+
+
+def _controlnet(a: Adapted) -> int:
+    """ControlNet (arXiv 2302.05543): a trainable copy of the UNet's encoder (its conv_in, time embedding, down blocks
+    and mid block: the plain UNet's own parts); the conditioning encoder (c -> o_0 3x3; per further width o_i -> o_i
+    3x3 and o_i -> o_{i+1} 3x3 stride 2; o_last -> b_0 3x3, zero); one zero 1x1 conv (b x b + b) per skip state
+    (conv_in's output, every resnet of every down block, every downsampler: all blocks but the last) and on the
+    mid block's output."""
+    unet = a.plain()
+    cfg, o = unet.config, a.cfg.conditioning_embedding_out_channels
+    b = list(cfg.block_out_channels)
+    copy = sum(p.numel() for n in ("conv_in", "time_embedding", "down_blocks", "mid_block")
+               for p in getattr(unet, n).parameters())
+    embed = (_conv(a.cfg.conditioning_channels, o[0], 3) + _conv(o[-1], b[0], 3)
+             + sum(_conv(o[i], o[i], 3) + _conv(o[i], o[i + 1], 3) for i in range(len(o) - 1)))
+    skips = [b[0]] + [w for w in b for _ in range(cfg.layers_per_block)] + b[:-1]
+    return copy + embed + sum(_conv(w, w, 1) for w in skips) + _conv(b[-1], b[-1], 1)
+
+
+def _t2i_adapter(a: Adapted) -> int:
+    """T2I-Adapter (arXiv 2302.08453, diffusers' full_adapter): widths w_i = the UNet's block_out_channels; conv_in
+    (c f^2 -> w_0, 3x3) after a pixel-unshuffle by f; per level i: a 1x1 conv w_{i-1} -> w_i where the width changes,
+    then n residual blocks (3x3 and 1x1 convs, w_i -> w_i)."""
+    w, n = list(a.plain().config.block_out_channels), a.cfg.num_res_blocks
+    total = _conv(a.cfg.conditioning_channels * a.cfg.downscale_factor ** 2, w[0], 3)
+    for i, width in enumerate(w):
+        total += (_conv(w[i - 1], width, 1) if i and w[i - 1] != width else 0)
+        total += n * (_conv(width, width, 3) + _conv(width, width, 1))
+    return total
+
+
 def _fact_slices(s) -> int:
     """FacT: the d x d slices of one weight (a width d does not divide takes one more, cropped)."""
     d = s.cfg.hidden_size
@@ -97,6 +141,17 @@ def _madx(s) -> int:
     d1, d2, r = d // 2, d - d // 2, s.cfg.inv_adapter_reduction_factor
     h_f, h_g = int(d2 // r), int(d1 // r)
     return (d2 + 1) * h_f + (h_f + 1) * d1 + (d1 + 1) * h_g + (h_g + 1) * d2
+
+
+def _llama_adapter_v2(s) -> int:
+    """LLaMA-Adapter V2: a bias and a scale per output channel of each linear layer (2 d_out); a scale per feature
+    of each norm (and a bias where the norm has one); K x d prompts and one gate per prompted attention layer."""
+    if isinstance(s.base, (nn.Linear, Conv1D)):
+        return 2 * s.d_out
+    if hasattr(s.base, "variance_epsilon") or isinstance(s.base, nn.LayerNorm):  # RMSNorm / LayerNorm
+        width = s.base.weight.shape[-1]
+        return width * (2 if getattr(s.base, "bias", None) is not None else 1)
+    return s.cfg.adapter_len * s.base.config.hidden_size + 1
 
 
 CLOSED_FORM: dict[str, Callable[[Adapted], int]] = {
@@ -139,6 +194,8 @@ CLOSED_FORM: dict[str, Callable[[Adapted], int]] = {
     "xlora": xlora,  # the scaling head
     "shadow": _shadow,  # injection + update per block, the one-block mirror backbone once
     "lst": _lst,  # the side network: ladders, gates, narrow blocks, up-projection
+    "controlnet": _controlnet,  # encoder copy + conditioning encoder + zero convs
+    "t2i_adapter": _t2i_adapter,  # the conditioning-image encoder
     # MoLE: per layer a gate W_g (N, d_in) + b_g (N) over the N frozen LoRA experts
     "mole": each(lambda s: s.cfg.num_experts * (s.d_in + 1)),
     "adamss": each(adamss),  # K subspaces' A_k (1, R), B_k (n_k, 1)
@@ -214,6 +271,7 @@ CLOSED_FORM: dict[str, Callable[[Adapted], int]] = {
                                * s.cfg.token_dim),
     # per adapted attention: adapter_len x hidden prompts and one gate
     "adaption_prompt": each(lambda s: s.cfg.adapter_len * s.base.config.hidden_size + 1),
+    "llama_adapter_v2": each(_llama_adapter_v2),  # bias / scale on linears and norms + gated prompts
     # -- vision ---------------------------------------------------------------------------------------------
     "coop": each(lambda s: s.cfg.num_virtual_tokens * s.base.embedding_dim),  # M x d_t, one context for all classes
     "cocoop": each(cocoop),  # + the meta-net
@@ -227,4 +285,6 @@ CLOSED_FORM: dict[str, Callable[[Adapted], int]] = {
     # -- FacT: per weight, a x b slices of d x d (a = ceil(d_out / d), b = ceil(d_in / d)), d = cfg.hidden_size --
     "fact_tt": each(lambda s: _fact_slices(s) * s.cfg.r ** 2, once=lambda cfg: 2 * cfg.hidden_size * cfg.r),
     "fact_tk": each(lambda s: _fact_slices(s) * s.cfg.r, once=lambda cfg: 2 * cfg.hidden_size * cfg.r + cfg.r ** 3),
+    # -- generation -----------------------------------------------------------------------------------------
+    "ip_adapter": _ip_adapter,  # to_k_ip / to_v_ip per cross-attention + the image projection once
 }

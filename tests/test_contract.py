@@ -1,6 +1,7 @@
 """The contract every registered method keeps, on every model family (DESIGN.md section 3 item 9).
 
-Parametrized over the registry's examples x the families: a new method is covered by registering it.
+Parametrized over the registry's examples x the families: a new method is covered by registering it. One test
+per (example, family) builds the adapted model once and checks each clause of the contract as a subtest.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def family(request):
     return request.param
 
 
-@pytest.fixture
-def wrapped(case, family):
+def build(case, family):
+    """The adapted model of one case (its base output beside it), or a skip naming why the case does not apply."""
     spec, _, kwargs = case
     unsupported = unsupported_targets(spec, family)
     if unsupported:
@@ -87,18 +88,77 @@ def wrapped(case, family):
     return model, base_out
 
 
-def test_starts_at_base(case, family, request):
-    if not case[0].starts_at_base:
-        pytest.skip("the method acts from the start (registry: starts_at_base=False)")
-    model, base_out = request.getfixturevalue("wrapped")  # built only when the case applies
-    torch.testing.assert_close(family.run(model), base_out, atol=1e-4, rtol=1e-4)
-
-
-def test_merged_equals_unmerged_and_unmerge_restores_bits(case, family, request):
-    if not case[0].mergeable:
-        pytest.skip("method is not mergeable")
-    model, _ = request.getfixturevalue("wrapped")  # built only when the case applies
+def test_contract(case, family, subtests, tmp_path):
+    """Every clause of the contract on one adapted model, built once. Each clause is a subtest (a failure names
+    it, and the others still run); the clauses that only read the model come first, then those that perturb,
+    train, merge and finally unload it."""
+    spec, name, kwargs = case
+    model, base_out = build(case, family)
+    with subtests.test("parameter count matches its closed form"):
+        check_parameter_count(model, name, family)
+    if spec.starts_at_base:
+        with subtests.test("starts at the base"):
+            torch.testing.assert_close(family.run(model), base_out, atol=1e-4, rtol=1e-4)
     perturb(model)
+    with subtests.test("disable gives the base"):
+        check_disable(model, family, kwargs, base_out)
+    with subtests.test("save / load round trip"):
+        check_round_trip(model, family, kwargs, tmp_path)
+    with subtests.test("only adapter parameters get gradients"):
+        check_gradients(model, family)
+    if spec.mergeable:
+        with subtests.test("merged equals unmerged, unmerge restores the bits"):
+            check_merge_unmerge(model, family)
+        with subtests.test("merge_and_unload equals unmerged"):
+            check_merge_and_unload(model, family)
+
+
+def check_disable(model, family, kwargs, base_out):
+    if kwargs.get("init_lora_weights") in ("pissa", "olora"):
+        base_out = family.run(copy.deepcopy(model).unload())  # the frozen base holds the residual by design
+    with model.disable_adapter():
+        torch.testing.assert_close(family.run(model), base_out, atol=1e-6, rtol=1e-5)
+    out = family.run(model)  # prompt methods may lengthen the output (one position per virtual token)
+    assert out.shape != base_out.shape or not torch.allclose(out, base_out)
+
+
+def check_round_trip(model, family, kwargs, tmp_path):
+    # both runs without autograd: kernels may depend on it (SDPA on CPU picks another kernel when the
+    # attention bias requires grad, as it does when a method trains T5's relative_attention_bias)
+    with torch.no_grad():
+        expected = family.run(model)
+    model.save_pretrained(tmp_path)
+    fresh = family.model()
+    if kwargs.get("init_lora_weights") in ("pissa", "olora"):  # load onto the residual base it was trained on
+        fresh = copy.deepcopy(model).unload()
+    loaded = PeftModel.from_pretrained(fresh, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(family.run(loaded), expected, atol=0, rtol=0)
+
+
+def check_gradients(model, family):
+    model.train()
+    try:
+        family.run(model).float().pow(2).mean().backward()
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable, "nothing trainable"
+        unreached = type(next(m for m in model.modules() if isinstance(m, Adapter))).unreached_params(model)
+        for name, p in model.named_parameters():
+            if name in unreached:
+                continue
+            if name in trainable:
+                assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+            else:
+                assert p.grad is None, f"frozen {name} got a gradient"
+        adapter_params = {id(p) for m in model.modules() if isinstance(m, Adapter) for p in m.parameters()}
+        extra = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter_params]
+        assert all(".modules_to_save." in n for n in extra), extra
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+def check_merge_unmerge(model, family):
     before = base_weights(model)
     unmerged = family.run(model)
     model.merge_adapter()
@@ -111,62 +171,11 @@ def test_merged_equals_unmerged_and_unmerge_restores_bits(case, family, request)
     torch.testing.assert_close(family.run(model), unmerged, atol=0, rtol=0)
 
 
-def test_merge_and_unload_equals_unmerged(case, family, request):
-    if not case[0].mergeable:
-        pytest.skip("method is not mergeable")
-    model, _ = request.getfixturevalue("wrapped")  # built only when the case applies
-    perturb(model)
+def check_merge_and_unload(model, family):
     unmerged = family.run(model)
     plain = model.merge_and_unload()
     assert not any(isinstance(m, AdapterLayer) for m in plain.modules())
     torch.testing.assert_close(family.run(plain), unmerged, atol=1e-5, rtol=1e-5)
-
-
-def test_disable_gives_base(wrapped, family, case):
-    model, base_out = wrapped
-    perturb(model)
-    if case[2].get("init_lora_weights") in ("pissa", "olora"):
-        base_out = family.run(copy.deepcopy(model).unload())  # the frozen base holds the residual by design
-    with model.disable_adapter():
-        torch.testing.assert_close(family.run(model), base_out, atol=1e-6, rtol=1e-5)
-    out = family.run(model)  # prompt methods may lengthen the output (one position per virtual token)
-    assert out.shape != base_out.shape or not torch.allclose(out, base_out)
-
-
-def test_save_load_round_trip(wrapped, family, case, tmp_path):
-    model, _ = wrapped
-    perturb(model)
-    # both runs without autograd: kernels may depend on it (SDPA on CPU picks another kernel when the
-    # attention bias requires grad, as it does when a method trains T5's relative_attention_bias)
-    with torch.no_grad():
-        expected = family.run(model)
-    model.save_pretrained(tmp_path)
-    fresh = family.model()
-    if case[2].get("init_lora_weights") in ("pissa", "olora"):  # load onto the residual base it was trained on
-        fresh = copy.deepcopy(model).unload()
-    loaded = PeftModel.from_pretrained(fresh, tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(family.run(loaded), expected, atol=0, rtol=0)
-
-
-def test_only_adapter_parameters_get_gradients(wrapped, family):
-    model, _ = wrapped
-    perturb(model)
-    model.train()
-    family.run(model).float().pow(2).mean().backward()
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable, "nothing trainable"
-    unreached = type(next(m for m in model.modules() if isinstance(m, Adapter))).unreached_params(model)
-    for name, p in model.named_parameters():
-        if name in unreached:
-            continue
-        if name in trainable:
-            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
-        else:
-            assert p.grad is None, f"frozen {name} got a gradient"
-    adapter_params = {id(p) for m in model.modules() if isinstance(m, Adapter) for p in m.parameters()}
-    extra = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter_params]
-    assert all(".modules_to_save." in n for n in extra), extra
 
 
 # -- closed-form trainable-parameter counts -------------------------------------------------------------------
@@ -179,8 +188,7 @@ def test_parameter_count_closed_form_exists(example):
                     "CLOSED_FORM in tests/closed_forms.py, written from the method's math (not from its param_count)")
 
 
-def test_parameter_count_matches_closed_form(wrapped, case, family):
-    model, _ = wrapped
+def check_parameter_count(model, example, family):
     config = model.peft_config["default"]
     saved = list(model.base_model.saved_modules())
     adapted = Adapted(
@@ -189,7 +197,7 @@ def test_parameter_count_matches_closed_form(wrapped, case, family):
         plain=family.model,
         heads=[*(getattr(config, "modules_to_save", None) or []), *(path for path, _ in saved)],
     )
-    expected = CLOSED_FORM[case[1]](adapted)
+    expected = CLOSED_FORM[example](adapted)
     for _, wrapper in saved:  # a trained copy of each saved module (a task head)
         expected += sum(p.numel() for p in wrapper.modules_to_save["default"].parameters())
     trainable, total = model.get_nb_trainable_parameters()

@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from peftkit.counts import DOC_BEGIN, DOC_END, methods_doc, recipe_rows
+from peftkit.counts import DOC_BEGIN, DOC_END, count, methods_doc, recipe_rows
+from peftkit.counts_causal import causal_rows
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "configs", "sst2_*.yaml")))
@@ -17,6 +18,25 @@ RECIPES = sorted(glob.glob(os.path.join(ROOT, "configs", "sst2_*.yaml")))
 @pytest.fixture(scope="module")
 def rows():
     return recipe_rows(RECIPES)
+
+
+@pytest.fixture(scope="module")
+def causal():
+    return causal_rows(count)
+
+
+def test_causal_lm_only_methods_measured_equals_closed_form_on_smollm2(causal):
+    assert {r["method"] for r in causal} == {"cpt", "cartridge", "shadow", "xlora"}
+    for r in causal:
+        assert r["trainable"] == r["closed_form"] > 0 and r["total"] == 134_515_008, r["example"]
+    by = {r["example"]: r for r in causal}
+    d, kv, f, layers = 576, 192, 1536, 30
+    assert by["cpt"]["trainable"] == 5 * d  # a delta per in-context token
+    assert by["cartridge"]["trainable"] == (4 - 1) * layers * 2 * kv  # one frozen token of 4; keys + values
+    # peft's defaults: r = u = 8 per block, and the 1-block mirror sharing the base embeddings
+    mirror = 2 * d * d + 2 * d * kv + 3 * d * f + 3 * d
+    assert by["shadow (peft defaults)"]["trainable"] == layers * (2 * d * 8 + 2 * (2 * d * 8 + 8 + d)) + mirror
+    assert by["xlora"]["trainable"] == 8 * (d + 1) + 2 * (8 + 1)  # the scaling head (depth 2) over 2 experts
 
 
 def test_measured_equals_closed_form_on_roberta_base(rows):
@@ -33,9 +53,9 @@ def test_measured_equals_closed_form_on_roberta_base(rows):
     assert by_recipe["sst2_fish_mask.yaml"]["trainable"] == round(0.005 * 124_645_632)
 
 
-def test_methods_doc_is_current(rows):
+def test_methods_doc_is_current(rows, causal):
     with open(os.path.join(ROOT, "docs", "methods.md"), encoding="utf-8") as f:
         text = f.read()
     block = text[text.index(DOC_BEGIN) + len(DOC_BEGIN) : text.index(DOC_END)].strip()
-    expected = methods_doc(RECIPES, rows)
+    expected = methods_doc(RECIPES, rows, causal)
     assert block == expected, "docs/methods.md is stale: python -m peftkit.counts configs/sst2_*.yaml"

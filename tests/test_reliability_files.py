@@ -6,6 +6,7 @@ exactly as it was, and ``save_pretrained(selected_adapters=...)`` checks its nam
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ import peftkit
 from peftkit import LoraConfig, PeftModel, get_peft_model
 from peftkit.checkpoint import CheckpointError
 
-from .families import FAMILY
+from .families import FAMILY, untouched
 from .train_helpers import env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -342,3 +343,18 @@ def test_selected_adapters_as_a_string_is_one_name(llama, tmp_path):
     with pytest.raises(ValueError, match="'oth'"):
         model.save_pretrained(tmp_path / "x", selected_adapters="oth")
     assert not (tmp_path / "x").exists()
+
+
+def test_failed_load_on_a_diffusers_model_reports_the_file_error_and_undoes(tmp_path):
+    """A load that fails after the adapter layers are in place is undone; diffusers' read-only config mapping
+    (FrozenDict) is left alone by the undo, so the error the user sees is the file's."""
+    from peftkit import tiny_models
+
+    torch.manual_seed(0)
+    get_peft_model(tiny_models.unet(), LoraConfig(r=2, target_modules=["to_q"])).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["r"] = 4  # the file's factors have rank 2: a shape error once the layers are built
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    fresh = tiny_models.unet()
+    with untouched(fresh), pytest.raises(CheckpointError, match=r"shape mismatch for .*to_q\.lora_A\.weight"):
+        PeftModel.from_pretrained(fresh, tmp_path)

@@ -16,12 +16,13 @@ from peftkit.train import load_recipe, train
 from peftkit.train.diffusion import DiffusionTask, PromptEncoder, prompt_for, save_grid, unet_tiny
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SIZE = 8  # the digits' own resolution keeps a step at ~0.1 s on one core (the recipe uses 16 px)
+SIZE = 8  # the digits' own resolution keeps a step at ~0.1 s on one core
 
 
 def _recipe(root: Path, **train_fields) -> Path:
     recipe = yaml.safe_load((CONFIGS / "digits_unet_lora.yaml").read_text())
-    recipe["data"].update(image_size=SIZE, test_rows=100)
+    recipe["model"] = "unet-tiny"  # random weights: tests never pre-train unet-tiny-digits
+    recipe["data"].update(train="builtin:digits/train", test="builtin:digits/test", image_size=SIZE, test_rows=100)
     recipe["train"].update({"max_steps": 80, "log_every": 10, "save_every": 0, "num_threads": 1, **train_fields})
     recipe["output_dir"] = str(root / "run")
     root.mkdir(parents=True, exist_ok=True)

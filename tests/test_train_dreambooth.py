@@ -24,6 +24,8 @@ SIZE = 8
 
 def _recipe(root: Path, prior: dict | None = None, **train_fields) -> Path:
     recipe = yaml.safe_load((CONFIGS / "digits_dreambooth_lora.yaml").read_text())
+    recipe["model"] = "unet-tiny"  # random weights: tests never pre-train unet-tiny-digits
+    recipe["dreambooth"]["subject"] = "3"
     recipe["data"].update(image_size=SIZE, test_rows=120)
     recipe["dreambooth"]["prior"].update({"num_class_images": 6, "class_sample_steps": 3, **(prior or {})})
     recipe["train"].update({"max_steps": 30, "log_every": 5, "save_every": 0, "num_threads": 1, **train_fields})

@@ -49,7 +49,10 @@ from .methods.prompt.cartridge_utils import (
 )
 from .methods.beft import BeftConfig
 from .methods.difffit import DiffFitConfig
+from .methods.llama_adapter_v2 import LlamaAdapterV2Config
 from .methods.svdiff import SVDiffConfig
+from .methods.controlnet import ControlNetConfig, load_controlnet, save_controlnet
+from .methods.t2i_adapter import T2IAdapterConfig, load_t2i_adapter, save_t2i_adapter
 from .methods.c3a import C3AConfig
 from .methods.osf import OSFConfig
 from .methods.waveft import WaveFTConfig
@@ -104,6 +107,7 @@ from .methods.fact import FacTConfig
 from .methods.xlora import XLoraConfig
 from .methods.shadow import ShadowConfig
 from .methods.lst import LSTConfig
+from .methods.ip_adapter import IPAdapterConfig, save_ip_adapter, set_ip_adapter_scale
 from .methods.mole import MoleConfig
 from .methods.adapterdrop import AdapterDropConfig
 from .methods.unilora import UniLoraConfig
@@ -173,7 +177,7 @@ __all__ = [
     "AdaLoraConfig", "AdamssConfig", "Adapter", "AdapterLayer", "ConfigError", "DeloraConfig", "PolyConfig", "MultitaskPromptTuningConfig", "MultitaskPromptTuningInit", "CPTConfig", "CartridgeConfig", "compose_cartridge_adapters", "initialize_kv_prefix_from_past_key_values", "initialize_kv_prefix_from_text", "prompt_embeddings_from_past_key_values", "WaveFTConfig", "RoadConfig", "HRAConfig", "PsoftConfig", "FourierFTConfig", "HiraConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "LoraConfig", "LoraModel", "MethodSpec", "MissConfig", "PeftConfig", "PeftModel",
     "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
-    "SSFConfig", "ShiraConfig", "TaskType", "TinyLoraConfig", "TrainableTokensConfig", "TextualInversionConfig", "add_textual_inversion", "save_textual_inversion", "TunerModel", "UniLoraConfig", "VBLoRAConfig", "ConvpassConfig", "FacTConfig", "XLoraConfig", "ShadowConfig", "LSTConfig", "MoleConfig", "DiffFitConfig", "SVDiffConfig", "AdapterDropConfig", "VeraConfig", "PveraConfig", "convert_to_lora", "create_loraplus_optimizer", "save_as_lora", "get_method", "get_peft_model",
+    "SSFConfig", "ShiraConfig", "TaskType", "TinyLoraConfig", "TrainableTokensConfig", "TextualInversionConfig", "add_textual_inversion", "save_textual_inversion", "TunerModel", "UniLoraConfig", "VBLoRAConfig", "ConvpassConfig", "FacTConfig", "XLoraConfig", "ShadowConfig", "LSTConfig", "IPAdapterConfig", "save_ip_adapter", "set_ip_adapter_scale", "MoleConfig", "DiffFitConfig", "LlamaAdapterV2Config", "SVDiffConfig", "ControlNetConfig", "T2IAdapterConfig", "load_controlnet", "save_controlnet", "load_t2i_adapter", "save_t2i_adapter", "AdapterDropConfig", "VeraConfig", "PveraConfig", "convert_to_lora", "create_loraplus_optimizer", "save_as_lora", "get_method", "get_peft_model",
     "get_peft_model_state_dict", "inject_adapter_in_model", "list_methods", "register_method",
     "set_peft_model_state_dict", "prepare_model_for_kbit_training", "quantize_model", "hotswap_adapter", "prepare_model_for_compiled_hotswap",
     "AdaptionPromptConfig", "PrefixTuningConfig", "PromptEncoderConfig", "PromptEncoderReparameterizationType",

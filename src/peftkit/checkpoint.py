@@ -303,7 +303,7 @@ class Undo:
             for key in [k for k in state if k not in attrs]:
                 del state[key]
             for key, (value, contents) in attrs.items():
-                if contents is not _NONE:
+                if contents is not _NONE and not _unchanged(value, contents):
                     if isinstance(value, list):
                         value[:] = contents
                     else:
@@ -312,6 +312,16 @@ class Undo:
                 state[key] = value
         for p, flag in self._flags:
             p.requires_grad_(flag)
+
+
+def _unchanged(value: Any, contents: Any) -> bool:
+    """``value`` still holds exactly the recorded items (by identity): nothing to put back, which also leaves
+    read-only mappings (diffusers' FrozenDict configs) alone."""
+    if isinstance(value, dict):
+        return value.keys() == contents.keys() and all(value[k] is contents[k] for k in contents)
+    if isinstance(value, list):
+        return len(value) == len(contents) and all(a is b for a, b in zip(value, contents))
+    return {id(v) for v in value} == {id(v) for v in contents}
 
 
 def _attrs(obj: Any) -> dict[str, tuple[Any, Any]]:

@@ -102,7 +102,7 @@ FAMILY_ALIASES = {
     "bloom": "gpt_neox", "falcon": "gpt_neox", "RefinedWeb": "gpt_neox", "RefinedWebModel": "gpt_neox",
     "chatglm": "gpt_neox",
     "clip_text_model": "clip", "clip_vision_model": "clip", "siglip": "clip",
-    "unet2dconditionmodel": "unet", "transformer2dmodel": "unet",
+    "unet2dconditionmodel": "unet", "transformer2dmodel": "unet", "sd3transformer2dmodel": "unet",
 }
 # model types that use their family's table with a few other names
 ROLE_OVERRIDES: dict[str, Table] = {

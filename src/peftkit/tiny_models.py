@@ -32,6 +32,7 @@ CLIP_TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hid
                  max_position_embeddings=32)
 CLIP_VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                    num_attention_heads=4)
+LLAVA_TEXT = dict(LLAMA, vocab_size=VOCAB + 1)  # the extra id (VOCAB) is LLaVA's image token: no random id hits it
 UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8)
@@ -81,6 +82,18 @@ def clip(text: dict[str, Any] | None = None, vision: dict[str, Any] | None = Non
 
     return CLIPModel(CLIPConfig(text_config={**CLIP_TEXT, **(text or {})},
                                 vision_config={**CLIP_VISION, **(vision or {})}, **{"projection_dim": 16, **config}))
+
+
+def llava(text: dict[str, Any] | None = None, vision: dict[str, Any] | None = None, **config: Any) -> nn.Module:
+    """``LlavaForConditionalGeneration``: a CLIP vision tower (its last layer's patch features, 16 per image
+    by default), a fresh 2-layer projector and a Llama LM; ``text`` / ``vision`` override the two configs.
+    Token id ``VOCAB`` is the image token: each image takes that many of it in ``input_ids``."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    cfg = {"image_token_id": VOCAB, "vision_feature_layer": -1, **config}
+    return LlavaForConditionalGeneration(LlavaConfig(
+        vision_config={"model_type": "clip_vision_model", **CLIP_VISION, **(vision or {})},
+        text_config={"model_type": "llama", **LLAVA_TEXT, **(text or {})}, **cfg))
 
 
 def unet(**config: Any) -> nn.Module:

@@ -317,7 +317,11 @@ def test_adaption_prompt_acts_only_in_the_calling_thread():
         torch.set_num_threads(1)
         seen.update(plain())
 
+    caller = threading.get_ident()
+
     def meanwhile(module, inputs) -> None:  # runs inside the adapted attention, before its attention function
+        if threading.get_ident() != caller:  # the other thread's own call of this module: no thread of its own
+            return
         thread = threading.Thread(target=other_thread)
         thread.start()
         thread.join()

@@ -35,6 +35,7 @@ class BenchModel:
     kind: str  # "seq_cls" | "causal_lm" | "image_cls"
     task_type: str | None
     description: str
+    extra_inputs: Callable[[torch.Tensor], dict] | None = None  # a method's own training inputs, from the ids
 
     def build(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
@@ -56,6 +57,8 @@ class BenchModel:
         if labels:
             out["labels"] = ids.clone() if self.kind == "causal_lm" else torch.randint(0, cfg.num_labels, (batch,),
                                                                                      generator=g)
+            if self.extra_inputs is not None:
+                out.update(self.extra_inputs(ids))
         tasks = _num_tasks(model)
         if tasks:  # methods routed by task (Poly, multitask prompt tuning): the rows cycle through the tasks
             out["task_ids"] = torch.arange(batch) % tasks

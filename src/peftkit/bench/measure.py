@@ -48,8 +48,13 @@ def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
 
+COPIED_INPUTS = ("input_type_mask",)  # peft's CPT shifts the caller's mask in place
+
+
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: dict) -> None:
-    """Forward, backward, AdamW step, zero_grad."""
+    """Forward, backward, AdamW step, zero_grad (inputs a library changes in place passed as copies)."""
+    if any(k in batch for k in COPIED_INPUTS):
+        batch = {k: v.clone() if k in COPIED_INPUTS else v for k, v in batch.items()}
     loss = model(**batch).loss
     loss.backward()
     opt.step()

@@ -26,6 +26,7 @@ from ..model import get_peft_model
 from ..targeting import TargetError
 from ..train import load_recipe, train
 
+from . import cells
 from . import measure as M
 from .grid import BenchModel, MethodChoice, cell_config, recipe_path
 from .peft_side import load_peft, peft_model
@@ -142,6 +143,11 @@ def _skip_reason(impl: str, exc: BaseException) -> str:
 def run_cell(choice: MethodChoice, model: BenchModel, opts: Options) -> list[dict[str, Any]]:
     """The records of one (method, model) cell: one per implementation."""
     config, source = cell_config(choice, model, opts.configs_dir)
+    with cells.prepared(choice, model, config) as (model, config):  # X-LoRA's experts, CPT's type masks
+        return _run_cell(choice, model, opts, config, source)
+
+
+def _run_cell(choice: MethodChoice, model: BenchModel, opts: Options, config: dict, source: str) -> list[dict]:
     builders = _builders(choice, model, config, opts.vs_peft)
     records = {impl: _record(choice, model, impl, config, source) for impl in builders}
     sides: dict[str, _Side] = {}

@@ -70,6 +70,9 @@ class ClipFewShot(ImageClassification):
         d, r = self.recipe.data, self.recipe
         if "{}" not in d.class_template:
             raise DataError(f"data.class_template: {d.class_template!r} has no {{}} for the class name")
+        for field, source in (("data.train", d.train), ("data.test", d.test)):
+            if source and "?" in source:  # the pre-training-pool check maps rows of whole sources
+                raise DataError(f"{field}: {source}: task clip_fewshot reads whole sources (no ?classes= filter)")
         super().load_data()
         if d.train in DIGITS_SOURCES:
             self.train_rows = digits_rows(d.train)[: len(self.train_y)]  # data.train_rows keeps the first rows

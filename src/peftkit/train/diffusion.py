@@ -15,7 +15,9 @@ random frozen encoder is enough here: it maps each prompt to a fixed, distinct s
 UNet's cross-attention learns to read. The prompts are encoded once; a batch picks its rows.
 
 Models (``model``): ``unet-tiny``, a small UNet with cross-attention built from a config with fixed random
-weights (seed 0), or a local folder holding a ``UNet2DConditionModel`` (or a pipeline folder with ``unet/``).
+weights (seed 0); ``unet-tiny-digits``, the same UNet pre-trained on the digits 0-4 (:mod:`peftkit.train.unet_digits`),
+whose folder also holds the prompt encoder it was trained with, which the task then uses; or a local folder holding a
+``UNet2DConditionModel`` (or a pipeline folder with ``unet/``). The model pieces: :mod:`peftkit.train.diffusion_models`.
 
 After training, :meth:`DiffusionTask.finish` renders a grid of DDIM samples (one column per label) with the
 adapter on and off: ``samples_adapter_on.png`` and ``samples_adapter_off.png`` in the run folder.
@@ -31,99 +33,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import DataError
-from .models import ModelError
+from .diffusion_eval import sample_scores
+from .diffusion_models import (SCHEDULER, PromptEncoder, has_prompt_encoder, load_unet, prompt_for, sample_images,
+                               unet_tiny)  # PromptEncoder, sample_images, unet_tiny: also imported from here
 from .images import load_images, to_model_input
+from .models import BUILTIN, resolve_model
 from .task import Task, register_task
+from .text_to_image import adapted_model
 
-SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon"}
-NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 EVAL_SEED = 1234  # noise and timesteps of the test loss
-
-
-def prompt_for(label: str) -> str:
-    """The text prompt of a class name: "3" -> "a photo of the digit three", "Ankle boot" -> "a photo of a
-    ankle boot"."""
-    if label.isdigit() and int(label) < len(NUMBER_WORDS):
-        return f"a photo of the digit {NUMBER_WORDS[int(label)]}"
-    return f"a photo of a {label.lower().replace('/', ' or ')}"
-
-
-def unet_tiny(image_size: int = 16, channels: int = 1, cross_attention_dim: int = 32) -> nn.Module:
-    """A 200k-parameter UNet2DConditionModel (two levels, cross-attention at the outer one), seed-0 weights."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return UNet2DConditionModel(
-            sample_size=image_size, in_channels=channels, out_channels=channels, block_out_channels=(16, 32),
-            layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
-            attention_head_dim=8, norm_num_groups=8)
-
-
-def load_unet(name: str) -> nn.Module:
-    """A UNet2DConditionModel from a folder (its own, or a pipeline folder's ``unet/``)."""
-    from diffusers import UNet2DConditionModel
-
-    if not os.path.isdir(name):
-        raise ModelError(f"model: {name!r} is neither unet-tiny nor a folder holding a UNet2DConditionModel")
-    sub = "unet" if os.path.isfile(os.path.join(name, "unet", "config.json")) else None
-    return UNet2DConditionModel.from_pretrained(name, subfolder=sub)
-
-
-class PromptEncoder:
-    """A frozen tiny CLIP text encoder over a word-level vocabulary of ``prompts``' words."""
-
-    def __init__(self, prompts: list[str], hidden_size: int) -> None:
-        from tokenizers import Tokenizer
-        from tokenizers.models import WordLevel
-        from tokenizers.pre_tokenizers import Whitespace
-        from transformers import CLIPTextConfig, CLIPTextModel
-
-        words = sorted({w for p in prompts for w in p.split()})
-        vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(words)}}
-        self.tokenizer = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
-        self.tokenizer.pre_tokenizer = Whitespace()
-        self.length = max(len(p.split()) for p in prompts) + 1  # + [EOS]
-        config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=self.length,
-                                pad_token_id=0, eos_token_id=2, bos_token_id=2)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            self.model = CLIPTextModel(config).eval().requires_grad_(False)
-
-    def ids(self, prompts: list[str]) -> Tensor:
-        rows = []
-        for p in prompts:
-            ids = self.tokenizer.encode(p).ids + [2]
-            rows.append(ids + [0] * (self.length - len(ids)))
-        return torch.tensor(rows)
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str]) -> Tensor:
-        """(len(prompts), length, hidden_size) last hidden states."""
-        return self.model(input_ids=self.ids(prompts)).last_hidden_state
-
-
-@torch.no_grad()
-def sample_images(unet: nn.Module, cond: Tensor, shape: tuple[int, ...], *, steps: int = 20, seed: int = 0,
-                  scheduler_config: dict[str, Any] | None = None) -> Tensor:
-    """DDIM samples (eta 0, ``steps`` steps) in [-1, 1], one per row of ``cond``; the start noise comes
-    from a generator seeded with ``seed``, so equal UNets give equal samples."""
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler(**(scheduler_config or SCHEDULER))
-    scheduler.set_timesteps(steps)
-    device = next(unet.parameters()).device
-    x = torch.randn((len(cond), *shape), generator=torch.Generator().manual_seed(seed)).to(device)
-    cond = cond.to(device)
-    was_training = unet.training
-    unet.eval()
-    for t in scheduler.timesteps:
-        eps = unet(x, t.to(device), encoder_hidden_states=cond).sample
-        x = scheduler.step(eps, t, x).prev_sample
-    unet.train(was_training)
-    return x.clamp(-1, 1).cpu()
 
 
 def save_grid(images: Tensor, columns: int, path: str) -> tuple[int, int]:
@@ -142,7 +60,6 @@ def save_grid(images: Tensor, columns: int, path: str) -> tuple[int, int]:
     return columns * w, rows * h
 
 
-@register_task("diffusion")
 class DiffusionTask(Task):
     """DDPM noise-prediction training of a text-conditioned UNet; metric: test_loss (denoising MSE)."""
 
@@ -168,17 +85,36 @@ class DiffusionTask(Task):
         self._eval_cache: tuple[Tensor, Tensor, Tensor] | None = None
 
     def load_model(self) -> nn.Module:
+        unet = self.base_unet()
+        self.prompts = [prompt_for(name) for name in self.labels]
+        self.encoder = self.prompt_encoder(self.prompts, int(unet.config.cross_attention_dim))
+        self.cond = self.encoder(self.prompts)  # (num_labels, length, dim), fixed for the run
+        return adapted_model(self, unet)  # the UNet, or UNet + text encoder (recipe diffusion.adapt)
+
+    def base_unet(self) -> nn.Module:
+        """The base UNet; sets the image size, channels and the DDPM scheduler."""
         from diffusers import DDPMScheduler
 
         r = self.recipe
-        unet = unet_tiny(r.data.image_size or 16) if r.model == "unet-tiny" else load_unet(r.model)
+        self.base_folder = None
+        if r.model == "unet-tiny":
+            unet = unet_tiny(r.data.image_size or 16)
+        else:
+            if r.model in BUILTIN and r.model.startswith("unet-"):
+                self.notes.append(f"{r.model}: built-in base, pre-trained once on first use and cached")
+            self.base_folder = resolve_model(r.model)
+            unet = load_unet(self.base_folder)
         self.image_size = r.data.image_size or int(unet.config.sample_size)
         self.channels = int(unet.config.in_channels)
         self.scheduler = DDPMScheduler(**SCHEDULER)
-        self.prompts = [prompt_for(name) for name in self.labels]
-        self.encoder = PromptEncoder(self.prompts, int(unet.config.cross_attention_dim))
-        self.cond = self.encoder(self.prompts)  # (num_labels, length, dim), fixed for the run
         return unet
+
+    def prompt_encoder(self, prompts: list[str], hidden_size: int, length: int | None = None) -> PromptEncoder:
+        """The run's frozen text encoder: the one the base was trained with when its folder holds it
+        (``unet-tiny-digits``), with ``prompts``' new words added; else a seed-0 encoder over ``prompts``' words."""
+        if has_prompt_encoder(getattr(self, "base_folder", None)):
+            return PromptEncoder.saved(self.base_folder, prompts)
+        return PromptEncoder(prompts, hidden_size, length)
 
     def _images(self, images: Tensor) -> Tensor:
         return to_model_input(images, self.image_size, self.channels, imagenet=False)
@@ -220,13 +156,15 @@ class DiffusionTask(Task):
                                "encoder_hidden_states": self.cond[self.test_y[s : s + bs]]})
             total += float(self.loss(model, batch)) * len(batch["timestep"])
         model.train(was_training)
-        return {"test_loss": total / len(t)}
+        return {"test_loss": total / len(t), **sample_scores(self, model)}  # digit classifier, adapter on / off
 
-    def samples(self, model: nn.Module) -> Tensor:
-        """A grid's worth of samples: ``samples_per_label`` rows, one column per label."""
-        cond = self.cond.repeat(self.samples_per_label, 1, 1)
+    def samples(self, model: nn.Module, cond: Tensor | None = None, seed: int | None = None) -> Tensor:
+        """Samples of ``cond`` (rows of ``self.cond``), by default a grid's worth: ``samples_per_label`` rows, one
+        column per label."""
+        if cond is None:
+            cond = self.cond.repeat(self.samples_per_label, *[1] * (self.cond.dim() - 1))  # hidden states or ids
         return sample_images(model, cond, (self.channels, self.image_size, self.image_size),
-                             steps=self.sample_steps, seed=self.sample_seed)
+                             steps=self.sample_steps, seed=self.sample_seed if seed is None else seed)
 
     def finish(self, model: nn.Module, run_dir: str) -> None:
         """Write ``samples_adapter_on.png`` and ``samples_adapter_off.png`` (same seed, same noise)."""
@@ -240,3 +178,14 @@ class DiffusionTask(Task):
 
     def restore_info(self, info: dict[str, Any]) -> None:
         self.labels = list(info["labels"])
+
+
+# A method whose recipes condition on more than the text (IP-Adapter's image prompts) trains under task diffusion
+# through its own DiffusionTask subclass: method name -> subclass, filled by the module defining it (tasks.py imports it)
+METHOD_TASKS: dict[str, type[DiffusionTask]] = {}
+
+
+@register_task("diffusion")
+def diffusion_task(recipe: Any) -> DiffusionTask:
+    """The task of a ``task: diffusion`` recipe: its method's own subclass, or ``DiffusionTask``."""
+    return METHOD_TASKS.get(recipe.method, DiffusionTask)(recipe)

@@ -20,11 +20,11 @@ timesteps, prompt encoder, scheduler and metric (``test_loss``: the denoising MS
 the subject class with the instance prompt) are those of :mod:`peftkit.train.diffusion`.
 
 After training the run folder also holds ``diffusers_lora/pytorch_lora_weights.safetensors``: the UNet's
-LoRA in diffusers' format (``get_peft_model_state_dict`` -> ``convert_state_dict_to_diffusers`` ->
+LoRA (and the text encoder's, with ``diffusion.adapt: [unet, text_encoder]``) in diffusers' format (``get_peft_model_state_dict`` -> ``convert_state_dict_to_diffusers`` ->
 ``StableDiffusionLoraLoaderMixin.save_lora_weights``, with the LoRA config as adapter metadata), which
 ``StableDiffusionPipeline.load_lora_weights(folder)`` loads; ``class_images.png`` (the prior images) and
 sample grids (instance prompt, class prompt) with the adapter on and off. Loading needs Hugging Face ``peft``
-(diffusers' LoRA backend) importable.
+(diffusers' LoRA backend) importable. A textual-inversion run writes ``diffusers_textual_inversion/`` instead.
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..methods.lora import LoraConfig
+from ..methods.textual_inversion import TextualInversionConfig, save_textual_inversion
 from ..model import get_peft_model_state_dict
+from .text_to_image import TextToImage
 
 CLASS_SOURCES = ("generate", "data")
 LORA_METADATA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "use_dora",
@@ -108,13 +111,21 @@ def prior_preservation_loss(pred: Tensor, noise: Tensor, n_instance: int, prior_
     return loss
 
 
-def diffusers_lora_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The UNet LoRA of a peftkit model in diffusers' layout (keys without the ``unet.`` prefix, which
-    ``save_lora_weights`` adds) and the LoRA config fields diffusers rebuilds a ``LoraConfig`` from."""
+def diffusers_lora_state_dict(model: nn.Module) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
+    """The LoRA of a peftkit model in diffusers' layout, by component (``unet``, and ``text_encoder`` when the
+    recipe's ``diffusion.adapt`` names it; keys without the component prefix, which ``save_lora_weights`` adds),
+    and the LoRA config fields diffusers rebuilds a ``LoraConfig`` from."""
     from diffusers.utils import convert_state_dict_to_diffusers
 
     prefix = "base_model.model."
     state = {k.removeprefix(prefix): v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    parts: dict[str, dict[str, Tensor]] = {}
+    if not isinstance(model.get_base_model(), TextToImage):
+        parts["unet"] = state
+    else:  # keys "unet.<path>" / "text_encoder.<path>"
+        for key, value in state.items():
+            part, _, rest = key.partition(".")
+            parts.setdefault(part, {})[rest] = value
     config = model.peft_config["default"]
     meta = {}
     for name in LORA_METADATA_FIELDS:
@@ -122,14 +133,28 @@ def diffusers_lora_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict
         if value is None or (name in ("rank_pattern", "alpha_pattern") and not value):
             continue
         meta[name] = sorted(value) if isinstance(value, (set, frozenset)) else value
-    return convert_state_dict_to_diffusers(state), meta
+    return {part: convert_state_dict_to_diffusers(tensors) for part, tensors in parts.items()}, meta
 
 
 def save_diffusers_lora(model: nn.Module, folder: str) -> str:
-    """Write ``folder/pytorch_lora_weights.safetensors``, loadable by ``pipe.load_lora_weights(folder)``."""
+    """Write ``folder/pytorch_lora_weights.safetensors`` (the UNet's LoRA and the text encoder's, when trained),
+    loadable by ``pipe.load_lora_weights(folder)``."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
-    state, meta = diffusers_lora_state_dict(model)
-    StableDiffusionLoraLoaderMixin.save_lora_weights(folder, unet_lora_layers=state, unet_lora_adapter_metadata=meta,
-                                                     safe_serialization=True)
+    parts, meta = diffusers_lora_state_dict(model)
+    layers = {f"{part}_lora_layers": tensors for part, tensors in parts.items()}
+    metadata = {f"{part}_lora_adapter_metadata": meta for part in parts}
+    StableDiffusionLoraLoaderMixin.save_lora_weights(folder, **layers, **metadata, safe_serialization=True)
     return os.path.join(folder, "pytorch_lora_weights.safetensors")
+
+
+def save_diffusers_files(model: nn.Module, run_dir: str) -> str | None:
+    """The run's adapter in diffusers' own format, where it has one: LoRA -> ``diffusers_lora/`` (for
+    ``load_lora_weights``), textual inversion -> ``diffusers_textual_inversion/learned_embeds.safetensors``
+    (for ``load_textual_inversion``); None for other methods."""
+    config = model.peft_config["default"]
+    if isinstance(config, TextualInversionConfig):
+        return save_textual_inversion(model, None, os.path.join(run_dir, "diffusers_textual_inversion"))
+    if isinstance(config, LoraConfig):
+        return save_diffusers_lora(model, os.path.join(run_dir, "diffusers_lora"))
+    return None

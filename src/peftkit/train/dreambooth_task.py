@@ -11,10 +11,12 @@ import torch
 from torch import Tensor, nn
 
 from .data import DataError
-from .diffusion import DiffusionTask, PromptEncoder, sample_images, save_grid
-from .dreambooth import prior_preservation_loss, save_diffusers_lora
+from .diffusion import DiffusionTask, sample_images, save_grid
+from .dreambooth import prior_preservation_loss, save_diffusers_files
 from .images import load_images
+from .placeholder import prompt_encoder
 from .task import register_task
+from .text_to_image import adapted_model
 
 
 @register_task("dreambooth")
@@ -35,6 +37,7 @@ class DreamBoothTask(DiffusionTask):
         if not keep:
             raise DataError(f"dreambooth.subject: {d.train} has no images of class {db.subject!r}")
         self.labels = [db.subject]
+        self.class_names = names  # the class prompts' words: textual inversion's text encoder
         self.train_x, self.train_y = x[keep], [0] * len(keep)
         self._class_rows = x[[i for i, label in enumerate(y) if label != k]]
         self.test_x, self.test_y = None, []
@@ -47,15 +50,16 @@ class DreamBoothTask(DiffusionTask):
         self._eval_cache = None
 
     def load_model(self) -> nn.Module:
-        unet = super().load_model()  # scheduler, image size; its prompt encoder is replaced below
+        unet = self.base_unet()  # scheduler, image size
         db = self.recipe.dreambooth
         prior = db.prior
-        self.prompts = [db.instance_prompt] + ([prior.class_prompt] if prior.with_prior_preservation else [])
-        self.encoder = PromptEncoder(self.prompts, int(unet.config.cross_attention_dim))
+        prompts = [db.instance_prompt] + ([prior.class_prompt] if prior.with_prior_preservation else [])
+        dim = int(unet.config.cross_attention_dim)
+        self.encoder, self.prompts = prompt_encoder(self, prompts, dim, self.class_names)  # + a placeholder
         self.cond = self.encoder(self.prompts)  # row 0: instance prompt, row 1: class prompt
         if prior.with_prior_preservation and self.n_train:  # a loaded trained run (no data) needs no prior images
             self.class_images = self._class_images(unet)
-        return unet
+        return adapted_model(self, unet)  # the UNet, or UNet + text encoder (recipe diffusion.adapt)
 
     def _class_images(self, unet: nn.Module) -> Tensor:
         """The prior images: the frozen base UNet's DDIM samples of the class prompt, or other classes' images."""
@@ -69,6 +73,13 @@ class DreamBoothTask(DiffusionTask):
         shape = (self.channels, self.image_size, self.image_size)
         return generate_class_images(unet, self.cond[1:2], n, shape, steps=prior.class_sample_steps,
                                      seed=prior.class_seed, batch_size=self.recipe.train.eval_batch_size)
+
+    def run_info(self) -> dict[str, Any]:
+        return {**super().run_info(), "class_names": self.class_names}
+
+    def restore_info(self, info: dict[str, Any]) -> None:
+        super().restore_info(info)
+        self.class_names = list(info.get("class_names", self.labels))
 
     def batch(self, indices: list[int]) -> dict[str, Any]:
         x0 = self._images(self.train_x[indices])
@@ -87,8 +98,9 @@ class DreamBoothTask(DiffusionTask):
         return prior_preservation_loss(pred, batch["noise"], n, self.recipe.dreambooth.prior.prior_loss_weight)
 
     def finish(self, model: nn.Module, run_dir: str) -> None:
-        """The diffusers-format LoRA, the class images and sample grids (one column per prompt), adapter on/off."""
-        save_diffusers_lora(model, os.path.join(run_dir, "diffusers_lora"))
+        """The adapter in diffusers' format (LoRA, textual inversion), the class images and sample grids (one
+        column per prompt), adapter on/off."""
+        save_diffusers_files(model, run_dir)
         if self.class_images is not None:
             save_grid(self.class_images, min(10, len(self.class_images)), os.path.join(run_dir, "class_images.png"))
         columns = len(self.prompts)

@@ -82,19 +82,52 @@ def digits(split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     return x[keep], y[keep]
 
 
+def split_source(source: str) -> tuple[str, list[int] | None]:
+    """A source and its class filter: ``builtin:digits/train?classes=0-4`` -> ("builtin:digits/train", [0, ..., 4]);
+    ``classes=`` takes class indices and ranges, comma-separated (``5-9``, ``0,2,4``, ``0-2,7``)."""
+    base, sep, query = source.partition("?")
+    if not sep:
+        return source, None
+    key, _, spec = query.partition("=")
+    classes: list[int] = []
+    try:
+        if key != "classes" or not spec:
+            raise ValueError
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            classes += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise DataError(f"{source}: expected a class filter like ?classes=0-4 or ?classes=0,2,5-9 after the source") \
+            from None
+    if not classes:
+        raise DataError(f"{source}: the class filter ?{query} names no class")
+    return base, sorted(set(classes))
+
+
 def load_images(source: str, limit: int | None = None) -> tuple[Tensor, list[int], list[str]]:
-    """A built-in source as (uint8 images (N, H, W), label indices, the source's class names)."""
+    """A built-in source as (uint8 images (N, H, W), label indices, the source's class names). A class filter
+    (``?classes=0-4``, :func:`split_source`) keeps the images of those classes (``limit``: the first of them); the
+    class names stay all of the source's, so label indices are the same with and without it."""
+    source, classes = split_source(source)
     name = source.removeprefix("builtin:")
     if source.startswith("builtin:") and name in ("fashion_mnist/train", "fashion_mnist/test"):
-        x, y = fashion_mnist(name.split("/")[1], limit)
+        x, y = fashion_mnist(name.split("/")[1], None if classes else limit)
         names = FASHION_MNIST_LABELS
     elif source.startswith("builtin:") and name in ("digits", "digits/train", "digits/test"):
         x, y = digits(name.split("/")[1] if "/" in name else None)
-        x, y = x[:limit] if limit else x, y[:limit] if limit else y
         names = DIGIT_LABELS
     else:
         raise DataError(f"{source}: image tasks read builtin:fashion_mnist/train, builtin:fashion_mnist/test, "
-                        "builtin:digits, builtin:digits/train or builtin:digits/test")
+                        "builtin:digits, builtin:digits/train or builtin:digits/test (each with an optional "
+                        "?classes=... filter)")
+    if classes is not None:
+        unknown = [k for k in classes if k >= len(names)]
+        if unknown:
+            raise DataError(f"{source}: the class filter names {unknown}, but the source has classes 0-{len(names) - 1}")
+        keep = np.isin(y, classes)
+        x, y = x[keep], y[keep]
+    if limit:
+        x, y = x[:limit], y[:limit]
     if len(x) == 0:
         raise DataError(f"{source}: no images")
     return torch.from_numpy(np.ascontiguousarray(x)), y.tolist(), list(names)

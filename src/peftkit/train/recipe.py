@@ -20,7 +20,6 @@ from typing import Any
 import yaml
 
 from ..registry import get_method
-
 from .data import HF_PREFIX, DataError, parse_hf
 from .packing import causal_lm_options_problem
 from .chat import chat_options_problem
@@ -28,6 +27,8 @@ from .dev_eval import dev_problem
 from .preference import PreferenceSpec, preference_problem
 from .grpo import GrpoSpec, grpo_problem
 from .dreambooth import DreamBoothSpec, dreambooth_problem
+from .diffusion_spec import DiffusionSpec, diffusion_problem
+from .control import ControlSpec, control_problem
 
 
 class RecipeError(ValueError):
@@ -110,12 +111,14 @@ class Recipe:
     preference: PreferenceSpec = field(default_factory=PreferenceSpec)  # task dpo: the loss and its fields
     grpo: GrpoSpec = field(default_factory=GrpoSpec)  # task grpo: sampling, reward, clip and KL (grpo.py)
     dreambooth: DreamBoothSpec = field(default_factory=DreamBoothSpec)  # task dreambooth (dreambooth.py)
+    diffusion: DiffusionSpec = field(default_factory=DiffusionSpec)  # diffusion / dreambooth: what is adapted
+    control: ControlSpec = field(default_factory=ControlSpec)  # diffusion + controlnet / t2i_adapter (control.py)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-TASKS = ("seq_cls", "causal_lm", "image_cls", "clip_fewshot", "diffusion", "dpo", "grpo", "dreambooth")
+TASKS = ("seq_cls", "causal_lm", "image_cls", "clip_fewshot", "diffusion", "dpo", "grpo", "dreambooth", "image_caption")
 CHOICES = {
     "task": TASKS,
     "model_quant": ("none", "4bit", "8bit"),
@@ -285,7 +288,6 @@ def _get(recipe: Recipe, dotted: str) -> Any:
 
 
 def _validate(recipe: Recipe, base_dir: str) -> None:
-
     for dotted, allowed in CHOICES.items():
         if _get(recipe, dotted) not in allowed:
             raise RecipeError(f"{dotted}: expected one of {', '.join(allowed)}, got {_get(recipe, dotted)!r}")
@@ -311,8 +313,8 @@ def _validate(recipe: Recipe, base_dir: str) -> None:
     if not 0 <= recipe.train.warmup_ratio < 1:
         raise RecipeError(f"train.warmup_ratio: expected a number in [0, 1), got {recipe.train.warmup_ratio}")
     _check_labels(recipe)
-    problem = (causal_lm_options_problem(recipe) or chat_options_problem(recipe) or dev_problem(recipe)
-               or preference_problem(recipe) or grpo_problem(recipe) or dreambooth_problem(recipe))
+    problem = next(filter(None, (f(recipe) for f in (causal_lm_options_problem, chat_options_problem, dev_problem,
+               preference_problem, grpo_problem, dreambooth_problem, diffusion_problem, control_problem))), None)
     if problem:
         raise RecipeError(problem)
     _check_output_dir(recipe.output_dir)

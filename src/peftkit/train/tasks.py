@@ -19,7 +19,7 @@ from .recipe import RecipeError
 from .labels import encode_labels, infer_labels
 from .models import resolve_model
 from .task import TASKS, Task, quiet_transformers, register_task  # noqa: F401  (TASKS: the table, re-exported)
-from . import clip_fewshot, diffusion, dreambooth_task, grpo_task, preference_task, vision  # noqa: F401  (importing registers their tasks in TASKS)
+from . import clip_fewshot, control_task, diffusion, dreambooth_task, grpo_task, image_caption, ip_adapter_task, preference_task, vision  # noqa: F401  (importing registers their tasks in TASKS)
 
 
 @register_task("seq_cls")

@@ -29,6 +29,9 @@ so the adapted model starts exactly at the base and about 0.12% of DiT-XL's para
     ``gamma_ff``; and in each ``ResnetBlock2D`` its ``conv2``, whose output is the whole residual branch
     (``(x + conv2(...)) / output_scale_factor``). The ``Transformer2DModel``'s own outer residual (``proj_out``) wraps a stack of
     blocks, as DiT's whole network would, and gets no gamma unless ``scale_modules`` names it.
+  * diffusers ``SD3Transformer2DModel`` (MMDiT): in each ``JointTransformerBlock`` the image stream's
+    ``attn.to_out.0`` and ``ff.net.2`` (the UNet's names) and the text stream's ``attn.to_add_out`` and
+    ``ff_context.net.2`` (absent in the last block, whose text stream ends before its feed-forward).
 
 Merging: the bias and norm deltas are added into the base parameters, and gamma folds into the projection,
 ``W' = diag(gamma) W``, ``b' = gamma * (b0 + delta_b)``, so the merged model has no extra operation. Unmerge
@@ -61,6 +64,8 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 GAMMA_LAYERS: tuple[type, ...] = (nn.Linear, *CONV1D_TYPES, *_CONV)
 # roles (peftkit.default_targets) whose module ends a transformer block's residual branch
 BRANCH_ROLES = ("attention_output", "ffn_output")
+# a diffusers JointTransformerBlock's text-stream branch outputs (absent in a block with context_pre_only)
+JOINT_CONTEXT_BRANCHES = ("attn.to_add_out", "ff_context.net.2")
 
 
 def residual_branch_outputs(model: nn.Module, named: list[tuple[str, nn.Module]], config: Any) -> list[str]:
@@ -70,6 +75,10 @@ def residual_branch_outputs(model: nn.Module, named: list[tuple[str, nn.Module]]
     for path, module in named:
         if type(module).__name__.startswith("ResnetBlock") and isinstance(getattr(module, "conv2", None), _CONV):
             found.add(f"{path}.conv2" if path else "conv2")
+        if type(module).__name__ == "JointTransformerBlock":  # SD3 / MMDiT: the text stream's own branches
+            for branch in JOINT_CONTEXT_BRANCHES:
+                if any(n == f"{path}.{branch}" for n, _ in named):
+                    found.add(f"{path}.{branch}")
     heads = task_heads(config)
     modules = dict(named)
     return [p for p, _ in named if p in found and isinstance(modules[p], GAMMA_LAYERS)

@@ -173,7 +173,8 @@ class AttentionAdapterLayer(AdapterLayer):
             raise RuntimeError(f"adaption_prompt: {type(base).__name__} does not call its attention function "
                                f"through transformers' AttentionInterface")
         o_name = adapters[0][0].o_name
-        bias = None if o_name is None else _param(base._modules[o_name], "bias")
+        repeat = o_name is not None and adapters[0][0].repeats_output_bias
+        bias = _param(base._modules[o_name], "bias") if repeat else None
         if o_name is not None and bias is None:
             return out
         attn, rest = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, None)
@@ -204,6 +205,8 @@ class AdaptionPromptAdapter(Adapter):
     layer_cls = AttentionAdapterLayer
     supported_layers: ClassVar[tuple[type, ...]] = (nn.Module,)
     checkpoint_keys: ClassVar[dict[str, str]] = {"adaption_prompt": "adaption_prompt", "adaption_gate": "adaption_gate"}
+    # PEFT's second o_proj call adds the output projection's bias once more (subclasses may not)
+    repeats_output_bias: ClassVar[bool] = True
 
     def __init__(self, base: nn.Module, config: AdaptionPromptConfig, key: str = "", init: bool = True) -> None:
         super().__init__()

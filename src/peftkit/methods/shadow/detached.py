@@ -99,6 +99,9 @@ def unload_shadow(model: nn.Module, adapter_name: str | None = None, copy: bool 
         raise ValueError(f"No shadow backbone found for adapter '{name}'.")
     entry = entries[name]
     network = entry.network
+    if getattr(network, "from_block", False):
+        raise NotImplementedError("`unload_shadow()` is not supported for Diffusers models because a standalone "
+                                  "denoiser requires architecture-specific reconstruction.")
     dup = _copy.deepcopy if copy else (lambda m: m)
     backbone, projection = dup(network.backbone), dup(network.projection)
     head = network.head if network.head is not None else (

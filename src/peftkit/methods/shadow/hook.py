@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ...targeting import NotApplicableError
@@ -74,6 +75,12 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[t
     if found is None:
         return args, kwargs
     name, entry = found
+    if getattr(entry.network, "from_block", False):  # a diffusers transformer: the first block seeds (dit.py)
+        if getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled():
+            raise NotImplementedError(f"ShadowPEFT on {type(module).__name__}: gradient checkpointing is not supported "
+                                      "(the recomputed blocks would run without the shadow state); disable it")
+        stack[-1] = Call(name, entry, None, None, False)
+        return args, kwargs
     use_cache = kwargs.get("use_cache")
     if use_cache is None:
         use_cache = bool(getattr(getattr(module, "config", None), "use_cache", False))

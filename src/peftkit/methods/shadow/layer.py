@@ -32,9 +32,9 @@ Where peftkit differs from peft 0.21.2:
   which equal peft's uncached ones.
 - blocks need not be contiguous (peft's carrier breaks on an unwrapped block between wrapped ones): the state
   passes an unwrapped block unchanged.
-- diffusion transformers (peft's Flux2 backend and its token-MLP fallback) are not supported, and no model
-  without a decoder stack (the project's UNet, encoders): ``NotApplicableError``, before the model changes
-  (peft raises AttributeError there too for the UNet).
+- models without a decoder stack (the project's UNet, encoders): ``NotApplicableError``, before the model
+  changes (peft raises AttributeError there too for the UNet). Diffusers transformers (peft's Flux2 backbone
+  and its token-MLP fallback) are supported (``dit.py``), except under gradient checkpointing (refused).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from ..prompt.inputs import forward_params
 from . import functional as SF
 from . import hook
 from .config import ShadowConfig
+from .dit import DiffusionNetwork, is_diffusion
 from .network import ShadowNetwork, find_backbone, hidden_size, mirror_config, task
 from .wrapper import ShadowLayer
 
@@ -85,7 +86,8 @@ def _mlp(d: int, u: int) -> nn.Sequential:
 @register_method(
     "shadow", config=ShadowConfig, category="additive", modalities=("text", "generation"), mergeable=False,
     param_formula="2 d r + 2 (2 d u + u + d) per decoder block (u = update_hidden_size or r), plus the shadow "
-                  "backbone (a 1-block copy of the decoder stack) once",
+                  "backbone (a 1-block copy of the decoder stack; on diffusers transformers a token MLP, or "
+                  "Flux2's reduced copy) once",
     position="a parallel shadow network beside the decoder blocks",
     changes_structure=True, paper="ShadowPEFT (peft's SHADOW)",
     examples={"shadow": {"r": 4, "shadow_dropout": 0.1, "share_embeddings": False}},
@@ -101,12 +103,13 @@ class ShadowAdapter(Adapter):
     def prepare_config(cls, model: nn.Module, named: list[tuple[str, nn.Module]], config: ShadowConfig) -> None:
         """Checks before anything changes (a decoder stack, the mirror's sizes); None targets: every block."""
         path, backbone, attr = find_backbone(model)
-        if not {"input_ids", "inputs_embeds"} & forward_params(model):
+        diffusion = is_diffusion(model)  # seeded from the first block's input, not from tokens (dit.py)
+        if not diffusion and not {"input_ids", "inputs_embeds"} & forward_params(model):
             raise NotApplicableError(f"ShadowPEFT on {type(model).__name__}: its forward takes neither input_ids nor "
                                      "inputs_embeds, from which the shadow backbone computes s^(0) (peft builds it "
                                      "and fails in the forward)")
         hidden_size(getattr(model, "config", None))
-        if config.shadow_model == "mirror":
+        if config.shadow_model == "mirror" and not diffusion:
             mirror_config(backbone, config)
         if config.target_modules is None:
             base = f"{path}.{attr}" if path else attr
@@ -122,9 +125,12 @@ class ShadowAdapter(Adapter):
     def unreached_params(cls, model: nn.Module) -> set[str]:
         """The last wrapped block's update networks (T, G): the state ``s^(L)`` they produce is read by nothing
         (as in peft, whose count includes them)."""
-        last = [n for n, m in model.named_modules() if isinstance(m, cls)][-1:]
-        return {n for n, _ in model.named_parameters()
-                if last and n.startswith(last[0] + ".") and ".shadow_update_" in n}
+        adapters = [(n, m) for n, m in model.named_modules() if isinstance(m, cls)]
+        last = [n for n, _ in adapters][-1:]
+        unused = {f"{n}.network.{p}" for n, m in adapters if isinstance(m.network, DiffusionNetwork)
+                  for p in m.network.unused_params()}  # a reduced Flux2's parts the seed never runs
+        return unused | {n for n, _ in model.named_parameters()
+                         if last and n.startswith(last[0] + ".") and ".shadow_update_" in n}
 
     @classmethod
     def check_new_adapter(cls, configs: dict[str, Any], config: Any, adapter_name: str) -> None:
@@ -161,7 +167,8 @@ class ShadowAdapter(Adapter):
         self.network = None
         if key == plan.paths[0]:  # the model-level network, built first (peft's order of initialisation)
             model = plan.model()
-            self.network = ShadowNetwork(model, config)
+            self.network = (DiffusionNetwork(model, config, d) if is_diffusion(model)
+                            else ShadowNetwork(model, config))
         self.shadow_down = nn.Linear(d, r, bias=False)
         self.shadow_up = nn.Linear(r, d, bias=False)
         self.shadow_dropout = nn.Dropout(p=config.shadow_dropout) if config.shadow_dropout else nn.Identity()

@@ -22,9 +22,10 @@ from torch import Tensor, nn
 
 from ...targeting import NotApplicableError
 from .config import ShadowConfig
+from .dit import is_diffusion
+from .dit import stack as diffusion_stack
 
 STACKS = ("layers", "h")  # attribute names of the decoder-block ModuleList
-_DIFFUSION_STACKS = ("single_transformer_blocks", "transformer_blocks")
 
 
 def task(config: Any) -> str | None:
@@ -38,11 +39,9 @@ def _stack(module: nn.Module) -> str | None:
 
 def find_backbone(model: nn.Module) -> tuple[str, nn.Module, str]:
     """(path, module, stack attribute) of the decoder stack (``model.model`` of a Llama, ``transformer`` of a
-    GPT-2: peft's search). Raises ``NotApplicableError`` naming what is missing."""
-    if any(isinstance(getattr(model, a, None), nn.ModuleList) for a in _DIFFUSION_STACKS):
-        raise NotApplicableError(
-            f"ShadowPEFT on {type(model).__name__}: diffusion transformers (peft's Flux2 backend and its token-MLP "
-            "fallback) are not supported by peftkit's Shadow")
+    GPT-2, a diffusers transformer itself: peft's search). Raises ``NotApplicableError`` naming what is missing."""
+    if is_diffusion(model):  # a diffusers transformer is its own backbone (dit.py)
+        return "", model, diffusion_stack(model)
     found = None
     for attr in ("model", "transformer", "base_model", "decoder"):
         sub = getattr(model, attr, None)
@@ -65,7 +64,11 @@ def hidden_size(config: Any) -> int:
     for attr in ("hidden_size", "n_embd", "d_model"):
         if isinstance(getattr(config, attr, None), int):
             return int(getattr(config, attr))
-    raise NotApplicableError(f"ShadowPEFT: no hidden size (hidden_size / n_embd / d_model) in {type(config).__name__}")
+    heads, head_dim = getattr(config, "num_attention_heads", None), getattr(config, "attention_head_dim", None)
+    if isinstance(heads, int) and isinstance(head_dim, int):  # diffusers transformers: heads x head width
+        return heads * head_dim
+    raise NotApplicableError(f"ShadowPEFT: no hidden size (hidden_size / n_embd / d_model, or num_attention_heads x "
+                             f"attention_head_dim) in {type(config).__name__}")
 
 
 def _set(config: Any, names: tuple[str, ...], value: int, field: str) -> None:

@@ -22,10 +22,12 @@ LOCAL = threading.local()
 
 class Call:
     """One call's shadow state: the adapter's name, its entry adapter (which holds the network), ``s^(0)``,
-    the running ``s^(l)``, the backbone's cache and whether to pack a ``ShadowCache``."""
+    the running ``s^(l)``, the backbone's cache and whether to pack a ``ShadowCache`` (``seed`` None: computed by
+    the entry block from its input, for diffusers transformers)."""
 
-    def __init__(self, name: str, entry: Any, seed: Tensor, cache: Any, pack: bool) -> None:
+    def __init__(self, name: str, entry: Any, seed: Tensor | None, cache: Any, pack: bool) -> None:
         self.name, self.entry, self.seed, self.state, self.cache, self.pack = name, entry, seed, seed, cache, pack
+        self.deferred = seed is None  # a diffusers transformer: the entry block computes s^(0) from its input
 
 
 def current() -> Call | None:
@@ -54,6 +56,12 @@ class ShadowLayer(AdapterLayer):
                 or call.name not in self.active_adapters):
             return self.base_layer(*args, **kwargs)
         adapter = self.adapters[call.name]
+        if call.deferred and (call.state is None or adapter.network is not None):
+            if adapter.network is None:  # a diffusers transformer's block before the seeding one: runs as it is
+                return self.base_layer(*args, **kwargs)
+            h = args[0] if args else kwargs["hidden_states"]
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            call.seed = call.state = adapter.network.seed_block(h, args[1:], rest)
         if args:
             h = args[0]
             out = self.base_layer(adapter.inject(h, call.state), *args[1:], **kwargs)

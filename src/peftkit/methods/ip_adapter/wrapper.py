@@ -1,0 +1,104 @@
+"""``IPAdapterLayer``: a cross-attention module with IP-Adapter adapters, and the call's image prompt.
+
+The image prompt arrives with the ``PeftModel`` call (``IPAdapterAdapter.call_context``), which holds it for the
+call in a thread-local scope (request threads share the layers): adapter name -> image embeddings ``(B, N, D)``.
+Each adapter's image tokens ``c_i = LayerNorm(W embeds + b)`` (diffusers' ``ImageProjection``) are computed once
+per call, on first use, and every layer of that adapter reads them.
+
+The layer runs diffusers' ``IPAdapterAttnProcessor2_0`` on its base ``Attention`` in place of the base's processor:
+``attn(q, K_text, V_text) + sum_i scale_i attn(q, to_k_ip_i(c_i), to_v_ip_i(c_i))`` over the active adapters that
+have an image prompt and a nonzero scale. With none (no image prompt, scale 0, adapters disabled) the base module
+runs as it is, so the output is the base model's bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+from torch import Tensor
+
+from ...layers import AdapterLayer
+
+
+class _Local(threading.local):
+    embeds: dict[str, Tensor] | None = None  # this thread's call: adapter name -> (B, N, D) image embeddings
+    tokens: dict[str, Tensor] | None = None  # adapter name -> (B, N, num_tokens, cross_attention_dim), on first use
+
+
+_LOCAL = _Local()
+
+
+@contextlib.contextmanager
+def image_prompt_scope(embeds: dict[str, Tensor]) -> Iterator[None]:
+    """Within the block, and only in this thread, IP-Adapter layers read ``embeds`` (adapter name -> (B, N, D))."""
+    outer = (_LOCAL.embeds, _LOCAL.tokens)
+    _LOCAL.embeds, _LOCAL.tokens = embeds, {}
+    try:
+        yield
+    finally:
+        _LOCAL.embeds, _LOCAL.tokens = outer
+
+
+def call_embeds() -> dict[str, Tensor]:
+    """The running call's image prompts by adapter name (empty outside a call that has one)."""
+    return _LOCAL.embeds or {}
+
+
+def image_tokens(name: str, adapter: Any) -> Tensor:
+    """Adapter ``name``'s image tokens for the running call, projected once and then reused by every layer."""
+    tokens = _LOCAL.tokens
+    if name not in tokens:
+        tokens[name] = adapter.project(_LOCAL.embeds[name])
+    return tokens[name]
+
+
+def _processor_kwargs(processor_cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The cross-attention kwargs the IP-Adapter processor takes (as ``Attention.forward`` filters them)."""
+    accepted = set(inspect.signature(processor_cls.__call__).parameters)
+    return {k: v for k, v in kwargs.items() if k in accepted}
+
+
+class IPAdapterLayer(AdapterLayer):
+    """A diffusers cross-attention ``Attention`` plus IP-Adapter adapters (decoupled cross-attention)."""
+
+    def _prompted(self) -> list[str]:
+        if self.disable_adapters:
+            return []
+        embeds = call_embeds()
+        return [n for n in self.active_adapters
+                if n in self.adapters and n in embeds and self.adapters[n].scale != 0]
+
+    def forward(self, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+        names = self._prompted()
+        if not names:
+            return self.base_layer(hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        if self.routing is not None:
+            raise ValueError("IP-Adapter: adapter_names (per-row routing of a mixed batch) is not supported; give "
+                             "each row its image prompt in ip_adapter_image_embeds instead")
+        if encoder_hidden_states is None:
+            raise ValueError("IP-Adapter: the cross-attention got no encoder_hidden_states (the text); IP-Adapter "
+                             "adds image keys and values beside the text's")
+        if isinstance(encoder_hidden_states, tuple):
+            raise ValueError("IP-Adapter: encoder_hidden_states is already a (text, image) pair: the base UNet has "
+                             "diffusers' own IP-Adapter loaded; use one or the other")
+        adapters = [self.adapters[n] for n in names]
+        ip_states = [image_tokens(n, a) for n, a in zip(names, adapters)]
+        rows = hidden_states.shape[0]
+        for n, s in zip(names, ip_states):
+            if s.shape[0] != rows:
+                raise ValueError(f"ip_adapter_image_embeds: adapter {n!r} got {s.shape[0]} image prompts for "
+                                 f"{rows} batch rows through {type(self.base_layer).__name__}; give one per row")
+        processor = adapters[0].processor
+        if len(adapters) > 1:  # diffusers' processor reads several IP-Adapters from its lists: theirs, joined
+            processor = SimpleNamespace(
+                to_k_ip=[a.processor.to_k_ip[0] for a in adapters], to_v_ip=[a.processor.to_v_ip[0] for a in adapters],
+                scale=[a.scale for a in adapters], num_tokens=[a.num_tokens for a in adapters])
+        call = type(adapters[0].processor).__call__
+        return call(processor, self.base_layer, hidden_states, encoder_hidden_states=(encoder_hidden_states, ip_states),
+                    attention_mask=attention_mask, **_processor_kwargs(type(adapters[0].processor), kwargs))
