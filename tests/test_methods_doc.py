@@ -26,7 +26,7 @@ def causal():
 
 
 def test_causal_lm_only_methods_measured_equals_closed_form_on_smollm2(causal):
-    assert {r["method"] for r in causal} == {"cpt", "cartridge", "shadow", "xlora"}
+    assert {r["method"] for r in causal} == {"cpt", "cartridge", "llama_adapter_v2", "shadow", "xlora"}
     for r in causal:
         assert r["trainable"] == r["closed_form"] > 0 and r["total"] == 134_515_008, r["example"]
     by = {r["example"]: r for r in causal}
@@ -36,7 +36,10 @@ def test_causal_lm_only_methods_measured_equals_closed_form_on_smollm2(causal):
     # peft's defaults: r = u = 8 per block, and the 1-block mirror sharing the base embeddings
     mirror = 2 * d * d + 2 * d * kv + 3 * d * f + 3 * d
     assert by["shadow (peft defaults)"]["trainable"] == layers * (2 * d * 8 + 2 * (2 * d * 8 + 8 + d)) + mirror
-    assert by["xlora"]["trainable"] == 8 * (d + 1) + 2 * (8 + 1)  # the scaling head (depth 2) over 2 experts
+    assert by["xlora"]["trainable"] == 8 * (d + 1) + 2 * (8 + 1)
+    # LLaMA-Adapter V2: 4 prompt tokens + a gate on the top layer, a bias and a scale on each of the 7 block linears'
+    # outputs (q, o, down: d; k, v: kv; gate, up: f), a scale on every RMSNorm (2 per block and the final one)
+    assert by["llama_adapter_v2"]["trainable"] == 4 * d + 1 + layers * 2 * (3 * d + 2 * kv + 2 * f) + (2 * layers + 1) * d  # the scaling head (depth 2) over 2 experts
 
 
 def test_measured_equals_closed_form_on_roberta_base(rows):

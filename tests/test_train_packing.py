@@ -200,3 +200,31 @@ def test_bad_packing_fields_name_their_path(tmp_path, change, message):
     data = change.pop("data", None)
     with pytest.raises(RecipeError, match=message):
         _recipe(tmp_path, data=data, **change)
+
+
+def test_packing_benchmark_data_options(tmp_path):
+    """``bench_packing.py --data``: ``sst2`` rows are sentiment instructions, ``mixed`` interleaves three of them
+    with one AG News row, and the overrides make a causal_lm recipe that reads them."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_packing.py")
+    spec = importlib.util.spec_from_file_location("bench_packing", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.data_overrides("agnews", str(tmp_path)) == []
+    with open(bench.AGNEWS) as f:
+        news = [json.loads(line) for line in f]
+    short = bench.sst2_rows(6)
+    assert short[0] == {"prompt": bench.SST2_PROMPT + "when are bears bears and", "response": "positive"}
+    assert {r["response"] for r in bench.sst2_rows(200)} == {"positive", "negative"}
+    for data, n in (("sst2", 2000), ("mixed", 4 * len(news))):
+        overrides = bench.data_overrides(data, str(tmp_path))
+        with open(tmp_path / f"{data}.jsonl") as f:
+            rows = [json.loads(line) for line in f]
+        assert len(rows) == n
+        recipe = load_recipe(bench.RECIPE, ["data.test=null", *overrides])
+        task = TASKS[recipe.task](recipe)
+        task.load_data()
+        assert task.n_train == n and task.train_rows[0] == (short[0]["prompt"], short[0]["response"])
+    assert rows[:3] == short[:3] and rows[3] == news[0] and rows[4:7] == short[3:6] and rows[7] == news[1]

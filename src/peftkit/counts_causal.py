@@ -1,6 +1,6 @@
 """Trainable-parameter counts of the causal-LM-only methods on a SmolLM2-135M config: measured and closed form.
 
-CPT, Cartridge, ShadowPEFT and X-LoRA need a decoder-only language model, so the RoBERTa-base table of
+CPT, Cartridge, LLaMA-Adapter V2, ShadowPEFT and X-LoRA need a decoder-only language model, so the RoBERTa-base table of
 ``docs/methods.md`` (``counts.py``) has no row for them; this second table applies each registry example of
 theirs (and ShadowPEFT's peft defaults) to a Llama built from SmolLM2-135M's config on the meta device (30
 layers, 576 wide, 9 query / 3 key-value heads, 1536-wide FFN, 49,152 tokens, tied embeddings: 134.5M
@@ -27,7 +27,7 @@ from .registry import MethodSpec, get_method
 # counts.count (passed in by counts.methods_doc, which imports this module): spec, kwargs, model -> its row
 Count = Callable[[MethodSpec, dict[str, Any], torch.nn.Module], dict[str, Any]]
 
-METHODS = ("cpt", "cartridge", "shadow", "xlora")
+METHODS = ("cpt", "cartridge", "llama_adapter_v2", "shadow", "xlora")
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=100000.0)
 EXPERT_RANKS = (4, 2)
