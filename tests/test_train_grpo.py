@@ -249,3 +249,13 @@ def test_bad_fields_name_their_yaml_path(tmp_path, overrides, message):
     with pytest.raises(RecipeError) as err:
         load_recipe(TINY, [f"output_dir={tmp_path / 'run'}", *overrides])
     assert str(err.value).startswith(message)
+
+
+def test_grpo_trains_another_method(tmp_path):
+    """(IA)3 through the same task: the reference is its disabled adapter, the sampled policy its enabled one."""
+    summary = train(load_recipe(TINY, [f"output_dir={tmp_path / 'run'}", "method=ia3", "peft={}", "train.max_steps=2",
+                                       "data.test_rows=8"]), quiet=True)
+    assert summary["method"] == "ia3" and summary["steps"] == 2
+    assert 0.0 <= summary["mean_reward"] <= 1.0 and 0.0 <= summary["before_mean_reward"] <= 1.0
+    losses = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in m and math.isfinite(m["loss"]) for m in losses)

@@ -221,3 +221,16 @@ def test_bad_rows_are_reported_by_line(tmp_path):
     (tmp_path / "test.jsonl").write_text(json.dumps({"prompt": "c", "chosen": "Weather", "rejected": "World"}))
     with pytest.raises(DataError, match=r"test.jsonl:1: chosen response 'Weather' is not one of"):
         _task(tmp_path, source, "data.bad_rows=skip", f"data.test={tmp_path / 'test.jsonl'}")
+
+
+@pytest.mark.parametrize("method, peft", [("ia3", "{}"), ("prompt_tuning", "{num_virtual_tokens: 4}")])
+def test_other_methods_train_with_dpo(tmp_path, method, peft):
+    """The task is the method's business only through the PeftModel: (IA)3 starts at the base (policy =
+    reference: the DPO loss is log 2), prompt tuning adds virtual tokens the response log-probs must skip."""
+    summary = train(load_recipe(TINY, [f"output_dir={tmp_path / 'run'}", f"method={method}", f"peft={peft}",
+                                       "train.max_steps=4", "train.lr=5e-2", "data.test_rows=8"]), quiet=True)
+    for key in ("reward_accuracy", "reward_margin", "test_loss"):
+        assert math.isfinite(summary[key]) and math.isfinite(summary[f"before_{key}"])
+    if method == "ia3":
+        assert summary["before_test_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert summary["test_loss"] != summary["before_test_loss"]  # the adapter moved the implicit rewards
