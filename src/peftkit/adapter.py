@@ -203,13 +203,20 @@ class Adapter(nn.Module):
         """
         return None
 
+    # a method whose adapters never merge (a side network, an input-dependent branch): why, raised by the defaults
+    # of check_merge (before anything changes) and delta_weight
+    merge_refusal: ClassVar[str | None] = None
+
     def check_merge(self, base: nn.Module) -> None:
         """Refuse a merge before anything changes: raise with the reason when no merged weight can stand for this
         adapter (aLoRA adapts only part of each sequence). ``merge_adapter`` / ``merge_and_unload`` call it for
-        every adapter they would merge, on every layer, before any layer changes. The default allows it."""
+        every adapter they would merge, on every layer, before any layer changes. The default allows it unless
+        ``merge_refusal`` gives a reason."""
+        if self.merge_refusal is not None:
+            raise NotImplementedError(self.merge_refusal)
 
     def delta_weight(self, base: nn.Module) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weight")
+        raise NotImplementedError(self.merge_refusal or f"{type(self).__name__} cannot be merged into the base weight")
 
     def merge(self, base: nn.Module, weight: Tensor) -> tuple[Tensor, Any]:
         """The merged weight, plus whatever ``unmerge`` needs later (here nothing)."""

@@ -5,10 +5,7 @@ The few-shot task that uses them: :mod:`peftkit.train.clip_fewshot`."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .build_cache import PRETRAIN_RECORD, cache_root, publish, settings_key
 from .data import DataError
 from .images import DIGIT_LABELS, DIGITS_TEST, digits
 from .packages import minilm_dir
@@ -27,7 +25,6 @@ from .task import quiet_transformers
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_TINY_DIGITS = "clip-tiny-digits"
-PRETRAIN_RECORD = "peftkit_pretrain.json"
 DIGITS_SOURCES = ("builtin:digits", "builtin:digits/train", "builtin:digits/test")
 PRETRAIN_VERSION = 1  # bump when the pre-training procedure changes: the cache key changes with it
 
@@ -89,8 +86,7 @@ class DigitsPretraining:
 
     def key(self) -> str:
         """A hash of everything the weights depend on (the settings and the procedure's version)."""
-        blob = json.dumps({"version": PRETRAIN_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return settings_key(PRETRAIN_VERSION, self)
 
 
 DIGITS_PRETRAINING = DigitsPretraining()
@@ -166,10 +162,6 @@ def pretrain_clip_tiny(tokenizer: Any, settings: DigitsPretraining = DIGITS_PRET
     }
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit"))
-
-
 def clip_tiny_digits_path(settings: DigitsPretraining = DIGITS_PRETRAINING) -> Path:
     """Where the pre-trained model of ``settings`` is (or will be) cached."""
     return cache_root() / f"{CLIP_TINY_DIGITS}-{settings.key()}"
@@ -192,17 +184,7 @@ def clip_tiny_digits_dir(settings: DigitsPretraining = DIGITS_PRETRAINING) -> st
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     with torch.random.fork_rng(devices=[]):
         model, record = pretrain_clip_tiny(tokenizer, settings)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / PRETRAIN_RECORD).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # another process finished the same build first
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not is_built(folder):
-            raise
+    publish(folder, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)), record, is_built)
     return str(folder)
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,8 @@ import torch
 from torch import nn
 
 from .. import tiny_models
-from .clip_tiny import PRETRAIN_RECORD, cache_root, clip_tiny_digits_dir, clip_tiny_digits_path
+from .build_cache import PRETRAIN_RECORD, cache_root, publish
+from .clip_tiny import clip_tiny_digits_dir, clip_tiny_digits_path
 from .packages import ModelError, minilm_dir, smollm2_dir
 from .task import quiet_transformers
 
@@ -131,19 +130,9 @@ def llava_smollm2_dir() -> str:
     quiet_transformers()
     clip_dir, lm_dir = clip_tiny_digits_dir(), smollm2_dir()
     model, tok = compose_llava(clip_dir, lm_dir)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
     record = json.loads((Path(clip_dir) / PRETRAIN_RECORD).read_text(encoding="utf-8"))
     record["vision_tower_of"] = LLAVA_SMOLLM2
-    (tmp / PRETRAIN_RECORD).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # another process finished the same build first
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not _is_built(folder):
-            raise
+    publish(folder, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)), record, _is_built)
     return str(folder)
 
 

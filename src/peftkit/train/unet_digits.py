@@ -9,10 +9,6 @@ with, which the tasks then use: :meth:`peftkit.train.diffusion_models.PromptEnco
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip_tiny import PRETRAIN_RECORD, cache_root
+from .build_cache import PRETRAIN_RECORD, cache_root, publish, settings_key
 from .diffusion_eval import digit_classifier
 from .diffusion_models import SCHEDULER, PromptEncoder, prompt_for, sample_images, unet_tiny
 from .images import DIGIT_LABELS, digits, to_model_input
@@ -65,8 +61,7 @@ class UNetDigitsPretraining:
 
     def key(self) -> str:
         """A hash of everything the weights depend on (the settings and the procedure's version)."""
-        blob = json.dumps({"version": PRETRAIN_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return settings_key(PRETRAIN_VERSION, self)
 
 
 UNET_DIGITS_PRETRAINING = UNetDigitsPretraining()
@@ -159,19 +154,8 @@ def is_built(folder: Path) -> bool:
 
 
 def save_unet_digits(folder: Path, model: nn.Module, encoder: PromptEncoder, record: dict[str, Any]) -> None:
-    """Write the build into ``folder`` at once: a temporary sibling folder, then a rename."""
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "unet")
-    encoder.save(str(tmp))
-    (tmp / PRETRAIN_RECORD).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # another process finished the same build first
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not is_built(folder):
-            raise
+    """Write the build into ``folder`` at once (``build_cache.publish``): the UNet, the prompt encoder, the record."""
+    publish(folder, lambda tmp: (model.save_pretrained(tmp / "unet"), encoder.save(str(tmp))), record, is_built)
 
 
 def unet_tiny_digits_dir(settings: UNetDigitsPretraining = UNET_DIGITS_PRETRAINING) -> str:

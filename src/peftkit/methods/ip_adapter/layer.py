@@ -204,11 +204,7 @@ class IPAdapterAdapter(Adapter):
         return out
 
     # -- merging: refused ---------------------------------------------------------------------------------------
-    def check_merge(self, base: nn.Module) -> None:
-        raise NotImplementedError(MERGE_ERROR)
-
-    def delta_weight(self, base: nn.Module) -> Tensor:
-        raise NotImplementedError(MERGE_ERROR)
+    merge_refusal: ClassVar[str | None] = MERGE_ERROR
 
     # -- the call's image prompt ---------------------------------------------------------------------------------
     @classmethod

@@ -257,19 +257,8 @@ class GatedPromptAdapter(LlamaAdapterV2Adapter, AdaptionPromptAdapter):
     def _visual_keys_values(self, base: nn.Module, dtype: torch.dtype, visual: Tensor) -> tuple[Tensor, Tensor]:
         """Keys W_k P' and gated values g W_v P' of P' = P + v per row, (batch, heads, K, head_dim) each."""
         prompt = self.adaption_prompt + visual.to(self.adaption_prompt.dtype)[:, None, :]  # (batch, K, d)
-        batch, head_dim = prompt.shape[0], self.head_dim
-        if self.v_name is None:  # fused projection: (query, key, value)
-            _, key, value = getattr(base, self.k_name)(prompt).split(prompt.shape[-1], dim=2)
-        else:
-            key, value = getattr(base, self.k_name)(prompt), getattr(base, self.v_name)(prompt)
-        kv_heads = key.shape[-1] // head_dim
-        repeat = self.num_heads // kv_heads
-
-        def heads(x: Tensor) -> Tensor:
-            x = x.view(batch, self.adapter_len, kv_heads, head_dim).transpose(1, 2)
-            return x.repeat_interleave(repeat, dim=1).to(dtype)
-
-        return heads(key), heads(self.adaption_gate * value)
+        key, value = self.prompt_heads(base, prompt)
+        return key.to(dtype), value.to(dtype)
 
 
 def merge_bias_scale(model: Any, adapter_name: str = "default") -> int:

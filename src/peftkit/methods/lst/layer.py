@@ -187,11 +187,7 @@ class LSTAdapter(Adapter):
         return {f"base_model.model.{self.key}.{name}": t for name, t in self.state_dict(keep_vars=True).items()}
 
     # -- merging: refused -------------------------------------------------------------------------------------
-    def check_merge(self, base: nn.Module) -> None:
-        raise NotImplementedError(MERGE_ERROR)
-
-    def delta_weight(self, base: nn.Module) -> Tensor:
-        raise NotImplementedError(MERGE_ERROR)
+    merge_refusal: ClassVar[str | None] = MERGE_ERROR
 
     # -- the call ----------------------------------------------------------------------------------------------
     @classmethod

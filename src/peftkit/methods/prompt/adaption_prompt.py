@@ -287,19 +287,22 @@ class AdaptionPromptAdapter(Adapter):
         return cached[1]
 
     def _project(self, base: nn.Module, dtype: torch.dtype, batch: int) -> tuple[Tensor, Tensor]:
-        """The prompt's keys W_k P and gated values g W_v P, (batch, heads, adapter_len, head_dim) each (one
-        prompt, expanded; grouped-query attention: each key / value head repeated for its group of query heads;
-        no rotary embedding)."""
-        prompt, head_dim = self.adaption_prompt, self.head_dim  # (1, adapter_len, d)
+        """The prompt's keys and gated values (``prompt_heads``) for a batch: one prompt, expanded."""
+        key, value = self.prompt_heads(base, self.adaption_prompt)  # (1, adapter_len, d) -> (1, heads, ...)
+        return tuple(x.to(dtype).contiguous().expand(batch, -1, -1, -1) for x in (key, value))
+
+    def prompt_heads(self, base: nn.Module, prompt: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys W_k P and gated values g W_v P of prompts P (rows, adapter_len, d), each (rows, heads, adapter_len,
+        head_dim): grouped-query attention repeats each key / value head for its group of query heads; no rotary
+        embedding."""
         if self.v_name is None:  # fused projection: (query, key, value)
             _, key, value = getattr(base, self.k_name)(prompt).split(prompt.shape[-1], dim=2)
         else:
             key, value = getattr(base, self.k_name)(prompt), getattr(base, self.v_name)(prompt)
-        kv_heads = key.shape[-1] // head_dim
-        repeat = self.num_heads // kv_heads
+        rows, kv_heads = prompt.shape[0], key.shape[-1] // self.head_dim
 
         def heads(x: Tensor) -> Tensor:
-            x = x.view(1, self.adapter_len, kv_heads, head_dim).transpose(1, 2).repeat_interleave(repeat, dim=1)
-            return x.to(dtype).contiguous().expand(batch, -1, -1, -1)
+            x = x.view(rows, self.adapter_len, kv_heads, self.head_dim).transpose(1, 2)
+            return x.repeat_interleave(self.num_heads // kv_heads, dim=1)
 
         return heads(key), heads(self.adaption_gate * value)

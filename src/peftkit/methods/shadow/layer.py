@@ -206,11 +206,7 @@ class ShadowAdapter(Adapter):
         return out
 
     # -- merging: refused, as peft --------------------------------------------------------------------------
-    def check_merge(self, base: nn.Module) -> None:
-        raise NotImplementedError(MERGE_ERROR)
-
-    def delta_weight(self, base: nn.Module) -> Tensor:
-        raise NotImplementedError(MERGE_ERROR)
+    merge_refusal: ClassVar[str | None] = MERGE_ERROR
 
     # -- the call ----------------------------------------------------------------------------------------------
     @classmethod
