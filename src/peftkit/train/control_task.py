@@ -28,7 +28,6 @@ from ..methods.controlnet.side import SideNetAdapter, active_side, side_adapter
 from ..registry import get_method
 from .control import agreement, condition_images, conditioned_methods, fit_to_adapter
 from .diffusion import METHOD_TASKS, DiffusionTask, save_grid
-from .diffusion_eval import sample_scores
 
 AGREE_PER_LABEL = 4  # samples per label for control_agreement
 AGREE_SEED = 2  # their start noise (the grids use seed 0, sample_accuracy seed 1)
@@ -78,22 +77,11 @@ class ControlDiffusionTask(DiffusionTask):
                      **{self.argument: image}).sample
         return F.mse_loss(pred.float(), batch["noise"].float())
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        if not self.test_y:
-            return {}
-        was_training = model.training
-        model.eval()
-        noisy, noise, t = self._eval_set()
-        control = self.control_images(self.test_x)
-        bs, total = self.recipe.train.eval_batch_size, 0.0
-        for s in range(0, len(t), bs):
-            batch = self.move({"sample": noisy[s : s + bs], "timestep": t[s : s + bs], "noise": noise[s : s + bs],
-                               "encoder_hidden_states": self.cond[self.test_y[s : s + bs]],
-                               "control": control[s : s + bs]})
-            total += float(self.loss(model, batch)) * len(batch["timestep"])
-        model.train(was_training)
-        return {"test_loss": total / len(t), **sample_scores(self, model), **self.agreement(model)}
+    def eval_inputs(self) -> dict[str, Tensor]:
+        return {"control": self.control_images(self.test_x)}
+
+    def extra_scores(self, model: nn.Module) -> dict[str, float]:
+        return self.agreement(model)
 
     # -- samples ---------------------------------------------------------------------------------------------
     def controls_for(self, cond: Tensor) -> Tensor:

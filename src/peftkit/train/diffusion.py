@@ -150,13 +150,24 @@ class DiffusionTask(Task):
         was_training = model.training
         model.eval()
         noisy, noise, t = self._eval_set()
+        extra = self.eval_inputs()
         bs, total = self.recipe.train.eval_batch_size, 0.0
         for s in range(0, len(t), bs):
             batch = self.move({"sample": noisy[s : s + bs], "timestep": t[s : s + bs], "noise": noise[s : s + bs],
-                               "encoder_hidden_states": self.cond[self.test_y[s : s + bs]]})
+                               "encoder_hidden_states": self.cond[self.test_y[s : s + bs]],
+                               **{k: v[s : s + bs] for k, v in extra.items()}})
             total += float(self.loss(model, batch)) * len(batch["timestep"])
         model.train(was_training)
-        return {"test_loss": total / len(t), **sample_scores(self, model)}  # digit classifier, adapter on / off
+        # the digit classifier's scores with the adapter on / off, then the subclass's own
+        return {"test_loss": total / len(t), **sample_scores(self, model), **self.extra_scores(model)}
+
+    def eval_inputs(self) -> dict[str, Tensor]:
+        """Batch entries beyond the noisy test images, one row per test image (a subclass's conditioning)."""
+        return {}
+
+    def extra_scores(self, model: nn.Module) -> dict[str, float]:
+        """A subclass's own evaluation measures, after the test loss and the sample scores."""
+        return {}
 
     def samples(self, model: nn.Module, cond: Tensor | None = None, seed: int | None = None) -> Tensor:
         """Samples of ``cond`` (rows of ``self.cond``), by default a grid's worth: ``samples_per_label`` rows, one
