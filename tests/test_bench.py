@@ -11,14 +11,14 @@ import sys
 import pytest
 
 from peftkit import get_peft_model
-from peftkit.bench import report
+from peftkit.bench import measure, report
 from peftkit.bench.grid import MODELS, cell_config, resolve_methods
 from peftkit.bench.peft_side import peft_config_class
 from peftkit.cli import main
 from peftkit.registry import get_method
 
 KEYS = {"method", "model", "impl", "trainable_params", "trainable_pct", "adapter_bytes", "step_time_s",
-        "peak_mem_mb", "infer_unmerged_s", "infer_merged_s", "accuracy"}
+        "peak_mem_mb", "tensor_peak_mb", "infer_unmerged_s", "infer_merged_s", "accuracy"}
 ARGS = ["bench", "--methods", "lora,bitfit", "--models", "llama-tiny", "--vs-peft", "--steps", "2", "--reps", "2",
         "--batch", "2", "--seq", "8", "--infer-iters", "1"]
 
@@ -44,6 +44,7 @@ def test_records_have_every_field_and_measured_values(run):
         for key in ("step_time_s", "peak_mem_mb", "infer_unmerged_s", "infer_merged_s"):
             assert len(r["samples"][key]) == 2  # one sample per repetition
             assert r[key] == statistics.median(r["samples"][key]) and r[key] > 0
+        assert len(r["samples"]["tensor_peak_mb"]) == 1 and r["tensor_peak_mb"] > 0  # exactly repeatable: once
 
 
 def test_trainable_params_and_adapter_bytes_match_the_model(run, tmp_path):
@@ -81,11 +82,32 @@ def test_ratios_are_medians_of_per_repetition_ratios(run):
     r = ratios[0]
     ours, theirs = by["lora", "peftkit"]["samples"], by["lora", "peft"]["samples"]
     for name, key in (("step_time_ratio", "step_time_s"), ("peak_mem_ratio", "peak_mem_mb"),
-                      ("infer_unmerged_ratio", "infer_unmerged_s")):
+                      ("tensor_peak_ratio", "tensor_peak_mb"), ("infer_unmerged_ratio", "infer_unmerged_s")):
         per_rep = [o / t for o, t in zip(ours[key], theirs[key])]
         assert r[name] == pytest.approx(statistics.median(per_rep))
         assert r[name + "_spread"] == pytest.approx([min(per_rep), max(per_rep)])
     assert r["reps"] == 2 and r["trainable_params_equal"] is True
+
+
+def test_tensor_peak_is_the_most_tensor_bytes_held_at_once():
+    import torch
+
+    def work():
+        a = torch.empty(250_000)  # 1 MB
+        b = torch.empty(500_000)  # 2 MB: 3 MB live
+        del a
+        c = torch.empty(400_000)  # 1.6 MB: 3.6 MB live, the peak
+        del b, c
+        return torch.empty(100_000)  # freed when the caller drops it
+
+    assert measure.tensor_peak_bytes(work) == 4 * (500_000 + 400_000)
+    before = [torch.empty(1_000_000)]  # live before: neither its bytes nor its free enter the figure
+
+    def free_and_allocate():
+        before.clear()
+        return torch.empty(100)
+
+    assert measure.tensor_peak_bytes(free_and_allocate) == 400
 
 
 def test_markdown_and_charts_are_written_and_regenerate_from_json(run, capsys):

@@ -119,6 +119,27 @@ def test_training_gradients_and_aux_loss_match_peft(tmp_path):
                                atol=1e-5, rtol=0)
 
 
+def test_the_last_blocks_unread_update_is_not_computed_and_the_state_is_let_go(tmp_path):
+    """s^(L) after the last block feeds nothing: its update networks do not run and the call drops s^(L-1) at
+    once (peft computes s^(L) and discards it; skipping it keeps the same outputs with less work and memory)."""
+    from peftkit.methods.shadow import wrapper
+
+    theirs = _pair(shadow_dropout=0.0)
+    theirs.save_pretrained(tmp_path)
+    ours = peftkit.PeftModel.from_pretrained(LLAMA.model(), tmp_path)
+    layers = ours.base_model.model.model.layers
+    ran, states = [], []
+    for i, layer in enumerate(layers):
+        for part in ("shadow_update_transform", "shadow_update_gate"):
+            getattr(layer.adapters["default"], part).register_forward_hook(lambda *a, i=i, part=part: ran.append((i, part)))
+        layer.register_forward_hook(lambda *a: states.append(wrapper.current().state))
+    ids = _ids()
+    torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
+    last = len(layers) - 1
+    assert sorted(ran) == [(i, p) for i in range(last) for p in ("shadow_update_gate", "shadow_update_transform")]
+    assert all(s is not None for s in states[:last]) and states[last] is None
+
+
 def test_generate_with_and_without_cache_gives_peft_uncached_tokens(tmp_path):
     theirs = _pair()
     theirs.save_pretrained(tmp_path)

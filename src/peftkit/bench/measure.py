@@ -9,6 +9,13 @@ growth. The child runs with one thread (intra-op thread pools do not survive ``f
 ``fork`` or ``/proc`` the figure is None. The growth includes a floor of about 18 MB that even a tiny model
 shows (first-step runtime buffers of the child), the same for both libraries; ratios of methods with small
 activations therefore read ~1.0.
+
+Peak tensor memory is the allocator's view of the same steps, in-process on the warm model: the profiler
+records every tensor allocation and free of the CPU allocator (``profile_memory``); the peak of their running
+sum is the most tensor memory the steps held above what was live before them (weights, AdamW state). It
+counts bytes the libraries asked for, not pages the kernel kept, so it is free of the RSS floor and of the
+allocator's caching, and repeats exactly (single-threaded autograd allocates in a fixed order): one sample
+per implementation decides a ratio that RSS growth cannot separate from noise.
 """
 
 from __future__ import annotations
@@ -130,6 +137,31 @@ def peak_step_mb(build: Callable[[], tuple[nn.Module, dict]], steps: int) -> flo
     if status != 0 or not text:
         return None
     return float(text)
+
+
+def tensor_peak_mb(model: nn.Module, opt: torch.optim.Optimizer, batch: dict, steps: int) -> float:
+    """Peak tensor memory (MiB) of ``steps`` training steps above what was live before them (allocator records)."""
+    gc.collect()
+    return tensor_peak_bytes(lambda: [train_step(model, opt, batch) for _ in range(max(1, steps))]) / 2**20
+
+
+def tensor_peak_bytes(fn: Callable[[], Any]) -> int:
+    """The most tensor bytes ``fn`` held at once above what was live before it, from the allocator's records."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return peak_of_records(prof.profiler.kineto_results.events())
+
+
+def peak_of_records(events: Any) -> int:
+    """The peak running sum of the allocator's ``[memory]`` records (bytes: + allocation, - free), in time order."""
+    records = sorted((e.start_ns(), i, e.nbytes()) for i, e in enumerate(events) if e.name() == "[memory]")
+    live = peak = 0
+    for _, _, nbytes in records:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 # ------------------------------------------------------------------------------------------------ stats

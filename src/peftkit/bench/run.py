@@ -3,7 +3,8 @@
 Within a cell both implementations are built once, warmed up with one step, and then measured in
 ``reps`` interleaved repetitions (peftkit, peft, then peft, peftkit, ...): each repetition times ``steps``
 training steps, ``infer_iters`` unmerged forwards, the same merged (mergeable methods; the adapter is
-unmerged again afterwards) and one forked peak-memory probe. Records hold medians over repetitions; the
+unmerged again afterwards) and one forked peak-memory probe; the first repetition also takes the allocator's
+peak tensor memory of ``steps`` steps (exactly repeatable, so one sample). Records hold medians over repetitions; the
 ratios ours / theirs are taken per repetition (the two ran seconds apart) and summarised by their median,
 min-max and IQR.
 """
@@ -31,8 +32,8 @@ from . import measure as M
 from .grid import BenchModel, MethodChoice, cell_config, recipe_path
 from .peft_side import load_peft, peft_model
 
-METRICS = ("step_time_s", "peak_mem_mb", "infer_unmerged_s", "infer_merged_s")
-RATIOS = {"step_time_ratio": "step_time_s", "peak_mem_ratio": "peak_mem_mb",
+METRICS = ("step_time_s", "peak_mem_mb", "tensor_peak_mb", "infer_unmerged_s", "infer_merged_s")
+RATIOS = {"step_time_ratio": "step_time_s", "peak_mem_ratio": "peak_mem_mb", "tensor_peak_ratio": "tensor_peak_mb",
           "infer_unmerged_ratio": "infer_unmerged_s", "infer_merged_ratio": "infer_merged_s"}
 
 
@@ -98,6 +99,8 @@ class _Side:
                 self.model.unmerge_adapter()
         self.samples["infer_merged_s"].append(merged)
         self.samples["peak_mem_mb"].append(M.peak_step_mb(self._fresh, o.steps) if o.memory else None)
+        if o.memory and not self.samples["tensor_peak_mb"]:
+            self.samples["tensor_peak_mb"].append(M.tensor_peak_mb(self.model, self.opt, self.batch, o.steps))
 
 
 def _builders(choice: MethodChoice, model: BenchModel, config: dict, vs_peft: bool) -> dict[str, Callable]:

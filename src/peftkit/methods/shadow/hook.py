@@ -39,8 +39,8 @@ def shadow_layers(model: nn.Module) -> list[ShadowLayer]:
     return [m for m in getattr(backbone, attr) if isinstance(m, ShadowLayer)]
 
 
-def active(model: nn.Module) -> tuple[str, Any] | None:
-    """(name, entry adapter) of the active, enabled shadow adapter of ``model``, or None."""
+def active(model: nn.Module) -> tuple[str, Any, ShadowLayer] | None:
+    """(name, entry adapter, last wrapped block) of the active, enabled shadow adapter of ``model``, or None."""
     layers = shadow_layers(model)
     if not layers or layers[0].disable_adapters:
         return None
@@ -52,8 +52,8 @@ def active(model: nn.Module) -> tuple[str, Any] | None:
         raise ValueError(f"ShadowPEFT requires exactly one active adapter, but got {len(names)} adapters: {names}")
     if not names:
         return None
-    entry = next(layer.adapters[names[0]] for layer in layers if names[0] in layer.adapters)
-    return names[0], entry
+    mine = [layer for layer in layers if names[0] in layer.adapters]
+    return names[0], mine[0].adapters[names[0]], mine[-1]
 
 
 def _cache_key(kwargs: dict[str, Any]) -> str:
@@ -74,12 +74,12 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[t
         kwargs[key], shadow_past = past.base, past.shadow
     if found is None:
         return args, kwargs
-    name, entry = found
+    name, entry, last = found
     if getattr(entry.network, "from_block", False):  # a diffusers transformer: the first block seeds (dit.py)
         if getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled():
             raise NotImplementedError(f"ShadowPEFT on {type(module).__name__}: gradient checkpointing is not supported "
                                       "(the recomputed blocks would run without the shadow state); disable it")
-        stack[-1] = Call(name, entry, None, None, False)
+        stack[-1] = Call(name, entry, None, None, False, last)
         return args, kwargs
     use_cache = kwargs.get("use_cache")
     if use_cache is None:
@@ -90,7 +90,7 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[t
                          "from which the shadow backbone computes its initial state")
     seed, cache = entry.network.seed(module.get_input_embeddings(), ids, embeds, kwargs.get("attention_mask"),
                                      kwargs.get("position_ids"), shadow_past, bool(use_cache))
-    stack[-1] = Call(name, entry, seed, cache, bool(use_cache))
+    stack[-1] = Call(name, entry, seed, cache, bool(use_cache), last)
     return args, kwargs
 
 

@@ -22,11 +22,14 @@ LOCAL = threading.local()
 
 class Call:
     """One call's shadow state: the adapter's name, its entry adapter (which holds the network), ``s^(0)``,
-    the running ``s^(l)``, the backbone's cache and whether to pack a ``ShadowCache`` (``seed`` None: computed by
-    the entry block from its input, for diffusers transformers)."""
+    the running ``s^(l)``, the backbone's cache, whether to pack a ``ShadowCache`` (``seed`` None: computed by
+    the entry block from its input, for diffusers transformers) and the last wrapped block, whose update
+    ``s^(L)`` nothing reads: it is not computed (peft computes and drops it; skipping it frees its graph early
+    and saves the work, with the same outputs and gradients)."""
 
-    def __init__(self, name: str, entry: Any, seed: Tensor | None, cache: Any, pack: bool) -> None:
+    def __init__(self, name: str, entry: Any, seed: Tensor | None, cache: Any, pack: bool, last: Any = None) -> None:
         self.name, self.entry, self.seed, self.state, self.cache, self.pack = name, entry, seed, seed, cache, pack
+        self.last = last
         self.deferred = seed is None  # a diffusers transformer: the entry block computes s^(0) from its input
 
 
@@ -68,5 +71,6 @@ class ShadowLayer(AdapterLayer):
         else:
             h = kwargs.pop("hidden_states")
             out = self.base_layer(hidden_states=adapter.inject(h, call.state), **kwargs)
-        call.state = adapter.update(block_hidden(out), call.state)
+        # s^(L) after the last block is read by nothing: not computed, and s^(L-1) is let go at once
+        call.state = None if self is call.last else adapter.update(block_hidden(out), call.state)
         return out
