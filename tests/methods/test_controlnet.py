@@ -204,7 +204,9 @@ def test_training_run_learns_and_writes_grids_and_agreement(tmp_path, monkeypatc
     from peftkit.train.diffusion import DiffusionTask
 
     recipe = yaml.safe_load((CONFIGS / "digits_controlnet.yaml").read_text())
-    recipe["data"].update(image_size=8, train_rows=200, test_rows=40)
+    recipe["model"] = "unet-tiny"  # random weights: tests never pre-train unet-tiny-digits
+    recipe["data"].update(train="builtin:digits/train", test="builtin:digits/test", image_size=8, train_rows=200,
+                          test_rows=40)
     recipe["train"].update(max_steps=20, log_every=4, save_every=0, lr=5e-3, warmup_ratio=0.0)
     recipe["output_dir"] = str(tmp_path / "run")
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
