@@ -21,10 +21,11 @@ PROJ_FILE_KEYS = {"image_embeds.weight": "proj.weight", "image_embeds.bias": "pr
 DIFFUSERS_TOKENS = 4  # the token count diffusers' loader assumes for an ``ImageProjection`` file
 
 
-def check_image_embeds(embeds: Any, dim: int, rows: int | None, who: str) -> Tensor:
+def check_image_embeds(embeds: Any, dim: int, rows: int | None, who: str, middle: str = "images") -> Tensor:
     """``embeds`` as ``(B, N, D)``, after checking it is a float tensor ``(B, D)`` or ``(B, N, D)`` with ``D == dim``
-    and ``B == rows`` (when known); ValueError naming ``ip_adapter_image_embeds`` and the expected shape otherwise."""
-    want = f"a float tensor (batch, {dim}) or (batch, images, {dim})" + (f" with batch = {rows}" if rows else "")
+    and ``B == rows`` (when known); ValueError naming ``ip_adapter_image_embeds`` and the expected shape otherwise.
+    ``middle`` names N in the message (SD3's image prompt is ``tokens`` of one image's features)."""
+    want = f"a float tensor (batch, {dim}) or (batch, {middle}, {dim})" + (f" with batch = {rows}" if rows else "")
     if not isinstance(embeds, Tensor) or not embeds.is_floating_point():
         got = f"a {embeds.dtype} tensor" if isinstance(embeds, Tensor) else type(embeds).__name__
         raise ValueError(f"{ARG}: {who} expects {want}, got {got}")

@@ -30,12 +30,17 @@ Files: peftkit's adapter file holds ``base_model.model.<attn2 path>.to_{k,v}_ip.
 ``UNet2DConditionModel._load_ip_adapter_weights`` load (``num_tokens`` 4, every cross-attention targeted);
 ``load_ip_adapter_file`` reads one into a peftkit model.
 
+On SD3's transformer (``SD3Transformer2DModel``) the same method adapts every joint attention with diffusers'
+``SD3IPAdapterJointAttnProcessor2_0`` and projects the image features with a timestep-conditioned
+``IPAdapterTimeImageProjection``, as diffusers' SD3 IP-Adapter: ``sd3.py``.
+
 Not mergeable (the image branch is an extra attention, not a weight delta); per-row routing (``adapter_names``) is
 refused: rows differ by their image prompts instead. The adapter's tensors take the base layer's dtype.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 import torch
@@ -45,6 +50,7 @@ from ...layers import Adapter, adapter_layers
 from ...registry import register_method
 from ...targeting import NotApplicableError, TargetError, is_target
 from . import functional as IF
+from . import sd3
 from .config import IPAdapterConfig
 from .wrapper import IPAdapterLayer, image_prompt_scope
 
@@ -66,11 +72,15 @@ def _kv(module: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 def cross_attentions(model: nn.Module, named: list[tuple[str, nn.Module]], config: IPAdapterConfig) -> list[str]:
-    """Paths of the cross-attention modules ``config`` selects; NotApplicableError when the model has none."""
-    found = [p for p, m in named if p and is_cross_attention(m)]
+    """Paths of the cross-attention modules (SD3: joint attentions) ``config`` selects; NotApplicableError when the
+    model has none."""
+    found = sd3.joint_attentions(named)
+    what = "joint attention modules (SD3)" if found else "cross-attention modules"
+    found = found or [p for p, m in named if p and is_cross_attention(m)]
     if not found:
         raise NotApplicableError(f"IP-Adapter on {type(model).__name__}: no diffusers cross-attention (an Attention "
-                                 "with is_cross_attention, e.g. a UNet2DConditionModel's attn2)")
+                                 "with is_cross_attention, e.g. a UNet2DConditionModel's attn2) and no SD3 joint "
+                                 "attention (JointAttnProcessor2_0)")
     targets = config.target_modules
     if targets is None:
         return found
@@ -78,7 +88,7 @@ def cross_attentions(model: nn.Module, named: list[tuple[str, nn.Module]], confi
     bad = [p for p in picked if p not in found]
     if bad or not picked:
         raise TargetError(f"{OWNER}.target_modules: {sorted(targets) if isinstance(targets, set) else targets!r} "
-                          f"selects {bad[:1] or 'nothing'}; expected cross-attention modules, among {found}")
+                          f"selects {bad[:1] or 'nothing'}; expected {what}, among {found}")
     return picked
 
 
@@ -105,6 +115,8 @@ class IPAdapterAdapter(Adapter):
     def select_targets(cls, model: nn.Module, named: list[tuple[str, nn.Module]], config: IPAdapterConfig) -> list[str]:
         paths = cross_attentions(model, named, config)
         modules = dict(named)
+        if sd3.is_joint_attention(modules[paths[0]]):  # SD3: every joint attention runs JointAttnProcessor2_0
+            return paths
         widths = {_kv(modules[p])[0].in_features for p in paths}
         if len(widths) > 1:
             raise TargetError(f"{OWNER}.target_modules: the selected cross-attentions read text of different widths "
@@ -120,13 +132,18 @@ class IPAdapterAdapter(Adapter):
 
     @classmethod
     def param_count(cls, base: nn.Module, config: IPAdapterConfig, key: str = "") -> int:
-        """to_k_ip and to_v_ip: ``2 c d`` (c: the text width, d: the attention width)."""
+        """to_k_ip and to_v_ip: ``2 c d`` (c: the text width, d: the attention width); SD3: ``sd3.py``."""
+        if sd3.is_joint_attention(base):
+            return sd3.processor_param_count(base, config)
         to_k, to_v = _kv(base)
         return to_k.in_features * to_k.out_features + to_v.in_features * to_v.out_features
 
     @classmethod
     def shared_param_count(cls, targets: list[tuple[str, nn.Module]], config: IPAdapterConfig) -> int:
-        """The image projection, once per adapter: ``D N c + N c`` (Linear) ``+ 2 c`` (LayerNorm)."""
+        """The image projection, once per adapter: ``D N c + N c`` (Linear) ``+ 2 c`` (LayerNorm); SD3's resampler:
+        ``sd3.projection_param_count``."""
+        if sd3.is_joint_attention(targets[0][1]):
+            return sd3.projection_param_count(sd3.widths(targets[0][1])[0], config)
         c = _kv(targets[0][1])[0].in_features
         n = config.num_tokens
         return config.image_embed_dim * n * c + n * c + 2 * c
@@ -144,6 +161,11 @@ class IPAdapterAdapter(Adapter):
                               f"{tuple(to_v.weight.shape)} differ; expected the same shape")
         self.num_tokens = config.num_tokens
         self.scale = float(config.scale)
+        self.joint = sd3.is_joint_attention(base)  # SD3's joint attention (sd3.py)
+        self.image_proj: nn.Module | None = None  # the adapter's one projection, linked by after_inject
+        if self.joint:
+            self.processor = sd3.build_processor(base, config, init)
+            return
         ref = to_k.weight
         self.processor = IPAdapterAttnProcessor2_0(hidden_size=to_k.out_features, cross_attention_dim=to_k.in_features,
                                                    num_tokens=(self.num_tokens,), scale=self.scale)
@@ -152,15 +174,17 @@ class IPAdapterAdapter(Adapter):
             with torch.no_grad():
                 self.processor.to_k_ip[0].weight.copy_(to_k.weight)
                 self.processor.to_v_ip[0].weight.copy_(to_v.weight)
-        self.image_proj: nn.Module | None = None  # the adapter's one projection, linked by after_inject
 
     def set_scale(self, scale: float) -> None:
         self.scale = float(scale)
-        self.processor.scale = [self.scale]
+        self.processor.scale = self.scale if self.joint else [self.scale]
 
     def build_projection(self) -> nn.Module:
         """A new image projection (diffusers' ImageProjection in a MultiIPAdapterImageProjection), on this layer's
-        device and dtype, with diffusers' (PyTorch's) initialisation."""
+        device and dtype, with diffusers' (PyTorch's) initialisation; SD3: an IPAdapterTimeImageProjection."""
+        if self.joint:
+            w = self.processor.to_k_ip.weight
+            return sd3.build_projection(w.shape[1], self.config, w.device, w.dtype)
         from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
 
         w = self.processor.to_k_ip[0].weight
@@ -170,15 +194,18 @@ class IPAdapterAdapter(Adapter):
 
     @property
     def projection(self) -> nn.Module:
-        """The ImageProjection itself."""
+        """The ImageProjection (SD3: the IPAdapterTimeImageProjection) itself."""
         if self.image_proj is None:
             raise RuntimeError("IP-Adapter: this layer's adapter has no image projection (add IP-Adapter adapters "
                                "through get_peft_model / add_adapter / load_adapter, which link it)")
-        return self.image_proj.image_projection_layers[0]
+        return self.image_proj if self.joint else self.image_proj.image_projection_layers[0]
 
-    def project(self, embeds: Tensor) -> Tensor:
-        """Image tokens (B, N_images, num_tokens, c) of image embeddings (B, N_images, D)."""
-        self.projection  # noqa: B018  (raises when unlinked)
+    def project(self, embeds: Tensor, timestep: Tensor | None = None) -> Any:
+        """Image tokens (B, N_images, num_tokens, c) of image embeddings (B, N_images, D); SD3: the resampler's
+        (tokens (B, num_tokens, d), timestep embedding (B, resampler_dim)) of image features (B, L, D)."""
+        projection = self.projection
+        if self.joint:
+            return projection(embeds, timestep)
         return self.image_proj([embeds])[0]
 
     @classmethod
@@ -197,8 +224,11 @@ class IPAdapterAdapter(Adapter):
 
     # -- the file ----------------------------------------------------------------------------------------------
     def file_tensors(self, for_save: bool) -> dict[str, Tensor]:
-        out = {f"base_model.model.{self.key}.to_k_ip.weight": self.processor.to_k_ip[0].weight,
-               f"base_model.model.{self.key}.to_v_ip.weight": self.processor.to_v_ip[0].weight}
+        if self.joint:  # SD3: every tensor of the processor, under its own name
+            out = {f"base_model.model.{self.key}.{n}": t for n, t in self.processor.named_parameters()}
+        else:
+            out = {f"base_model.model.{self.key}.to_k_ip.weight": self.processor.to_k_ip[0].weight,
+                   f"base_model.model.{self.key}.to_v_ip.weight": self.processor.to_v_ip[0].weight}
         for name, t in self.projection.named_parameters():  # every layer names the one projection: one entry
             out[f"base_model.image_proj.{name}"] = t
         return out
@@ -210,9 +240,11 @@ class IPAdapterAdapter(Adapter):
     @classmethod
     def call_context(cls, model: Any, call: dict[str, Any]) -> Any:
         """Take ``ip_adapter_image_embeds`` out of the call (or read diffusers' ``added_cond_kwargs["image_embeds"]``
-        when the base UNet has no image projection of its own), check it against the active IP-Adapter adapters
-        and the batch, and hold it for the call."""
+        when the base UNet has no image projection of its own; SD3: diffusers' ``joint_attention_kwargs``), check it
+        against the active IP-Adapter adapters and the batch, and hold it (and the timestep) for the call."""
         embeds = call["kwargs"].pop(IF.ARG, None)
+        if embeds is None:
+            embeds = sd3.pop_joint_embeds(model, call["kwargs"])
         if embeds is None:
             embeds = _diffusers_image_embeds(model, call["kwargs"])
         if embeds is None:
@@ -221,10 +253,16 @@ class IPAdapterAdapter(Adapter):
         names = [n for n in model.active_adapters if isinstance(configs.get(n), IPAdapterConfig)]
         if not names:
             return None
-        rows = _batch_rows(call)
-        checked = {n: IF.check_image_embeds(e, configs[n].image_embed_dim, rows, f"IP-Adapter adapter {n!r}")
+        args = _call_arguments(model, call)
+        sample = args.get("sample", args.get("hidden_states"))
+        rows = sample.shape[0] if isinstance(sample, Tensor) and sample.dim() == 4 else None
+        joint = "joint_attention_kwargs" in args  # SD3's transformer: image features (B, L, D), one IP-Adapter
+        checked = {n: IF.check_image_embeds(e, configs[n].image_embed_dim, rows, f"IP-Adapter adapter {n!r}",
+                                            middle="tokens" if joint else "images")
                    for n, e in IF.per_adapter(embeds, names).items()}
-        return image_prompt_scope(checked)
+        if joint:
+            sd3.check_call(sorted(checked), args.get("timestep"))
+        return image_prompt_scope(checked, args.get("timestep"))
 
 
 def _diffusers_image_embeds(model: Any, kwargs: dict[str, Any]) -> Any:
@@ -240,9 +278,17 @@ def _diffusers_image_embeds(model: Any, kwargs: dict[str, Any]) -> Any:
     return value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value
 
 
-def _batch_rows(call: dict[str, Any]) -> int | None:
-    sample = call["kwargs"].get("sample", call["args"][0] if call["args"] else None)
-    return sample.shape[0] if isinstance(sample, Tensor) and sample.dim() == 4 else None
+def _call_arguments(model: Any, call: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments by name (positional ones named by the base model's forward), and every parameter name
+    of that forward (None when the call leaves it out)."""
+    try:
+        params = list(inspect.signature(model.get_base_model().forward).parameters)
+    except (TypeError, ValueError):
+        params = []
+    out: dict[str, Any] = dict.fromkeys(p for p in params if p not in ("args", "kwargs"))
+    out.update(zip(params, call["args"]))
+    out.update(call["kwargs"])
+    return out
 
 
 def set_ip_adapter_scale(model: nn.Module, scale: float, adapter_name: str | None = None) -> None:

@@ -8,7 +8,8 @@ per call, on first use, and every layer of that adapter reads them.
 The layer runs diffusers' ``IPAdapterAttnProcessor2_0`` on its base ``Attention`` in place of the base's processor:
 ``attn(q, K_text, V_text) + sum_i scale_i attn(q, to_k_ip_i(c_i), to_v_ip_i(c_i))`` over the active adapters that
 have an image prompt and a nonzero scale. With none (no image prompt, scale 0, adapters disabled) the base module
-runs as it is, so the output is the base model's bit for bit.
+runs as it is, so the output is the base model's bit for bit. On SD3's joint attention the adapter's
+``SD3IPAdapterJointAttnProcessor2_0`` runs instead, with the resampler's tokens and timestep embedding (``sd3.py``).
 """
 
 from __future__ import annotations
@@ -27,21 +28,23 @@ from ...layers import AdapterLayer
 
 class _Local(threading.local):
     embeds: dict[str, Tensor] | None = None  # this thread's call: adapter name -> (B, N, D) image embeddings
-    tokens: dict[str, Tensor] | None = None  # adapter name -> (B, N, num_tokens, cross_attention_dim), on first use
+    tokens: dict[str, Any] | None = None  # adapter name -> (B, N, num_tokens, cross_attention_dim), on first use
+    timestep: Tensor | None = None  # the call's timestep (SD3's image projection reads it)
 
 
 _LOCAL = _Local()
 
 
 @contextlib.contextmanager
-def image_prompt_scope(embeds: dict[str, Tensor]) -> Iterator[None]:
-    """Within the block, and only in this thread, IP-Adapter layers read ``embeds`` (adapter name -> (B, N, D))."""
-    outer = (_LOCAL.embeds, _LOCAL.tokens)
-    _LOCAL.embeds, _LOCAL.tokens = embeds, {}
+def image_prompt_scope(embeds: dict[str, Tensor], timestep: Tensor | None = None) -> Iterator[None]:
+    """Within the block, and only in this thread, IP-Adapter layers read ``embeds`` (adapter name -> (B, N, D)) and
+    the call's ``timestep``."""
+    outer = (_LOCAL.embeds, _LOCAL.tokens, _LOCAL.timestep)
+    _LOCAL.embeds, _LOCAL.tokens, _LOCAL.timestep = embeds, {}, timestep
     try:
         yield
     finally:
-        _LOCAL.embeds, _LOCAL.tokens = outer
+        _LOCAL.embeds, _LOCAL.tokens, _LOCAL.timestep = outer
 
 
 def call_embeds() -> dict[str, Tensor]:
@@ -49,11 +52,12 @@ def call_embeds() -> dict[str, Tensor]:
     return _LOCAL.embeds or {}
 
 
-def image_tokens(name: str, adapter: Any) -> Tensor:
-    """Adapter ``name``'s image tokens for the running call, projected once and then reused by every layer."""
+def image_tokens(name: str, adapter: Any) -> Any:
+    """Adapter ``name``'s image tokens for the running call (SD3: tokens and timestep embedding), projected once and
+    then reused by every layer."""
     tokens = _LOCAL.tokens
     if name not in tokens:
-        tokens[name] = adapter.project(_LOCAL.embeds[name])
+        tokens[name] = adapter.project(_LOCAL.embeds[name], _LOCAL.timestep)
     return tokens[name]
 
 
@@ -81,6 +85,15 @@ class IPAdapterLayer(AdapterLayer):
         if self.routing is not None:
             raise ValueError("IP-Adapter: adapter_names (per-row routing of a mixed batch) is not supported; give "
                              "each row its image prompt in ip_adapter_image_embeds instead")
+        first = self.adapters[names[0]]
+        if first.joint:  # SD3's joint attention: one image branch
+            if len(names) > 1:
+                raise ValueError(f"ip_adapter_image_embeds: SD3's IP-Adapter processor has one image branch; the "
+                                 f"IP-Adapter adapters {names} all got an image prompt")
+            ip_states, temb = image_tokens(names[0], first)
+            self._check_rows(names[0], ip_states, hidden_states)
+            return first.processor(self.base_layer, hidden_states, encoder_hidden_states, attention_mask,
+                                   ip_hidden_states=ip_states, temb=temb)
         if encoder_hidden_states is None:
             raise ValueError("IP-Adapter: the cross-attention got no encoder_hidden_states (the text); IP-Adapter "
                              "adds image keys and values beside the text's")
@@ -89,11 +102,8 @@ class IPAdapterLayer(AdapterLayer):
                              "diffusers' own IP-Adapter loaded; use one or the other")
         adapters = [self.adapters[n] for n in names]
         ip_states = [image_tokens(n, a) for n, a in zip(names, adapters)]
-        rows = hidden_states.shape[0]
         for n, s in zip(names, ip_states):
-            if s.shape[0] != rows:
-                raise ValueError(f"ip_adapter_image_embeds: adapter {n!r} got {s.shape[0]} image prompts for "
-                                 f"{rows} batch rows through {type(self.base_layer).__name__}; give one per row")
+            self._check_rows(n, s, hidden_states)
         processor = adapters[0].processor
         if len(adapters) > 1:  # diffusers' processor reads several IP-Adapters from its lists: theirs, joined
             processor = SimpleNamespace(
@@ -102,3 +112,9 @@ class IPAdapterLayer(AdapterLayer):
         call = type(adapters[0].processor).__call__
         return call(processor, self.base_layer, hidden_states, encoder_hidden_states=(encoder_hidden_states, ip_states),
                     attention_mask=attention_mask, **_processor_kwargs(type(adapters[0].processor), kwargs))
+
+    def _check_rows(self, name: str, states: Tensor, hidden_states: Tensor) -> None:
+        rows = hidden_states.shape[0]
+        if states.shape[0] != rows:
+            raise ValueError(f"ip_adapter_image_embeds: adapter {name!r} got {states.shape[0]} image prompts for "
+                             f"{rows} batch rows through {type(self.base_layer).__name__}; give one per row")
