@@ -1,5 +1,6 @@
 """ControlNet (Zhang et al. 2023, arXiv 2302.05543; the survey's additive side networks) on a diffusers
-``UNet2DConditionModel``.
+``UNet2DConditionModel`` (below) or ``SD3Transformer2DModel`` (diffusers' ``SD3ControlNetModel``: ``sd3.py``); one
+registered method, the backbone read from the model (and, for a built adapter, from its ``controlnet_config``).
 
 A trainable copy of the frozen UNet's encoder (input conv, time embedding, down blocks, mid block) reads the noisy
 sample, the timestep, the text and a conditioning image (through a small convolutional encoder added to its input);
@@ -21,27 +22,27 @@ channels) - 1)``; values as diffusers' pipelines pass them ([0, 1]). Checked bef
 
 Files: ``PeftModel.save_pretrained`` writes the network's tensors under ``base_model.model.controlnet.<diffusers
 key>``; ``save_controlnet`` writes diffusers' own ``ControlNetModel`` folder (``ControlNetModel.from_pretrained``
-loads it) and ``load_controlnet`` adds such a folder to a UNet as a peftkit adapter. Not mergeable; per-row
-routing (``adapter_names``) is refused.
+loads it; an ``SD3ControlNetModel`` one on SD3) and ``load_controlnet`` adds such a folder to a UNet (SD3
+transformer) as a peftkit adapter. Not mergeable; per-row routing (``adapter_names``) is refused.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from ...config import ConfigError
 from ...kernel_helpers import adapter_dtype
 from ...registry import register_method
+from . import sd3
 from .config import ControlNetConfig
-from .side import HOST, SideNetAdapter, plain_unet_view, require_unet, to_place
+from .side import SideNetAdapter, backbone_of, host_name, jsonable, plain_unet_view, to_place
 
-
-def jsonable(config: Any) -> dict[str, Any]:
-    """A diffusers config without its private keys, as JSON would give it back (tuples -> lists)."""
-    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
+SD3 = "SD3Transformer2DModel"
+# the SD3 ControlNet's fields, with the values a UNet's ControlNet needs
+SD3_FIELDS = {"num_layers": None, "extra_conditioning_channels": 0, "force_zeros_for_pooled_projection": True}
 
 
 def controlnet_kwargs(config: ControlNetConfig) -> dict[str, Any]:
@@ -61,11 +62,22 @@ def derived_config(unet: nn.Module, config: ControlNetConfig) -> dict[str, Any]:
     return jsonable(net.config)
 
 
+def check_unet_fields(config: ControlNetConfig) -> None:
+    """The SD3-only fields keep their defaults on a UNet."""
+    for field, default in SD3_FIELDS.items():
+        if getattr(config, field) != default:
+            raise ConfigError(f"ControlNetConfig.{field}: a field of the ControlNet on an SD3Transformer2DModel; "
+                              f"expected {default!r} on a UNet, got {getattr(config, field)!r}")
+
+
 @register_method(
     "controlnet", config=ControlNetConfig, category="additive", modalities=("generation",), mergeable=False,
     param_formula="a trainable copy of the UNet's encoder (conv_in, time embedding, down blocks, mid block) + the "
-                  "conditioning encoder + one zero 1x1 conv per skip connection and one on the mid block",
-    position="a side network beside the frozen UNet: its residuals join the skip connections and the mid block",
+                  "conditioning encoder + one zero 1x1 conv per skip connection and one on the mid block; on SD3: "
+                  "a copy of the embeddings and the first n joint blocks + one zero Linear per block + a zero "
+                  "patch embedding of the conditioning latent",
+    position="a side network beside the frozen UNet (SD3 transformer): its residuals join the skip connections and "
+             "the mid block (the blocks' image tokens)",
     changes_structure=True, starts_at_base=True, paper="arXiv 2302.05543 (Zhang et al. 2023), ControlNet",
     examples={"controlnet": {"conditioning_embedding_out_channels": [8, 16], "blank_condition": 0.5}},
 )
@@ -73,56 +85,77 @@ class ControlNetAdapter(SideNetAdapter):
     cond_argument: ClassVar[str] = "controlnet_cond"
     label: ClassVar[str] = "ControlNet"
     file_prefix: ClassVar[str] = "controlnet"
+    backbones: ClassVar[tuple[str, ...]] = ("UNet2DConditionModel", SD3)
+    supported_layers: ClassVar[tuple[type, ...]] = (nn.Conv2d, nn.Linear)  # the UNet's conv_out, SD3's proj_out
 
     @classmethod
     def prepare_config(cls, model: nn.Module, named: list[tuple[str, nn.Module]], config: ControlNetConfig) -> None:
-        derived = derived_config(require_unet(model, cls.label), config)
+        if backbone_of(cls.require_backbone(model)) == SD3:
+            derived, kind = jsonable(sd3.derived_config(model, config)), "transformer"
+        else:
+            check_unet_fields(config)
+            derived, kind = derived_config(model, config), "UNet"
         given = config.controlnet_config
         if given is not None:
             given = jsonable(given)
             diff = sorted(k for k in set(given) | set(derived) if given.get(k) != derived.get(k))
             if diff:
                 k = diff[0]
-                raise ValueError(f"ControlNetConfig.controlnet_config: {k} is {given.get(k)!r}, but this UNet and "
+                raise ValueError(f"ControlNetConfig.controlnet_config: {k} is {given.get(k)!r}, but this {kind} and "
                                  f"the config's fields give {derived.get(k)!r} (the ControlNet was made for another "
-                                 "UNet or other conditioning fields)")
+                                 f"{kind} or other conditioning fields)")
         config.controlnet_config = derived
 
     @classmethod
-    def param_count(cls, base: nn.Module, config: ControlNetConfig, key: str = "") -> int:
-        from diffusers import ControlNetModel
+    def unreached_params(cls, model: nn.Module) -> set[str]:
+        """On SD3: the parameters of each ControlNet that its residuals do not depend on (``sd3.unreached``)."""
+        return {f"{path}.net.{name}" for path, adapter in model.named_modules()
+                if isinstance(adapter, ControlNetAdapter) and adapter.sd3 for name in sd3.unreached(adapter.net)}
 
+    @classmethod
+    def param_count(cls, base: nn.Module, config: ControlNetConfig, key: str = "") -> int:
         with torch.device("meta"):
-            return sum(p.numel() for p in ControlNetModel.from_config(config.controlnet_config).parameters())
+            net = sd3.network_class(config.controlnet_config).from_config(config.controlnet_config)
+            return sum(p.numel() for p in net.parameters())
 
     def __init__(self, base: nn.Module, config: ControlNetConfig, key: str = "", init: bool = True) -> None:
-        from diffusers import ControlNetModel
-
         super().__init__()
         self.key = key
-        self.cond_channels, self.factor = config.conditioning_channels, config.downscale
+        cfg = self.net_config = config.controlnet_config
+        self.sd3 = sd3.is_sd3_config(cfg)
+        if self.sd3:  # a latent of the sample's size: its channels and the extra ones
+            self.cond_channels, self.factor = int(cfg["in_channels"]) + int(cfg["extra_conditioning_channels"]), 1
+        else:
+            self.cond_channels, self.factor = config.conditioning_channels, config.downscale
         self.scale, self.blank = float(config.conditioning_scale), config.blank_condition
         self.kwargs = controlnet_kwargs(config)
         self.load_device, self.dtype = base.weight.device, adapter_dtype(base)
-        # init: a placeholder on the meta device until after_inject builds the network from the UNet (from_unet)
+        # init: a placeholder on the meta device until after_inject builds the network from the base model
+        # (from_unet / from_transformer)
         self.pending = init
         with torch.device("meta" if init else self.load_device):
-            self.net = ControlNetModel.from_config(config.controlnet_config)
+            self.net = sd3.network_class(cfg).from_config(cfg)
         if not init:
             self.net = to_place(self.net, self.load_device, self.dtype)
 
     @classmethod
     def after_inject(cls, model: nn.Module, adapter_name: str) -> None:
-        """A new adapter's network: ``ControlNetModel.from_unet`` (the encoder's weights copied, zero convs zero)."""
+        """A new adapter's network: ``ControlNetModel.from_unet`` (the encoder's weights copied, zero convs zero) or
+        ``SD3ControlNetModel.from_transformer`` (the embeddings and first blocks copied, the zero parts zero)."""
         from diffusers import ControlNetModel
 
-        adapter = getattr(model, HOST).adapters[adapter_name]
+        adapter = getattr(model, host_name(model)).adapters[adapter_name]
         if isinstance(adapter, ControlNetAdapter) and adapter.pending:
-            net = ControlNetModel.from_unet(plain_unet_view(model), load_weights_from_unet=True, **adapter.kwargs)
+            if adapter.sd3:
+                net = sd3.build(model, adapter.net_config)
+            else:
+                net = ControlNetModel.from_unet(plain_unet_view(model), load_weights_from_unet=True, **adapter.kwargs)
             adapter.net = to_place(net, adapter.load_device, adapter.dtype)
             adapter.pending = False
 
     def residuals(self, call: dict[str, Any], cond: Tensor) -> dict[str, Any]:
+        if self.sd3:
+            return sd3.residuals(self.net, call, cond, self.scale)
         sample = call["sample"]
         dtype = next(self.net.parameters()).dtype
         ehs = call.get("encoder_hidden_states")
