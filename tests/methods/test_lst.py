@@ -55,7 +55,7 @@ def test_shapes_the_side_network_cannot_take_fail_at_injection(kwargs, field):
     assert not any(isinstance(m, LSTLayer) for m in model.modules())
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "t5", "vit", "clip"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "t5", "convnet", "clip"])
 def test_models_without_a_bert_style_encoder_are_not_applicable(family):
     with pytest.raises(NotApplicableError, match="LST"):
         peftkit.get_peft_model(FAMILY[family].model(), LSTConfig())

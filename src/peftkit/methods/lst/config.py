@@ -13,8 +13,9 @@ class LSTConfig(PeftConfig):
     """Ladder side-tuning (LST): a narrow side network beside a frozen encoder, fed by ladders from every block.
 
     Args:
-        target_modules: the encoder (the module holding the block list ``layer``), by name or dotted suffix; None
-            (the default) finds it (``bert.encoder``, ``roberta.encoder``) and writes its path back.
+        target_modules: the block stack (an ``encoder`` holding the block list ``layer``, or an image model holding
+            ``layers``), by name or dotted suffix; None (the default) finds it (``bert.encoder``,
+            ``roberta.encoder``, ``vit``) and writes its path back.
         reduction_factor: r, the side network's width is ``d / r`` (the paper's 8); it must divide ``d``.
         side_num_attention_heads: attention heads of the side blocks; None: ``gcd(base heads, d / r)``.
         side_intermediate_size: feed-forward width of the side blocks; None: the base's ``intermediate_size // r``

@@ -6,12 +6,13 @@ block per backbone block, fed by "ladders" from the backbone's intermediate stat
     s_0 = D_0 h_0;   u_i = mu_i D_i h_i + (1 - mu_i) s_{i-1},  mu_i = sigmoid(alpha_i / T);   s_i = f_i(u_i)
     y   = h_N + U s_N                    (y replaces the encoder's last hidden state for the task head)
 
-``h_0``: the embedding output, ``h_i``: block i's output, ``D_i``: Linear(d, d_s), ``f_i``: a block of the
-backbone's own class (``BertLayer``, ``RobertaLayer``) built at width ``d_s`` (heads ``gcd(heads, d_s)``, FFN
-``intermediate_size // r`` unless set), ``U``: Linear(d_s, d). The backbone runs under ``torch.no_grad``
-(``wrapper.py``): backpropagation never enters it, so training keeps none of its activations, only the ladder
-inputs ``h_i`` (for ``D_i``'s gradient) and the side network's own. Trainable: ``(N + 1)(d d_s + d_s)`` +
-``N`` gates + ``N`` side blocks + ``d_s d + d``, plus the task head (``modules_to_save``).
+``h_0``: the embedding output (the first block's input), ``h_i``: block i's output, ``D_i``: Linear(d, d_s),
+``f_i``: a block of the backbone's own class (``BertLayer``, ``RobertaLayer``, ``ViTLayer``) built at width
+``d_s`` (heads ``gcd(heads, d_s)``, FFN ``intermediate_size // r`` unless set), ``U``: Linear(d_s, d). The
+backbone's blocks run under ``torch.no_grad`` (``wrapper.py``): backpropagation never enters them, so training
+keeps none of their activations, only the ladder inputs ``h_i`` (for ``D_i``'s gradient) and the side network's
+own. Trainable: ``(N + 1)(d d_s + d_s)`` + ``N`` gates + ``N`` side blocks + ``d_s d + d``, plus the task head
+(``modules_to_save``).
 
 File keys (peft has no LST): ``base_model.model.<encoder>.side_downsamples.<i>.{weight,bias}`` (i = 0..N),
 ``.side_gates`` (N), ``.side_blocks.<i>.<the block's own keys>``, ``.side_upsample.{weight,bias}``.
@@ -23,10 +24,12 @@ Where peftkit differs from the paper:
 - combination: the paper's T5 feeds the up-projected side state onward in place of the backbone's; here it is
   added to the backbone's last hidden state with ``U = 0`` at init (``init_weights``), so the model starts at
   the base and the head sees ``h_N`` plus the learned correction. The head (BERT's pooler, frozen, and the
-  trained classifier) runs with autograd, from ``y``.
-- scope: BERT-style encoders (an ``encoder`` holding the block list ``layer``, called with ``input_ids``);
-  other models raise ``NotApplicableError`` before anything changes. Not mergeable (a side network, not a
-  weight delta); per-row routing (``adapter_names``) is refused.
+  trained classifier; ViT's final LayerNorm, frozen, and its classifier) runs with autograd, from ``y``.
+- scope (``find_encoder``): a model called with ``input_ids`` or ``pixel_values`` holding a block stack: an
+  ``encoder`` with the block list ``layer`` (BERT, RoBERTa) or an image model with its block list ``layers``
+  (``ViTModel`` inside ``ViTForImageClassification``; a bare ``ViTModel`` is its own stack and cannot be
+  wrapped); other models (CNNs, decoders) raise ``NotApplicableError`` before anything changes. Not mergeable
+  (a side network, not a weight delta); per-row routing (``adapter_names``) is refused.
 """
 
 from __future__ import annotations
@@ -52,21 +55,38 @@ MERGE_ERROR = "LST cannot be merged into the base model: it is a side network be
 _SIZES = ("hidden_size", "num_attention_heads", "intermediate_size")
 
 
-def _encoders(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules()
-            if n.split(".")[-1] == "encoder" and isinstance(getattr(m, "layer", None), nn.ModuleList)
-            and len(m.layer) > 0 and all(isinstance(getattr(getattr(m, "config", None), a, None), int) for a in _SIZES)]
+def _stacks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every block stack LST can ride (``wrapper.stack_layout``): an ``encoder`` holding a ModuleList ``layer``, or
+    an image model holding its ModuleList ``layers``; either with a config giving the three sizes as integers."""
+    found = []
+    for n, m in model.named_modules():
+        layout = wrapper.stack_layout(m)
+        if layout is None or (layout[0] == "encoder" and n.split(".")[-1] != "encoder"):
+            continue
+        if all(isinstance(getattr(getattr(m, "config", None), a, None), int) for a in _SIZES):
+            found.append((n, m))
+    return found
 
 
 def find_encoder(model: nn.Module, config: LSTConfig) -> str:
-    """The path of the BERT-style encoder LST rides; ``NotApplicableError`` when the model has none."""
+    """The path of the block stack LST rides; ``NotApplicableError`` naming the model and why when it has none.
+
+    The rule: the model's forward takes ``input_ids`` or ``pixel_values``, and it holds a block stack below its
+    root: a module ``encoder`` with a non-empty ModuleList ``layer`` (BERT, RoBERTa) or an image model (main input
+    ``pixel_values``) with a non-empty ModuleList ``layers`` (ViT's ``ViTModel`` in transformers 5), whose config
+    gives ``hidden_size`` / ``num_attention_heads`` / ``intermediate_size`` and is no decoder."""
     name = type(model).__name__
-    if "input_ids" not in forward_params(model):
-        raise NotApplicableError(f"LST on {name}: its forward takes no input_ids; LST rides a BERT-style text encoder")
-    found = _encoders(model)
+    if not forward_params(model) & {"input_ids", "pixel_values"}:
+        raise NotApplicableError(f"LST on {name}: its forward takes neither input_ids nor pixel_values; LST rides a "
+                                 "BERT-style text encoder or a ViT")
+    found = _stacks(model)
     if not found:
-        raise NotApplicableError(f"LST on {name}: no BERT-style encoder (a module 'encoder' holding a ModuleList "
-                                 "'layer' and a config with hidden_size / num_attention_heads / intermediate_size)")
+        raise NotApplicableError(f"LST on {name}: no transformer block stack (a module 'encoder' holding a ModuleList "
+                                 "'layer', or an image model holding its ModuleList 'layers'; with a config giving "
+                                 "hidden_size / num_attention_heads / intermediate_size)")
+    if found[0][0] == "":
+        raise NotApplicableError(f"LST on {name}: the model is itself the block stack; LST wraps the stack inside a "
+                                 f"model: adapt a model holding the {name} (e.g. ViTForImageClassification)")
     cfg = found[0][1].config
     if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
         raise NotApplicableError(f"LST on {name}: the encoder is configured as a decoder (is_decoder / "
@@ -113,7 +133,7 @@ def _block(cls: type, cfg: Any, i: int) -> nn.Module:
 
 
 @register_method(
-    "lst", config=LSTConfig, category="additive", modalities=("text",), mergeable=False,
+    "lst", config=LSTConfig, category="additive", modalities=("text", "vision"), mergeable=False,
     param_formula="(N + 1)(d d_s + d_s) + N + N side blocks of width d_s = d / r + d_s d + d (N backbone blocks)",
     position="a narrow side network beside the frozen encoder, fed by gated ladders from every block",
     changes_structure=True, starts_at_base=True, paper="arXiv 2206.06522 (Sung et al. 2022), ladder side-tuning",
@@ -138,7 +158,7 @@ class LSTAdapter(Adapter):
 
     @classmethod
     def param_count(cls, base: nn.Module, config: LSTConfig, key: str = "") -> int:
-        d, n = base.config.hidden_size, len(base.layer)
+        d, n = base.config.hidden_size, len(wrapper.blocks_of(base))
         ds, _, ffn = side_sizes(base, config, key)
         block = 4 * (ds * ds + ds) + 2 * ds + (ds * ffn + ffn) + (ffn * ds + ds) + 2 * ds  # attention, FFN, 2 LNs
         return (n + 1) * (d * ds + ds) + n + n * block + ds * d + d
@@ -148,13 +168,14 @@ class LSTAdapter(Adapter):
         super().__init__()
         self.__dict__["config"] = config
         self.key = key
-        d, n = base.config.hidden_size, len(base.layer)
+        blocks = wrapper.blocks_of(base)
+        d, n = base.config.hidden_size, len(blocks)
         cfg = side_config(base, config)
         ds = cfg.hidden_size
         self.temperature = float(config.gate_temperature)
         self.side_downsamples = nn.ModuleList(nn.Linear(d, ds) for _ in range(n + 1))
         self.side_gates = nn.Parameter(torch.full((n,), float(config.gate_init)))
-        self.side_blocks = nn.ModuleList(_block(type(base.layer[0]), cfg, i) for i in range(n))
+        self.side_blocks = nn.ModuleList(_block(type(blocks[0]), cfg, i) for i in range(n))
         self.side_upsample = nn.Linear(ds, d)
         std = float(getattr(cfg, "initializer_range", 0.02))
         for m in self.modules():
