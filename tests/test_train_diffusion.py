@@ -106,3 +106,22 @@ def test_noise_is_seeded_and_resumes_exactly(tmp_path, monkeypatch):
     c = train(load_recipe(str(_recipe(tmp_path / "c", **fields, seed=1))), quiet=True)
     wc = load_file(tmp_path / "c" / "run" / "adapter" / "adapter_model.safetensors")
     assert c["steps"] == 20 and not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_gradient_checkpointing_on_a_diffusers_unet_trains_the_same_adapter(tmp_path, monkeypatch):
+    monkeypatch.setattr(DiffusionTask, "sample_steps", 2)
+    monkeypatch.setattr(DiffusionTask, "samples_per_label", 1)
+    fields = {"max_steps": 4, "log_every": 2}
+    train(load_recipe(str(_recipe(tmp_path / "a", **fields))), quiet=True)
+    train(load_recipe(str(_recipe(tmp_path / "b", **fields)), ["train.gradient_checkpointing=true"]), quiet=True)
+    wa = load_file(tmp_path / "a" / "run" / "adapter" / "adapter_model.safetensors")
+    wb = load_file(tmp_path / "b" / "run" / "adapter" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+    from peftkit.train.loop import Trainer
+
+    trainer = Trainer(load_recipe(str(tmp_path / "b" / "recipe.yaml"), ["train.gradient_checkpointing=true"]), quiet=True)
+    trainer.setup()
+    assert trainer.model.get_base_model().is_gradient_checkpointing
+

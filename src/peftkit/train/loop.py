@@ -106,6 +106,8 @@ class Trainer:
                 base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             elif hasattr(base, "gradient_checkpointing_enable"):
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            elif hasattr(base, "enable_gradient_checkpointing"):  # diffusers models (non-reentrant by default)
+                base.enable_gradient_checkpointing()
             else:
                 raise TrainingError("train.gradient_checkpointing: the base model has no activation checkpointing")
         self.trainable, self.total = self.model.get_nb_trainable_parameters()

@@ -52,7 +52,7 @@ from ...targeting import NotApplicableError, TargetError, is_target
 from . import functional as IF
 from . import sd3
 from .config import IPAdapterConfig
-from .wrapper import IPAdapterLayer, image_prompt_scope
+from .wrapper import PROMPT_KEY, IPAdapterLayer, image_prompt_scope, project_prompts
 
 MERGE_ERROR = ("IP-Adapter cannot be merged into the base model: its image branch is an extra attention over image "
                "tokens, not a weight delta")
@@ -102,7 +102,7 @@ def cross_attentions(model: nn.Module, named: list[tuple[str, nn.Module]], confi
     position="image keys and values beside each cross-attention's text ones, from a projected image embedding",
     starts_at_base=False,
     paper="arXiv 2308.06721 (Ye et al. 2023), IP-Adapter",
-    examples={"ip_adapter": {"image_embed_dim": 32}},
+    examples={"ip_adapter": {"image_embed_dim": 32, "resampler_dim": 16, "resampler_heads": 1, "timestep_in_dim": 8}},
 )
 class IPAdapterAdapter(Adapter):
     supported_layers: ClassVar[tuple[type, ...]] = (nn.Module,)
@@ -241,7 +241,9 @@ class IPAdapterAdapter(Adapter):
     def call_context(cls, model: Any, call: dict[str, Any]) -> Any:
         """Take ``ip_adapter_image_embeds`` out of the call (or read diffusers' ``added_cond_kwargs["image_embeds"]``
         when the base UNet has no image projection of its own; SD3: diffusers' ``joint_attention_kwargs``), check it
-        against the active IP-Adapter adapters and the batch, and hold it (and the timestep) for the call."""
+        against the active IP-Adapter adapters and the batch, project it, and pass the image tokens on in the call's
+        ``cross_attention_kwargs`` (SD3: ``joint_attention_kwargs``) under ``ip_hidden_states`` (``wrapper.py``); a base
+        whose forward takes neither reads them from a scope held for the call."""
         embeds = call["kwargs"].pop(IF.ARG, None)
         if embeds is None:
             embeds = sd3.pop_joint_embeds(model, call["kwargs"])
@@ -260,9 +262,46 @@ class IPAdapterAdapter(Adapter):
         checked = {n: IF.check_image_embeds(e, configs[n].image_embed_dim, rows, f"IP-Adapter adapter {n!r}",
                                             middle="tokens" if joint else "images")
                    for n, e in IF.per_adapter(embeds, names).items()}
+        timestep = args.get("timestep")
         if joint:
-            sd3.check_call(sorted(checked), args.get("timestep"))
-        return image_prompt_scope(checked, args.get("timestep"))
+            sd3.check_call(sorted(checked), timestep)
+        carrier = _attention_kwargs(model, call, args, "joint_attention_kwargs" if joint else "cross_attention_kwargs")
+        if carrier is None:  # the base's forward cannot carry the tokens: a scope for the call, no checkpointing
+            _refuse_checkpointing(model)
+            return image_prompt_scope(checked, timestep)
+        given = call["kwargs"].get(carrier)
+        if given is not None and not isinstance(given, dict):
+            raise ValueError(f"{carrier}: expected a dict or None, got {type(given).__name__}")
+        # projected once, here; the tokens then go with the blocks' arguments (a checkpointed block's recomputation
+        # in backward sees them too)
+        call["kwargs"][carrier] = {**(given or {}), PROMPT_KEY: project_prompts(model, checked, timestep)}
+        return None
+
+
+def _attention_kwargs(model: Any, call: dict[str, Any], args: dict[str, Any], name: str) -> str | None:
+    """``name`` when the base model's forward takes it as a keyword the call did not give positionally (diffusers
+    passes it on to every attention), else None."""
+    if name not in args:
+        return None
+    try:
+        positional = list(inspect.signature(model.get_base_model().forward).parameters)[:len(call["args"])]
+    except (TypeError, ValueError):
+        positional = []
+    return None if name in positional else name
+
+
+def _refuse_checkpointing(model: Any) -> None:
+    """ValueError when gradient checkpointing is on (and gradients recorded): its recomputation in backward runs after
+    the call's image prompt scope has ended, so the recomputed attention would miss the image branch."""
+    base = model.get_base_model()
+    if not torch.is_grad_enabled() or not any(getattr(m, "gradient_checkpointing", False) is True
+                                              for m in base.modules()):
+        return
+    raise ValueError(f"IP-Adapter with gradient checkpointing: {type(base).__name__}.forward takes no "
+                     "cross_attention_kwargs (or it was given positionally), which carry the image tokens into the "
+                     "checkpointed blocks; pass cross_attention_kwargs by keyword, use a base model whose forward "
+                     "takes it (UNet2DConditionModel, SD3Transformer2DModel), or turn gradient checkpointing off "
+                     "(disable_gradient_checkpointing())")
 
 
 def _diffusers_image_embeds(model: Any, kwargs: dict[str, Any]) -> Any:
