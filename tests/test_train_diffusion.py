@@ -65,8 +65,9 @@ def test_unet_lora_run_learns_and_renders_samples(tmp_path, monkeypatch):
     first, last = np.mean(losses[:2]), np.mean(losses[-2:])
     assert last < 0.8 * first  # ~1.0 -> ~0.7 on this seed
     assert summary["main_metric"] == "test_loss" and summary["test_loss"] < 0.85 * summary["before_test_loss"]
-    # LoRA r=8 on to_q/to_k/to_v/to_out.0 of the 3 attention blocks' self- and cross-attention (width 16 or 32)
-    assert summary["trainable_params"] == 11_008
+    # LoRA r=8 on to_q/to_k/to_v/to_out.0 of the 4 transformer blocks' self- and cross-attention (width 16 or 32):
+    # 11,008; + proj_in / proj_out of those blocks and conv1 / conv2 of the 8 ResNet blocks: 41,600
+    assert summary["trainable_params"] == 52_608
     on, off = _png(run / "samples_adapter_on.png"), _png(run / "samples_adapter_off.png")
     assert on.shape == off.shape == (2 * SIZE, 10 * SIZE) and on.dtype == np.uint8  # 2 rows, 10 digits, grey
     assert not np.array_equal(on, off)

@@ -148,14 +148,14 @@ def test_dreambooth_text_encoder_lora_loads_into_a_pipeline(tmp_path):
 
     summary = train(load_recipe(str(_recipe(tmp_path, "digits_dreambooth_lora.yaml", _with_text_encoder_lora))),
                     quiet=True)
-    # the UNet's 11,008 (as UNet-only DreamBooth) + r=8 on q/k/v/out of the 2 text layers: 2 * 4 * 8 * (32 + 32)
-    assert summary["trainable_params"] == 11_008 + 4_096
+    # the UNet's 52,608 (as UNet-only DreamBooth) + r=8 on q/k/v/out of the 2 text layers: 2 * 4 * 8 * (32 + 32)
+    assert summary["trainable_params"] == 52_608 + 4_096
     run = tmp_path / "run"
     with safe_open(str(run / "diffusers_lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
         keys, meta = sorted(f.keys()), json.loads(f.metadata()["lora_adapter_metadata"])
     text_keys = [k for k in keys if k.startswith("text_encoder.")]
-    assert len(keys) - len(text_keys) == 2 * 4 * 8 and len(text_keys) == 2 * 4 * 2
-    assert "text_encoder.encoder.layers.1.self_attn.out_proj.lora_linear_layer.up.weight" in text_keys
+    assert len(keys) - len(text_keys) == 2 * (4 * 8 + 2 * 4 + 2 * 8) and len(text_keys) == 2 * 4 * 2
+    assert "text_encoder.encoder.layers.1.self_attn.out_proj.lora_B.weight" in text_keys
     assert meta["unet.r"] == meta["text_encoder.r"] == 8
 
     model, task = load_trained(str(run))

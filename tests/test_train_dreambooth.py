@@ -114,16 +114,20 @@ def test_run_trains_and_its_diffusers_lora_loads_into_a_fresh_pipeline(tmp_path)
     run = tmp_path / "run"
     losses = [json.loads(line)["loss"] for line in open(run / "metrics.jsonl") if '"loss"' in line]
     assert len(losses) == 6 and summary["test_loss"] < 0.95 * summary["before_test_loss"]
-    assert summary["trainable_params"] == 11_008  # as task diffusion: r=8 on the 3 attention blocks
+    # as task diffusion: r=8 on q, k, v, out of 8 attentions (11,008), proj_in / proj_out of the 4 transformer blocks
+    # and conv1 / conv2 of the 8 ResNet blocks
+    assert summary["trainable_params"] == 52_608
     for name in ("class_images.png", "samples_adapter_on.png", "samples_adapter_off.png"):
         assert (run / name).is_file()
 
     path = run / "diffusers_lora" / "pytorch_lora_weights.safetensors"
     with safe_open(str(path), "pt") as f:
         keys, meta = sorted(f.keys()), f.metadata()
-    # A/B x q,k,v,out x 8 attentions (self + cross in the 4 transformer blocks: down 1, mid 1, up 2)
-    assert len(keys) == 2 * 4 * 8 and all(k.startswith("unet.") for k in keys)
-    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora.down.weight" in keys
+    # A/B x (q,k,v,out x 8 attentions (self + cross in the 4 transformer blocks: down 1, mid 1, up 2) + proj_in /
+    # proj_out x 4 transformer blocks + conv1 / conv2 x 8 ResNet blocks (down 2, mid 2, up 4))
+    assert len(keys) == 2 * (4 * 8 + 2 * 4 + 2 * 8) and all(k.startswith("unet.") for k in keys)
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight" in keys
+    assert "unet.up_blocks.1.resnets.1.conv2.lora_B.weight" in keys
     assert json.loads(meta["lora_adapter_metadata"])["unet.r"] == 8
 
     model, task = load_trained(str(run))

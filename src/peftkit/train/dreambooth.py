@@ -20,9 +20,13 @@ timesteps, prompt encoder, scheduler and metric (``test_loss``: the denoising MS
 the subject class with the instance prompt) are those of :mod:`peftkit.train.diffusion`.
 
 After training the run folder also holds ``diffusers_lora/pytorch_lora_weights.safetensors``: the UNet's
-LoRA (and the text encoder's, with ``diffusion.adapt: [unet, text_encoder]``) in diffusers' format (``get_peft_model_state_dict`` -> ``convert_state_dict_to_diffusers`` ->
-``StableDiffusionLoraLoaderMixin.save_lora_weights``, with the LoRA config as adapter metadata), which
-``StableDiffusionPipeline.load_lora_weights(folder)`` loads; ``class_images.png`` (the prior images) and
+LoRA (and the text encoder's, with ``diffusion.adapt: [unet, text_encoder]``) as diffusers' loader reads it
+(``get_peft_model_state_dict`` keys, ``lora_A`` / ``lora_B``, under ``unet.`` / ``text_encoder.``, written by
+``StableDiffusionLoraLoaderMixin.save_lora_weights`` with the LoRA config as adapter metadata), which
+``StableDiffusionPipeline.load_lora_weights(folder)`` loads. The keys stay in peft's naming: diffusers'
+``convert_state_dict_to_diffusers`` renames only attention projections (``to_k.lora.down``), and its UNet loader
+decides the naming of the whole file from the first key, so a file mixing both (LoRA on convolutions or
+``proj_in`` too) would load without its attention LoRA; ``class_images.png`` (the prior images) and
 sample grids (instance prompt, class prompt) with the adapter on and off. Loading needs Hugging Face ``peft``
 (diffusers' LoRA backend) importable. A textual-inversion run writes ``diffusers_textual_inversion/`` instead.
 """
@@ -112,11 +116,9 @@ def prior_preservation_loss(pred: Tensor, noise: Tensor, n_instance: int, prior_
 
 
 def diffusers_lora_state_dict(model: nn.Module) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
-    """The LoRA of a peftkit model in diffusers' layout, by component (``unet``, and ``text_encoder`` when the
+    """The LoRA of a peftkit model as diffusers' loader reads it, by component (``unet``, and ``text_encoder`` when the
     recipe's ``diffusion.adapt`` names it; keys without the component prefix, which ``save_lora_weights`` adds),
     and the LoRA config fields diffusers rebuilds a ``LoraConfig`` from."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-
     prefix = "base_model.model."
     state = {k.removeprefix(prefix): v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
     parts: dict[str, dict[str, Tensor]] = {}
@@ -133,7 +135,7 @@ def diffusers_lora_state_dict(model: nn.Module) -> tuple[dict[str, dict[str, Ten
         if value is None or (name in ("rank_pattern", "alpha_pattern") and not value):
             continue
         meta[name] = sorted(value) if isinstance(value, (set, frozenset)) else value
-    return {part: convert_state_dict_to_diffusers(tensors) for part, tensors in parts.items()}, meta
+    return parts, meta
 
 
 def save_diffusers_lora(model: nn.Module, folder: str) -> str:
