@@ -166,26 +166,25 @@ def check_call(names: list[str], timestep: Any) -> None:
 
 
 # -- diffusers' file ------------------------------------------------------------------------------------------
-def _original(name: str) -> str:
-    """A resampler parameter's name in the original file (``layers.0.attn.to_q.weight`` -> ``layers.0.0.to_q.weight``)."""
+def _rename(name: str, pairs: tuple[tuple[str, str], ...]) -> str:
+    """``layers.<i>.<a>.<rest>`` -> ``layers.<i>.<b>.<rest>`` for the first pair (a, b) whose ``a`` matches."""
     if not name.startswith("layers."):
         return name
     _, idx, rest = name.split(".", 2)
-    for ours, theirs in ORIGINAL_NAMES:
-        if rest.startswith(ours + "."):
-            return f"layers.{idx}.{theirs}{rest[len(ours):]}"
+    for old, new in pairs:
+        if rest.startswith(old + "."):
+            return f"layers.{idx}.{new}{rest[len(old):]}"
     return name
+
+
+def _original(name: str) -> str:
+    """A resampler parameter's name in the original file (``layers.0.attn.to_q.weight`` -> ``layers.0.0.to_q.weight``)."""
+    return _rename(name, ORIGINAL_NAMES)
 
 
 def _diffusers_name(key: str) -> str:
     """The inverse of ``_original``: diffusers' renaming of an original file key (names already diffusers' stay)."""
-    if not key.startswith("layers."):
-        return key
-    _, idx, rest = key.split(".", 2)
-    for ours, theirs in ORIGINAL_NAMES:
-        if rest.startswith(theirs + "."):
-            return f"layers.{idx}.{ours}{rest[len(theirs):]}"
-    return key
+    return _rename(key, tuple((theirs, ours) for ours, theirs in ORIGINAL_NAMES))
 
 
 def file_state_dict(proj: dict[str, Tensor], processors: list[dict[str, Tensor]]) -> dict[str, Tensor]:
