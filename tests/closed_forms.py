@@ -46,12 +46,26 @@ def _shadow(a: Adapted) -> int:
     update_hidden_size or r); once, the mirror backbone: the decoder stack with one block (its own embeddings, as
     share_embeddings=False)."""
     plain = a.plain()
+    if not hasattr(plain, "model") and not hasattr(plain, "transformer"):  # a diffusers transformer: _shadow_dit
+        return _shadow_dit(a, plain.config)
     stack = getattr(plain, "model", None) or plain.transformer
     blocks = getattr(stack, "layers", None) or stack.h
     d, r = plain.config.hidden_size, a.cfg.r
     u = a.cfg.update_hidden_size or r
     backbone = sum(p.numel() for p in stack.parameters()) - sum(p.numel() for b in blocks[1:] for p in b.parameters())
     return len(a.sites) * (2 * d * r + 2 * (2 * d * u + u + d)) + backbone
+
+
+def _shadow_dit(a: Adapted, cfg) -> int:
+    """ShadowPEFT on a diffusers transformer (width d = heads x head width): the per-block parts as on a decoder; once,
+    the token MLP backbone: d -> d_s (with bias), then per layer LayerNorm(d_s) and d_s -> i -> d_s (biases; d_s =
+    shadow_hidden_size or d, i = shadow_intermediate_size or d_s), and a bias-free d_s -> d projection when d_s != d."""
+    d, r = cfg.num_attention_heads * cfg.attention_head_dim, a.cfg.r
+    u = a.cfg.update_hidden_size or r
+    ds = a.cfg.shadow_hidden_size or d
+    i = a.cfg.shadow_intermediate_size or ds
+    backbone = d * ds + ds + (a.cfg.shadow_num_hidden_layers or 1) * (2 * ds + 2 * ds * i + i + ds)
+    return len(a.sites) * (2 * d * r + 2 * (2 * d * u + u + d)) + backbone + (ds * d if ds != d else 0)
 
 
 def _lst(a: Adapted) -> int:
@@ -68,9 +82,28 @@ def _lst(a: Adapted) -> int:
 def _ip_adapter(a: Adapted) -> int:
     """IP-Adapter (arXiv 2308.06721): per cross-attention W'_k, W'_v, bias-free c -> d as its to_k / to_v; once, the
     image projection D -> N c (with bias) and its LayerNorm over c (c: the text width every adapted layer reads)."""
+    if getattr(a.sites[0].base, "add_k_proj", None) is not None:  # SD3's joint attention (its own text projections)
+        return _ip_adapter_sd3(a)
     c = a.sites[0].base.to_k.in_features
     per_layer = sum(2 * s.base.to_k.in_features * s.base.to_k.out_features for s in a.sites)
     return per_layer + a.cfg.image_embed_dim * a.cfg.num_tokens * c + a.cfg.num_tokens * c + 2 * c
+
+
+def _ip_adapter_sd3(a: Adapted) -> int:
+    """IP-Adapter on SD3 (diffusers' SD3IPAdapterJointAttnProcessor2_0 and IPAdapterTimeImageProjection): per joint
+    attention of width d and head width h, the AdaLN of the image tokens W -> 2 d (with bias), bias-free d -> d
+    to_k_ip / to_v_ip and three RMSNorm scales of h (q, k, image k); once, the resampler of width W: N W latents,
+    D -> W in and W -> d out (biases), a LayerNorm over d, the timestep MLP t -> W -> W (biases), and per block two
+    LayerNorms, a bias-free attention of inner width I = 64 x heads (q: W I, fused kv: 2 W I, out: I W), a bias-free
+    4x FFN (8 W^2), the AdaLN projection W -> 4 W (with bias) and its LayerNorm."""
+    cfg, w = a.cfg, a.cfg.resampler_dim
+    widths = [(s.base.to_k.out_features, s.base.to_k.out_features // s.base.heads) for s in a.sites]  # (d, h)
+    per_layer = sum(2 * w * d + 2 * d + 2 * d * d + 3 * h for d, h in widths)
+    d, inner = widths[0][0], 64 * cfg.resampler_heads
+    block = 2 * 2 * w + 4 * w * inner + 8 * w * w + 4 * w * w + 4 * w + 2 * w
+    resampler = (cfg.num_tokens * w + cfg.image_embed_dim * w + w + w * d + d + 2 * d
+                 + cfg.timestep_in_dim * w + w + w * w + w + cfg.resampler_depth * block)
+    return per_layer + resampler
 
 
 def _conv(c_in: int, c_out: int, k: int) -> int:
@@ -84,6 +117,8 @@ def _controlnet(a: Adapted) -> int:
     (conv_in's output, every resnet of every down block, every downsampler: all blocks but the last) and on the
     mid block's output."""
     unet = a.plain()
+    if hasattr(unet, "transformer_blocks"):  # SD3's transformer: _controlnet_sd3
+        return _controlnet_sd3(a, unet)
     cfg, o = unet.config, a.cfg.conditioning_embedding_out_channels
     b = list(cfg.block_out_channels)
     copy = sum(p.numel() for n in ("conv_in", "time_embedding", "down_blocks", "mid_block")
@@ -92,6 +127,19 @@ def _controlnet(a: Adapted) -> int:
              + sum(_conv(o[i], o[i], 3) + _conv(o[i], o[i + 1], 3) for i in range(len(o) - 1)))
     skips = [b[0]] + [w for w in b for _ in range(cfg.layers_per_block)] + b[:-1]
     return copy + embed + sum(_conv(w, w, 1) for w in skips) + _conv(b[-1], b[-1], 1)
+
+
+def _controlnet_sd3(a: Adapted, transformer) -> int:
+    """ControlNet on SD3 (diffusers' SD3ControlNetModel.from_transformer): a trainable copy of the patch embedding, the
+    time / pooled-text embedding, the caption projection and the first n joint blocks (n = num_layers, default
+    min(12, N - 1): the last block is context-pre-only); one zero Linear d -> d (with bias) per copied block; the zero
+    patch embedding of the conditioning latent, a p x p conv of (c + extra) -> d channels (with bias)."""
+    cfg = transformer.config
+    d = cfg.num_attention_heads * cfg.attention_head_dim
+    n = a.cfg.num_layers or min(12, cfg.num_layers - 1)
+    copy = sum(p.numel() for part in (transformer.pos_embed, transformer.time_text_embed, transformer.context_embedder,
+                                      *transformer.transformer_blocks[:n]) for p in part.parameters())
+    return copy + n * (d * d + d) + (cfg.in_channels + a.cfg.extra_conditioning_channels) * d * cfg.patch_size ** 2 + d
 
 
 def _t2i_adapter(a: Adapted) -> int:

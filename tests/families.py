@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit import tiny_models
+from peftkit import PeftModel, tiny_models
 
 V = tiny_models.VOCAB  # vocabulary size of the tiny language models
 
@@ -25,6 +25,15 @@ class Family:
     output: Callable[[Any], torch.Tensor]
     targets: list[str] | None = None  # None: the role table's default
     task_type: str | None = None
+    # peft_type -> inputs only that method reads, which the plain model rejects: given to a PeftModel holding an
+    # adapter of that type (enabled or not: the method takes them out of the call either way)
+    adapter_inputs: dict[str, Callable[[], dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    # modules the output does not depend on: trained parameters under them may go without a gradient
+    unreached: tuple[str, ...] = ()
+
+    def reaches(self, name: str) -> bool:
+        """Whether the output may depend on parameter ``name`` (a ``named_parameters()`` name of any wrapping)."""
+        return not any(f".{path}." in f".{name}" for path in self.unreached)
 
     def model(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
@@ -32,7 +41,11 @@ class Family:
 
     def run(self, model: nn.Module) -> torch.Tensor:
         torch.manual_seed(1)
-        return self.output(model(**self.inputs()))
+        inputs = self.inputs()
+        types = {c.peft_type for c in model.peft_config.values()} if isinstance(model, PeftModel) else set()
+        for peft_type in sorted(types & self.adapter_inputs.keys()):
+            inputs.update(self.adapter_inputs[peft_type]())
+        return self.output(model(**inputs))
 
     def base_output(self) -> torch.Tensor:
         """``run`` on the unadapted model, computed once per process (the contract compares every case with it)."""
@@ -53,6 +66,8 @@ _MODULE_TYPES: dict[str, dict[str, type]] = {}
 
 
 IMAGE_PROMPT = torch.linspace(-2.0, 2.0, 32).reshape(1, 1, 32)  # the unet family's image embedding (B, N, D)
+IP_ARG = "ip_adapter_image_embeds"  # diffusers' image prompt argument
+SD3_IMAGE_PROMPT = torch.linspace(-2.0, 2.0, 2 * 3 * 32).reshape(2, 3, 32)  # the sd3 family's image features (B, L, D)
 
 
 def _ids(shape: tuple[int, ...] = (2, 7)) -> torch.Tensor:
@@ -102,6 +117,16 @@ FAMILIES = [
     Family("unet", tiny_models.unet, lambda: {"sample": torch.randn(1, 4, 8, 8), "timestep": 10,
                                                "encoder_hidden_states": torch.randn(1, 5, 16),
                                                "added_cond_kwargs": {"image_embeds": [IMAGE_PROMPT]}}, lambda o: o.sample),
+    # SD3's MMDiT. Its image prompt goes in joint_attention_kwargs, which the plain transformer reads itself (through
+    # an image_proj it lacks): it goes to IP-Adapter's models only
+    Family("sd3", tiny_models.sd3, lambda: {"hidden_states": torch.randn(2, 4, 8, 8),
+                                            "timestep": torch.tensor([10.0, 500.0]),
+                                            "encoder_hidden_states": torch.randn(2, 5, 16),
+                                            "pooled_projections": torch.randn(2, 8)}, lambda o: o.sample,
+           adapter_inputs={"IP_ADAPTER": lambda: {"joint_attention_kwargs": {IP_ARG: SD3_IMAGE_PROMPT}}},
+           # the last block is context-pre-only: its text stream ends at the joint attention, so its text queries
+           # reach nothing
+           unreached=("transformer_blocks.1.attn.add_q_proj",)),
     Family("minilm", tiny_models.minilm, lambda: {"input_ids": torch.randint(1000, 20000, (2, 12))}, lambda o: o.logits,
            task_type="SEQ_CLS"),
 ]

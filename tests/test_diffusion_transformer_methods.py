@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftkit import DiffFitConfig, LoraConfig, SVDiffConfig, get_peft_model
+from peftkit import DiffFitConfig, LoraConfig, SVDiffConfig, get_peft_model, tiny_models
 
 G = torch.Generator().manual_seed(1)
 X, CTX, POOL = torch.randn(2, 4, 8, 8, generator=G), torch.randn(2, 5, 16, generator=G), torch.randn(2, 8, generator=G)
@@ -15,12 +15,9 @@ T = torch.tensor([10.0, 500.0])
 
 
 def sd3_tiny() -> torch.nn.Module:
-    from diffusers import SD3Transformer2DModel
-
+    """The tiny SD3 transformer of the contract suite's sd3 family (seed 0)."""
     torch.manual_seed(0)
-    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                 caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8)
+    return tiny_models.sd3()
 
 
 def run(model: torch.nn.Module) -> torch.Tensor:

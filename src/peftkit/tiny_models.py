@@ -36,6 +36,9 @@ LLAVA_TEXT = dict(LLAMA, vocab_size=VOCAB + 1)  # the extra id (VOCAB) is LLaVA'
 UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8)
+SD3 = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+           num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
+           pos_embed_max_size=8)
 
 
 def bert(head: bool = True, **config: Any) -> nn.Module:
@@ -100,6 +103,14 @@ def unet(**config: Any) -> nn.Module:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(**{**UNET, **config})
+
+
+def sd3(**config: Any) -> nn.Module:
+    """``SD3Transformer2DModel`` (MMDiT): 2 joint blocks of width 16 over 8 x 8 latents of 4 channels, 2 x 2 patches;
+    text of width 16, pooled text of width 8."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(**{**SD3, **config})
 
 
 class ConvNet(nn.Module):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import peftkit
-from peftkit import IPAdapterConfig, LoraConfig, PeftModel, save_ip_adapter, set_ip_adapter_scale
+from peftkit import IPAdapterConfig, LoraConfig, PeftModel, save_ip_adapter, set_ip_adapter_scale, tiny_models
 from peftkit.config import ConfigError
 from peftkit.methods.ip_adapter import IPAdapterAdapter, IPAdapterLayer, ip_adapter_state_dict, load_ip_adapter_file
 from peftkit.targeting import TargetError
@@ -263,14 +263,9 @@ def test_diffusers_sd3_file_needs_depth_four_and_every_attention():
 def test_sd35_dual_attention_blocks_with_qk_norm_match_the_pipeline(tmp_path):
     """SD3.5's layout: a block with a second, self-only attention (attn2) and RMS q / k norms; diffusers numbers
     attn2 between the blocks' attn, and the adapter's file lands there."""
-    from diffusers import SD3Transformer2DModel
-
     def dual():
         torch.manual_seed(0)
-        return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                     attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                     caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8,
-                                     dual_attention_layers=(0,), qk_norm="rms_norm").eval()
+        return tiny_models.sd3(dual_attention_layers=(0,), qk_norm="rms_norm").eval()
 
     model = peftkit.get_peft_model(dual(), IPAdapterConfig(**SIZES, scale=0.6))
     assert [p for p, _ in model.base_model.adapter_layers()] == [ATTN[0], ATTN[0] + "2", ATTN[1]]

@@ -46,9 +46,11 @@ def fact_apply(x: Tensor, u: Tensor, v: Tensor, s: Tensor, d_out: int, scale: fl
     pad = b * d - x.shape[-1]
     if pad:
         x = F.pad(x, (0, pad))
-    h = (x.reshape(*x.shape[:-1], b, d) @ v).reshape(*x.shape[:-1], b * r)  # (..., b r)
+    # the products as 2-D matrices: one kernel whatever the strides and whether the factors require grad (a batched
+    # matmul picks its path by both, and a loaded adapter, frozen, would differ from the trained one in the last bit)
+    h = (x.reshape(-1, d) @ v).reshape(*x.shape[:-1], b * r)  # (..., b r)
     h = F.linear(h, s)  # (..., a r)
     if dropout is not None:
         h = dropout(h)
-    y = (h.reshape(*h.shape[:-1], a, r) @ u.t()).reshape(*h.shape[:-1], a * d)  # (..., a d)
+    y = (h.reshape(-1, r) @ u.t()).reshape(*h.shape[:-1], a * d)  # (..., a d)
     return scale * y[..., :d_out]

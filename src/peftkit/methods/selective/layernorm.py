@@ -122,7 +122,8 @@ class LNTuningAdapter(Adapter):
         config.target_modules = [p for p, m in named if p and is_norm(m)
                                  and not any(p == h or p.endswith("." + h) or p.startswith(h + ".") for h in heads)]
         if not config.target_modules:
-            raise NotApplicableError(f"LN tuning: {type(model).__name__} has no normalization layer; set target_modules")
+            raise NotApplicableError(f"LN tuning: {type(model).__name__} has no normalization layer with parameters of "
+                                     "its own (an affine weight or bias); set target_modules")
 
     @classmethod
     def select_targets(cls, model: nn.Module, named: list[tuple[str, nn.Module]], config: LNTuningConfig) -> list[str]:

@@ -10,11 +10,14 @@ the base width with ``share_embeddings`` the stems (``x_embedder``, ``context_em
 (not trained, not saved). The seed ``s^(0)`` runs the reduced single-stream blocks on the first wrapped
 block's input and that block's conditioning (its text stream, modulation, rotary embedding), each cut to the
 shadow width. Any other ``shadow_model`` is the folder of a pretrained ``Flux2Transformer2DModel`` checked
-against the base (its stems then stay frozen). Keys of the file: ``base_model.shadow_backbone.default.model.<key>``.
+against the base (its stems then stay frozen); ``save_pretrained`` writes such a folder from a reduced copy, its shared
+stems included. Keys of the file: ``base_model.shadow_backbone.default.model.<key>``.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from copy import copy as shallow_copy
 from typing import Any
 
@@ -163,8 +166,24 @@ class Flux2Shadow(nn.Module):
 
     @classmethod
     def from_folder(cls, base: nn.Module, folder: str) -> "Flux2Shadow":
-        """A pretrained ``Flux2Transformer2DModel`` checked against the base (peft's checks)."""
-        shadow = type(base).from_pretrained(folder)
+        """A pretrained ``Flux2Transformer2DModel`` checked against the base (peft's checks), every tensor from the
+        folder: a folder of another class, or missing a tensor (which diffusers would draw at random), is refused."""
+        name = type(base).__name__
+        config_file = os.path.join(folder, "config.json")
+        if os.path.isfile(config_file):
+            with open(config_file, encoding="utf-8") as fh:
+                saved = json.load(fh).get("_class_name")
+            if saved != name:
+                raise ValueError(f"ShadowConfig.shadow_model: {folder!r} holds a {saved}, expected a saved {name}")
+        try:
+            shadow, info = type(base).from_pretrained(folder, output_loading_info=True)
+        except OSError as err:
+            raise ValueError(f"ShadowConfig.shadow_model: {folder!r} is not a folder of a saved {name} ({err})") from err
+        missing = sorted({*info.get("missing_keys", ()), *(k for k, *_ in info.get("mismatched_keys", ()))})
+        if missing:
+            raise ValueError(f"ShadowConfig.shadow_model: the {name} in {folder!r} lacks tensors {missing[:6]}"
+                             f"{' ...' if len(missing) > 6 else ''} (a reduced shadow sharing the base stems is saved "
+                             "with them by Flux2Shadow.save_pretrained)")
         for attr in ("in_channels", "out_channels", "joint_attention_dim", "timestep_guidance_channels",
                      "attention_head_dim", "axes_dims_rope", "guidance_embeds"):
             mine, theirs = getattr(base.config, attr, None), getattr(shadow.config, attr, None)
@@ -181,6 +200,13 @@ class Flux2Shadow(nn.Module):
         if sd > d or int(sd * float(shadow.config.mlp_ratio)) > int(d * float(base.config.mlp_ratio)):
             raise ValueError(f"ShadowConfig.shadow_model: the Flux2 shadow in {folder!r} is wider than the base")
         return cls(shadow)
+
+    def save_pretrained(self, folder: str) -> None:
+        """Write the shadow as a ``Flux2Transformer2DModel`` folder that ``from_folder`` (and peft's loader) reads,
+        the stems it shares with the base written as its own."""
+        model = shallow_copy(self.model)
+        model._modules = {k: v.shared_module if isinstance(v, SharedModule) else v for k, v in self.model._modules.items()}
+        model.save_pretrained(folder)
 
     def freeze_stems(self) -> None:
         for name in EMBEDDERS:

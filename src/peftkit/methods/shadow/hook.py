@@ -19,24 +19,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...targeting import NotApplicableError
 from ..prompt.inputs import bind_inputs
 from . import functional as SF
 from .cache import ShadowCache
 from .detached import unload_shadow
-from .network import find_backbone
 from .wrapper import LOCAL, Call, ShadowLayer
 
 _KEY = "_peftkit_shadow_hooks"
 
 
 def shadow_layers(model: nn.Module) -> list[ShadowLayer]:
-    """The wrapped blocks of ``model``'s decoder stack, in order."""
-    try:
-        _, backbone, attr = find_backbone(model)
-    except NotApplicableError:
-        return []
-    return [m for m in getattr(backbone, attr) if isinstance(m, ShadowLayer)]
+    """The wrapped blocks of ``model``, in module order (peft's): those of every stack the targets name (Flux.1's
+    double- and single-stream blocks), not only the default one."""
+    return [m for m in model.modules() if isinstance(m, ShadowLayer)]
 
 
 def active(model: nn.Module) -> tuple[str, Any, ShadowLayer] | None:

@@ -35,6 +35,11 @@ Where peftkit differs from peft 0.21.2:
 - models without a decoder stack (the project's UNet, encoders): ``NotApplicableError``, before the model
   changes (peft raises AttributeError there too for the UNet). Diffusers transformers (peft's Flux2 backbone
   and its token-MLP fallback) are supported (``dit.py``), except under gradient checkpointing (refused).
+- two-stream diffusers blocks (SD3's ``JointTransformerBlock``, Flux.1's double- and single-stream blocks) return
+  ``(encoder_hidden_states, hidden_states)``: peftkit advances the state from the image stream, the one it injects
+  into (``dit.IMAGE_STREAM``); peft reads the first, the text stream, and hands its carrier on as the next block's
+  text input (a shape error when the text is not as long as the image tokens, an AttributeError otherwise). Other
+  tuple-returning diffusers blocks, and Flux2's double-stream blocks, are refused (``NotApplicableError``).
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from ..prompt.inputs import forward_params
 from . import functional as SF
 from . import hook
 from .config import ShadowConfig
-from .dit import DiffusionNetwork, is_diffusion
+from .dit import DiffusionNetwork, check_targets, is_diffusion
 from .network import ShadowNetwork, find_backbone, hidden_size, mirror_config, task
 from .wrapper import ShadowLayer
 
@@ -118,6 +123,9 @@ class ShadowAdapter(Adapter):
     @classmethod
     def select_targets(cls, model: nn.Module, named: list[tuple[str, nn.Module]], config: ShadowConfig) -> list[str]:
         paths = find_targets(model, named, config, (), (nn.Module,))
+        if is_diffusion(model):  # blocks whose image stream is not known, Flux2's double-stream ones (dit.py)
+            modules = dict(named)
+            check_targets(model, [(p, getattr(modules[p], "base_layer", modules[p])) for p in paths])
         vars(config)[_PLAN] = _Plan(weakref.ref(model), paths, hidden_size(model.config))
         return paths
 

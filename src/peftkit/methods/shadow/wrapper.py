@@ -16,6 +16,7 @@ from typing import Any
 from torch import Tensor
 
 from ...layers import AdapterLayer
+from .dit import IMAGE_STREAM, image_stream
 
 LOCAL = threading.local()
 
@@ -38,12 +39,18 @@ def current() -> Call | None:
     return stack[-1] if stack else None
 
 
-def block_hidden(out: Any) -> Tensor:
-    """The hidden states in a block's return value (a tensor, a tuple, or an output with ``hidden_states``)."""
+def block_hidden(out: Any, stream: int | None = 0) -> Tensor:
+    """The hidden states in a block's return value (a tensor, a tuple, or an output with ``hidden_states``). In a tuple
+    they are at ``stream``: 0 for a decoder block; for a diffusers two-stream block, the image stream's position
+    (``dit.IMAGE_STREAM``: 1 in SD3's and Flux's ``(encoder_hidden_states, hidden_states)``; peft reads the first, the
+    text stream); None: a diffusers block whose tuple layout is not known, refused."""
     if isinstance(out, Tensor):
         return out
     if isinstance(out, tuple):
-        return out[0]
+        if stream is None:
+            raise TypeError("ShadowPEFT: a diffusers block returned a tuple whose image stream is not known (known: "
+                            f"{', '.join(IMAGE_STREAM)}); the shadow state cannot be advanced")
+        return out[stream]
     for attr in ("hidden_states", "last_hidden_state"):
         if getattr(out, attr, None) is not None:
             return getattr(out, attr)
@@ -72,5 +79,9 @@ class ShadowLayer(AdapterLayer):
             h = kwargs.pop("hidden_states")
             out = self.base_layer(hidden_states=adapter.inject(h, call.state), **kwargs)
         # s^(L) after the last block is read by nothing: not computed, and s^(L-1) is let go at once
-        call.state = None if self is call.last else adapter.update(block_hidden(out), call.state)
+        if self is call.last:
+            call.state = None
+        else:  # a diffusers block's state is advanced from its image stream
+            stream = image_stream(self.base_layer) if call.deferred else 0
+            call.state = adapter.update(block_hidden(out, stream), call.state)
         return out
