@@ -44,8 +44,10 @@ def load_trained(path: str, overrides: list[str] = (), *, need_data: bool = Fals
 
 
 def merge(path: str, out: str) -> str:
-    """Merge a run's (or an adapter folder's) adapter into its base model and save it in transformers format."""
+    """Merge a run's (or an adapter folder's) adapter into its base model and save it in transformers format (a
+    diffusion run: the folder its task's ``save_merged`` writes, which a recipe reads back as ``model: OUT``)."""
 
+    task = None
     if os.path.isfile(os.path.join(path, "config.yaml")):
         model, task = load_trained(path)
         tokenizer = getattr(task, "tok", None)
@@ -58,6 +60,9 @@ def merge(path: str, out: str) -> str:
         model = PeftModel.from_pretrained(AutoModel.from_pretrained(config.base_model_name_or_path), path)
         tokenizer = None
     merged = model.merge_and_unload()
+    if hasattr(task, "save_merged"):  # a task whose model is more than one transformers model (diffusion)
+        task.save_merged(merged, out)
+        return out
     if not hasattr(merged, "save_pretrained"):
         raise ValueError(f"{path}: the merged model is a {type(merged).__name__}, which has no save_pretrained")
     merged.save_pretrained(out)

@@ -39,7 +39,7 @@ from .diffusion_models import (SCHEDULER, PromptEncoder, has_prompt_encoder, loa
 from .images import load_images, to_model_input
 from .models import BUILTIN, resolve_model
 from .task import Task, register_task
-from .text_to_image import adapted_model
+from .text_to_image import TextToImage, adapted_model
 
 EVAL_SEED = 1234  # noise and timesteps of the test loss
 
@@ -183,6 +183,19 @@ class DiffusionTask(Task):
         with model.disable_adapter():
             off = self.samples(model)
         save_grid(off, len(self.labels), os.path.join(run_dir, "samples_adapter_off.png"))
+
+    def save_merged(self, merged: nn.Module, out: str) -> None:
+        """``peftkit merge``: the merged model as a pipeline-style folder that a recipe's ``model: OUT`` reads back
+        (``load_unet`` and the saved prompt encoder): ``unet/`` (a ``UNet2DConditionModel``), ``text_encoder/`` (a
+        ``CLIPTextModel``: with ``diffusion.adapt`` holding ``text_encoder``, its merged weights; else the run's
+        frozen one) and ``tokenizer.json``. The run's text encoder is saved in every case: a base such as
+        ``unet-tiny-digits`` brings its own, which the UNet's folder alone would lose."""
+        unet = merged.unet if isinstance(merged, TextToImage) else merged
+        if isinstance(merged, TextToImage):
+            self.encoder.model = merged.text_encoder  # the merged encoder (the module the run's encoder held)
+        os.makedirs(out, exist_ok=True)
+        unet.save_pretrained(os.path.join(out, "unet"))
+        self.encoder.save(out)
 
     def run_info(self) -> dict[str, Any]:
         return {"labels": self.labels}

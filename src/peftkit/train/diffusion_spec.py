@@ -8,10 +8,16 @@ inversion trains rows of the text encoder's token embedding, so it needs ``text_
 ``peft.placeholder_token`` must occur in the prompt it is trained with (task dreambooth's
 ``dreambooth.instance_prompt``; task diffusion's prompts are the class names' and cannot hold it). How the model
 is put together: :mod:`peftkit.train.text_to_image`.
+
+Also the ``ip_adapter:`` section (task ``diffusion`` with method ``ip_adapter``, :mod:`peftkit.train.ip_adapter_task`):
+``image_dropout``, the probability that a training row's image prompt is dropped, replaced by a zero image
+embedding, so that the adapter also learns the unconditional case classifier-free guidance needs (IP-Adapter, Ye et
+al. 2023, arXiv 2308.06721, section 4.1: 0.05).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +26,7 @@ from ..registry import get_method
 
 COMPONENTS = ("unet", "text_encoder")
 TASKS = ("diffusion", "dreambooth")
+IP_ADAPTER_METHODS = ("ip_adapter",)  # task diffusion runs them with IPAdapterDiffusionTask (diffusion.METHOD_TASKS)
 
 
 @dataclass
@@ -27,6 +34,27 @@ class DiffusionSpec:
     """The recipe's ``diffusion:`` section."""
 
     adapt: list[str] = field(default_factory=lambda: ["unet"])  # unet, text_encoder, or both
+
+
+@dataclass
+class IPAdapterSpec:
+    """The recipe's ``ip_adapter:`` section (read by task diffusion with method ip_adapter only)."""
+
+    image_dropout: float = 0.05  # a training row's image prompt is a zero embedding with this probability
+
+
+def ip_adapter_problem(recipe: Any) -> str | None:
+    """What is wrong with the ``ip_adapter:`` fields (led by the dotted YAML path), or None."""
+    spec = recipe.ip_adapter
+    if recipe.task != "diffusion" or recipe.method not in IP_ADAPTER_METHODS:
+        if spec != IPAdapterSpec():
+            return (f"ip_adapter: read by task diffusion with method {' or '.join(IP_ADAPTER_METHODS)}; got task "
+                    f"{recipe.task}, method {recipe.method}")
+        return None
+    p = spec.image_dropout
+    if not math.isfinite(p) or not 0 <= p < 1:
+        return f"ip_adapter.image_dropout: expected a probability in [0, 1), got {p}"
+    return None
 
 
 def is_textual_inversion(method: str) -> bool:

@@ -149,6 +149,12 @@ def group_advantages(rewards: Tensor, group: int, eps: float = ADV_EPS) -> Tenso
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).reshape(-1)
 
 
+def group_reward_std(rewards: Tensor, group: int) -> Tensor:
+    """The mean over groups of the rewards' standard deviation within each group (Bessel's correction, as the
+    advantages' ``std``; TRL's logged ``reward_std``)."""
+    return rewards.float().view(-1, group).std(1).mean()
+
+
 def reference_token_logps(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     """``token_logps`` of the base model: the same model with its adapter disabled, without gradients."""
     with torch.no_grad(), _unwrap(model).disable_adapter():

@@ -14,6 +14,9 @@ Labels and completions are compared as the tokenizer writes them: the label goes
 ``decode(encode(label))`` first, so an uncased tokenizer (the MiniLM one of ``llama-tiny``) compares
 ``sci / tech`` with what it can produce.
 
+Each training step's mean reward, within-group reward std and KL go to metrics.jsonl beside the loss
+(``train_stats``: ``reward``, ``reward_std``, ``kl``, averaged over the steps since the last log).
+
 Evaluation on the test rows is greedy (deterministic): ``mean_reward`` (the recipe's reward) and
 ``accuracy`` (the exact-match reward, case-sensitive, whatever ``grpo.reward`` is: the completion's first
 words are the label).
@@ -29,7 +32,8 @@ from torch import Tensor, nn
 
 from ..config import TaskType
 from .data import DataError, report_skipped
-from .grpo import exact_reward, grpo_loss, group_advantages, reference_token_logps, reward, token_logps
+from .grpo import (exact_reward, grpo_loss, group_advantages, group_reward_std, reference_token_logps,
+                   reward, token_logps)
 from .models import resolve_model
 from .preference import _unwrap
 from .preference_task import llama_tiny
@@ -49,7 +53,7 @@ class GroupRelativePolicyOptimization(Task):
         self.train_rows = self._rows(d.train, d.train_rows)
         self.test_rows = self._rows(d.test, d.test_rows) if d.test else []
         self.n_train = len(self.train_rows)
-        self.last: dict[str, float] = {}  # the last training batch's mean reward, KL and clipped fraction
+        self.last: dict[str, float] = {}  # the last training batch's rewards, KL and clipped fraction
 
     def _rows(self, source: str, limit: int | None) -> list[tuple[str, str]]:
         d = self.recipe.data
@@ -162,8 +166,14 @@ class GroupRelativePolicyOptimization(Task):
         logps, mask = token_logps(model, rows)
         ref = reference_token_logps(model, rows) if g.beta else None
         out = grpo_loss(logps, logps.detach(), ref, mask, advantages, g.epsilon, g.beta)
-        self.last = {"reward": float(rewards.mean()), "kl": float(out.kl), "clipped": float(out.clipped)}
+        self.last = {"reward": float(rewards.mean()), "reward_std": float(group_reward_std(rewards, G)),
+                     "kl": float(out.kl), "clipped": float(out.clipped)}
         return out.loss
+
+    def train_stats(self) -> dict[str, float]:
+        """Logged per step beside the loss: the mean reward of the sampled completions, the mean within-group
+        reward standard deviation (TRL's ``reward_std``) and the mean per-token KL to the reference."""
+        return {k: self.last[k] for k in ("reward", "reward_std", "kl")}
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

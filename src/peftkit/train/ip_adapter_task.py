@@ -4,8 +4,11 @@ digit to draw from an image prompt, another image of the same digit, under one u
 Everything of :mod:`peftkit.train.diffusion` (DDPM noise prediction, scheduler, frozen prompt encoder, test loss),
 except the conditioning: every image gets the text "a photo of a digit" (``TEXT_PROMPT``), and an image prompt,
 the CLIP image embedding (``image_embeds``, frozen) of a *different* training image of the same class, drawn anew
-each step from torch's global RNG (seeded and checkpointed by the trainer). The model is called as
-``model(x_t, t, encoder_hidden_states=text, ip_adapter_image_embeds=e)``; the loss is ``MSE(eps_theta, eps)``.
+each step from torch's global RNG (seeded and checkpointed by the trainer); with probability
+``ip_adapter.image_dropout`` (recipe; default 0.05, the paper's) a row's image prompt is dropped, a zero embedding,
+drawn from the same RNG, so the adapter also learns the unconditional prompt of classifier-free guidance. The
+model is called as ``model(x_t, t, encoder_hidden_states=text, ip_adapter_image_embeds=e)``; the loss is
+``MSE(eps_theta, eps)``.
 
 Image encoder (``image_encoder``): ``clip-tiny-digits``, the project's tiny CLIP contrastively pre-trained on digit
 images (:mod:`peftkit.train.clip_tiny`, built on first use and cached), or ``clip-tiny`` (the same CLIP with
@@ -79,6 +82,16 @@ def other_of_class(labels: list[int], generator: torch.Generator | None = None) 
     return out
 
 
+def drop_image_prompts(embeds: Tensor, p: float) -> Tensor:
+    """``embeds`` (N, D) with each row replaced by zeros with probability ``p`` (drawn from torch's global RNG,
+    after everything else of the batch; ``p == 0`` draws nothing): the unconditional image prompt, as the IP-Adapter
+    training script and diffusers' pipelines (``zeros_like`` of the image embedding) use it."""
+    if not p:
+        return embeds
+    drop = torch.rand(len(embeds)) < p
+    return torch.where(drop[:, None], torch.zeros_like(embeds), embeds)
+
+
 class _Prompted(nn.Module):
     """The model with fixed image prompts, called as a plain UNet (``sample_images`` draws with it)."""
 
@@ -125,7 +138,7 @@ class IPAdapterDiffusionTask(DiffusionTask):
             picks.append(int(rows[r + int(r >= int((rows == i).nonzero()[0, 0]))]))
         return {"sample": self._noisy(x0, noise, t), "timestep": t, "noise": noise,
                 "encoder_hidden_states": self.cond.expand(len(indices), -1, -1),
-                "image_embeds": self.train_embeds[picks]}
+                "image_embeds": drop_image_prompts(self.train_embeds[picks], self.recipe.ip_adapter.image_dropout)}
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
         pred = model(batch["sample"], batch["timestep"], encoder_hidden_states=batch["encoder_hidden_states"],

@@ -157,7 +157,8 @@ class Trainer:
         return self.world > 1 and self.recipe.train.strategy == "fsdp"
 
     # ------------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self, step: int, loss_sum: float, loss_count: int) -> None:
+    def _save_checkpoint(self, step: int, loss_sum: float, loss_count: int,
+                         stat_sums: dict[str, float] | None = None) -> None:
         """Every rank calls it: RNG states are gathered, and under FSDP so are the adapter and optimizer."""
         rngs = gather_objects(rng_state(), self.world)
         full = full_training_state(self.model, self.optimizer) if self.fsdp else None
@@ -173,6 +174,7 @@ class Trainer:
             "rng_ranks": rngs,
             "loss_sum": loss_sum,
             "loss_count": loss_count,
+            "stat_sums": dict(stat_sums or {}),  # the task's training measures, summed like the loss
             "recipe": self.recipe.to_dict(),  # a resume compares it with its own recipe (resume.check_resume)
         }
         if full:
@@ -202,6 +204,7 @@ class Trainer:
         set_rng_state(ranks[self.rank] if ranks and len(ranks) == self.world else state["rng"])
         if self.rank == 0:  # the only writer: ranks rewriting the file at once could empty it
             self.metrics.truncate_after(step)
+        self.stat_sums = {k: float(v) for k, v in state.get("stat_sums", {}).items()}
         self.log(f"resumed from {path} (step {step})")
         return step, float(state["loss_sum"]), int(state["loss_count"])
 
@@ -211,6 +214,7 @@ class Trainer:
         start_time = time.perf_counter()
         self.setup()
         os.makedirs(self.run_dir, exist_ok=True)
+        self.stat_sums = {}  # the task's training measures (train_stats, e.g. GRPO's reward) since the last log
         step, loss_sum, loss_count = self._resume() if r.resume else (0, 0.0, 0)
         if step == 0:
             if self.rank == 0 and os.path.exists(self.metrics.path):
@@ -236,19 +240,23 @@ class Trainer:
                 raise TrainingError(f"loss is {loss_value} at step {step + 1}; stopping ({where})")
             step += 1
             loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+            for k, v in self.step_stats.items():
+                self.stat_sums[k] = self.stat_sums.get(k, 0.0) + v
             window_samples += global_bs * t.grad_accum
             if step % t.log_every == 0 or step == t.max_steps:
                 elapsed = time.perf_counter() - window_start
+                stats = {k: v / loss_count for k, v in self.stat_sums.items()}
                 record = {"step": step, "loss": loss_sum / loss_count, "lr": self.scheduler.get_last_lr()[0],
-                          "samples_per_s": window_samples / max(elapsed, 1e-9)}
+                          "samples_per_s": window_samples / max(elapsed, 1e-9), **stats}
                 self._record(record)
                 if writer:
-                    writer.add_scalar("train/loss", record["loss"], step)
-                    writer.add_scalar("train/lr", record["lr"], step)
+                    for k in ("loss", "lr", *stats):
+                        writer.add_scalar(f"train/{k}", record[k], step)
                 loss_sum, loss_count, window_start, window_samples = 0.0, 0, time.perf_counter(), 0
+                self.stat_sums = {}
                 if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                    ex_s=f"{record['samples_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", **{k: f"{v:.3f}" for k, v in stats.items()},
+                                    lr=f"{record['lr']:.2e}", ex_s=f"{record['samples_per_s']:.0f}")
             if bar is not None:
                 bar.update(1)
             if r.data.dev and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
@@ -260,7 +268,7 @@ class Trainer:
             elif t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
                 self._record({"step": step, "event": "eval", **self._evaluate()})
             if t.save_every and step % t.save_every == 0 and step < t.max_steps:
-                self._save_checkpoint(step, loss_sum, loss_count)
+                self._save_checkpoint(step, loss_sum, loss_count, self.stat_sums)
         if bar is not None:
             bar.close()
         after = self._evaluate()
@@ -272,8 +280,11 @@ class Trainer:
         return self._finish(before, after, time.perf_counter() - start_time)
 
     def _train_step(self, step: int, global_bs: int) -> float:
+        """One optimizer step; returns its loss, and leaves in ``self.step_stats`` the task's ``train_stats``
+        of the step (the mean over micro-batches and ranks)."""
         t = self.recipe.train
         total = 0.0
+        stats: dict[str, float] = {}
         for micro in range(t.grad_accum):
             start = (step * t.grad_accum + micro) * global_bs + self.rank * t.batch_size
             idx = example_indices(t.seed, self.task.n_train, start, t.batch_size)
@@ -286,8 +297,12 @@ class Trainer:
             with sync:
                 loss.backward()
             total += float(loss.detach())
+            for k, v in self.task.train_stats().items():
+                stats[k] = stats.get(k, 0.0) + float(v) / t.grad_accum
         if self.world > 1:
             total = mean_across_ranks(total)
+            stats = {k: mean_across_ranks(stats[k]) for k in sorted(stats)}  # every rank's task gives the same keys
+        self.step_stats = stats
         if not math.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             return total

@@ -26,7 +26,7 @@ from .preference import PreferenceSpec, preference_problem
 from .grpo import GrpoSpec, grpo_problem
 from .dreambooth import DreamBoothSpec, dreambooth_problem
 from .typed_yaml import RecipeError, build, check_duplicate_keys, parse_overrides, set_dotted
-from .diffusion_spec import DiffusionSpec, diffusion_problem
+from .diffusion_spec import DiffusionSpec, IPAdapterSpec, diffusion_problem, ip_adapter_problem
 from .control import ControlSpec, control_problem
 
 
@@ -108,6 +108,7 @@ class Recipe:
     dreambooth: DreamBoothSpec = field(default_factory=DreamBoothSpec)  # task dreambooth (dreambooth.py)
     diffusion: DiffusionSpec = field(default_factory=DiffusionSpec)  # diffusion / dreambooth: what is adapted
     control: ControlSpec = field(default_factory=ControlSpec)  # diffusion + controlnet / t2i_adapter (control.py)
+    ip_adapter: IPAdapterSpec = field(default_factory=IPAdapterSpec)  # diffusion + ip_adapter (diffusion_spec.py)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -192,7 +193,8 @@ def _validate(recipe: Recipe, base_dir: str) -> None:
         raise RecipeError(f"train.warmup_ratio: expected a number in [0, 1), got {recipe.train.warmup_ratio}")
     _check_labels(recipe)
     problem = next(filter(None, (f(recipe) for f in (causal_lm_options_problem, chat_options_problem, dev_problem,
-               preference_problem, grpo_problem, dreambooth_problem, diffusion_problem, control_problem))), None)
+               preference_problem, grpo_problem, dreambooth_problem, diffusion_problem, control_problem,
+               ip_adapter_problem))), None)
     if problem:
         raise RecipeError(problem)
     _check_output_dir(recipe.output_dir)

@@ -60,6 +60,11 @@ class Task:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         raise NotImplementedError
 
+    def train_stats(self) -> dict[str, float]:
+        """Measures of the last ``loss`` call (e.g. GRPO's mean reward), logged beside the loss in metrics.jsonl
+        and averaged over the steps since the last log, as the loss is. The same keys on every call."""
+        return {}
+
     def finish(self, model: nn.Module, run_dir: str) -> None:
         """Called once on rank 0 after training, once the adapter is saved (e.g. to render samples)."""
 
