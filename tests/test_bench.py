@@ -158,3 +158,28 @@ def test_accuracy_fine_tunes_the_methods_sst2_recipe_for_the_given_steps(tmp_pat
     assert summary["steps"] == 2 and summary["method"] == "lora"  # max_steps overridden, the recipe's method
     assert acc == summary["test_accuracy"] and acc * 8 == round(acc * 8)  # 8 test sentences
     assert accuracy(resolve_methods("ia3")[0], opts, str(tmp_path / "none")) is None  # no sst2_ia3.yaml here
+
+
+def test_an_implementation_that_merges_but_cannot_unmerge_trains_on_a_fresh_model():
+    """peft's OSF merges but raises on unmerge: the merged forward is timed once, then the side rebuilds."""
+    from peftkit.bench.run import Options, _Side
+
+    bench_model = MODELS["llama-tiny"]
+    built = []
+
+    def build():
+        model = get_peft_model(bench_model.build(), get_method("lora").config_cls(r=2, task_type="CAUSAL_LM"))
+
+        def refuse():
+            raise NotImplementedError("no unmerging")
+
+        model.unmerge_adapter = refuse
+        built.append(model)
+        return model
+
+    side = _Side("peft", build, bench_model, Options(steps=1, reps=2, infer_iters=1, batch=2, seq=8, memory=False))
+    side.repetition(mergeable=True)
+    assert side.samples["infer_merged_s"][0] > 0 and not side.can_merge and len(built) == 2
+    assert side.model is built[1] and side.model.training
+    side.repetition(mergeable=True)
+    assert side.samples["infer_merged_s"][1] is None and len(built) == 2 and len(side.samples["step_time_s"]) == 2

@@ -72,7 +72,15 @@ class _Side:
         self.infer_batch = model.batch(self.model, opts.batch, opts.seq, labels=False)
         self.bench_model = model
         self.samples: dict[str, list] = {k: [] for k in METRICS}
+        self.can_merge = True
         M.train_step(self.model, self.opt, self.batch)  # warm-up; also allocates the AdamW state
+
+    def _rebuild(self) -> None:
+        """A freshly built model, optimizer and warm-up step (after a merge that cannot be undone)."""
+        self.model = self.build()
+        self.model.train()
+        self.opt = M.make_optimizer(self.model)
+        M.train_step(self.model, self.opt, self.batch)
 
     def static(self, record: dict[str, Any]) -> None:
         trainable, total = M.trainable_counts(self.model)
@@ -89,14 +97,18 @@ class _Side:
             M.time_calls(lambda: M.train_step(self.model, self.opt, self.batch), o.steps))
         self.samples["infer_unmerged_s"].append(M.time_forward(self.model, self.infer_batch, o.infer_iters))
         merged = None
-        if mergeable:
+        if mergeable and self.can_merge:
             try:
                 self.model.merge_adapter()
             except Exception:  # noqa: BLE001 - an implementation that cannot merge this config: no figure
-                merged = None
+                self.can_merge = False
             else:
                 merged = M.time_forward(self.model, self.infer_batch, o.infer_iters)
-                self.model.unmerge_adapter()
+                try:
+                    self.model.unmerge_adapter()
+                except Exception:  # noqa: BLE001 - merges but cannot unmerge (peft's OSF): train on a fresh model
+                    self.can_merge = False
+                    self._rebuild()
         self.samples["infer_merged_s"].append(merged)
         self.samples["peak_mem_mb"].append(M.peak_step_mb(self._fresh, o.steps) if o.memory else None)
         if o.memory and not self.samples["tensor_peak_mb"]:
@@ -168,7 +180,14 @@ def _run_cell(choice: MethodChoice, model: BenchModel, opts: Options, config: di
     order = list(sides)
     for rep in range(opts.reps):
         for impl in order if rep % 2 == 0 else order[::-1]:
-            sides[impl].repetition(choice.spec.mergeable)
+            if impl not in sides:
+                continue
+            try:
+                sides[impl].repetition(choice.spec.mergeable)
+            except Exception as exc:  # noqa: BLE001 - one implementation failing mid-cell: report it, go on
+                del sides[impl]
+                records[impl]["skipped"] = _skip_reason(impl, exc)
+                opts.log(f"  {choice.name} x {model.name} [{impl}]: failed ({records[impl]['skipped']})")
     for impl, side in sides.items():
         rec = records[impl]
         rec["samples"] = side.samples
