@@ -179,3 +179,25 @@ def test_dora_norm_is_recomputed_in_every_training_forward():
     v = base.weight + adapter.scaling * adapter.lora_B @ adapter.lora_A
     expected = (adapter.magnitude / v.norm(dim=1))[None, :] * (x @ v.t()) + base.bias
     torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_lora_with_dropout_on_a_frozen_base_keeps_the_dropped_input_not_x():
+    """A's gradient reads the dropped input xd, and a frozen base needs no x: backward keeps xd, the dropout mask and
+    h = xd A^T, as composing the modules does (x too would hold one (n, d_in) tensor more per layer)."""
+    import peftkit
+
+    model = peftkit.get_peft_model(torch.nn.Sequential(torch.nn.Linear(12, 10)),
+                                   peftkit.LoraConfig(r=3, lora_dropout=0.5, target_modules=["0"])).train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    x = torch.randn(8, 12, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved.append((tuple(t.shape), t.dtype, t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum().backward()
+    assert not any(is_x for _, _, is_x in saved)
+    assert sorted(shape for shape, _, _ in saved) == [(8, 3), (8, 12), (8, 12)]  # h, the dropout mask, xd

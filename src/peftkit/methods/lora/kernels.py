@@ -46,13 +46,18 @@ class LoraLinear(torch.autograd.Function):
         h = skinny_mm(xd, A.t())  # (n, r)
         out.addmm_(h, B.t(), alpha=scaling)
         ctx.scaling, ctx.transposed, ctx.has_bias = scaling, transposed, bias is not None
-        ctx.save_for_backward(x, w, A, B, h, *(() if ctx.same_input else (xd,)))
+        # keep x only for what reads it: the base weight's gradient, or A's when x is A's input; with dropout,
+        # A's gradient reads xd, and a frozen base never needs x (keeping it held one (n, d_in) tensor per layer)
+        need_w, need_A = ctx.needs_input_grad[2], ctx.needs_input_grad[4]
+        keep_x = need_w or (ctx.same_input and need_A)
+        keep_xd = need_A and not ctx.same_input
+        ctx.save_for_backward(x if keep_x else None, w, A, B, h, xd if keep_xd else None)
         return out
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        x, w, A, B, h, *rest = ctx.saved_tensors
-        xd = x if ctx.same_input else rest[0]
+        x, w, A, B, h, xd = ctx.saved_tensors
+        xd = x if ctx.same_input else xd
         need_x, need_xd, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:6]
         grad_h = skinny_mm(g, B).mul_(ctx.scaling)  # (n, r)
         grad_A = grad_h.t() @ xd if need_A else None
