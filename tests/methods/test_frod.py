@@ -135,3 +135,31 @@ def test_mixed_input_sizes_in_one_category_are_not_applicable():
     with pytest.raises(NotApplicableError, match="target_modules.*attn1_to_q"):
         peftkit.get_peft_model(plain, FrodConfig())
     assert {n: type(m) for n, m in plain.named_modules()} == before
+
+
+@pytest.mark.parametrize("d", [6, 1100])  # 1100: several row blocks of M (1100^2 floats > 4 MiB)
+def test_core_linear_equals_composing_the_core_and_keeps_no_dense_core(d):
+    from peftkit.methods.frod import functional as FF
+
+    g = torch.Generator().manual_seed(0)
+    nnz = max(1, d * d // 100)
+    indices = torch.stack([torch.randint(0, d, (nnz,), generator=g), torch.randint(0, d, (nnz,), generator=g)])
+    args = [torch.randn(3, 4, d, generator=g, dtype=torch.float64), indices,
+            torch.randn(nnz, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)]
+    if d < 10:
+        z, _, v, lam = (a.requires_grad_() if a.is_floating_point() else a for a in args)
+        assert torch.autograd.gradcheck(lambda z, v, lam: FF.CoreLinear.apply(z, indices, v, lam), (z, v, lam))
+        return
+    ours = [a.clone().requires_grad_() if a.is_floating_point() else a for a in args]
+    ref = [a.clone().requires_grad_() if a.is_floating_point() else a for a in args]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        out = FF.CoreLinear.apply(*ours)
+    assert (d, d) not in saved  # the dense core is rebuilt in backward, not kept
+    expected = torch.nn.functional.linear(ref[0], FF.core(ref[1], ref[2], ref[3]))
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    (out * w).sum().backward()
+    (expected * w).sum().backward()
+    for a, b in ((ours[0], ref[0]), (ours[2], ref[2]), (ours[3], ref[3])):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-9, rtol=0)

@@ -106,3 +106,68 @@ def adapted_weight(u: Tensor, m: Tensor, v: Tensor) -> Tensor:
     """``W' = U M V^T`` (d_out x d_in), ``M = S + L`` the core: the weight FRoD puts in place of ``W``."""
     return u @ (m @ v.T)
 
+
+
+def _row_blocks(d: int) -> list[tuple[int, int]]:
+    """(lo, hi) row blocks of a (d x d) float32 matrix, about 4 MiB each."""
+    step = max(1, (1 << 20) // max(d, 1))
+    return [(lo, min(lo + step, d)) for lo in range(0, d, step)]
+
+
+def core_rows(indices: Tensor, values: Tensor, lambda_l: Tensor, lo: int, hi: int) -> Tensor:
+    """Rows ``lo:hi`` of ``core(indices, values, lambda_l)``, dense ((hi - lo) x d_in)."""
+    d = lambda_l.shape[0]
+    if lo == 0 and hi == d:
+        return core(indices, values, lambda_l)
+    hit = (indices[0] >= lo) & (indices[0] < hi)
+    block = torch.zeros(hi - lo, d, dtype=values.dtype, device=values.device)
+    diag = torch.arange(lo, hi, device=values.device)
+    block[diag - lo, diag] = lambda_l[lo:hi]
+    return block.index_put((indices[0][hit] - lo, indices[1][hit]), values[hit], accumulate=True)
+
+
+class CoreLinear(torch.autograd.Function):
+    """``z M^T`` with ``M = S + diag(lambda_l)`` (``core``), built a block of rows at a time in forward and again
+    in backward, never whole and never kept: autograd composing ``core`` and ``F.linear`` keeps the dense
+    (d_in x d_in) ``M`` of every layer until backward, which is more than the activations when d_in exceeds the
+    tokens (1536^2 floats = 9 MiB per MLP layer of a MiniLM). Kept here: ``z`` (tokens x d_in), the indices,
+    values and ``lambda_l``."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, indices: Tensor, values: Tensor, lambda_l: Tensor) -> Tensor:  # noqa: ANN001
+        ctx.save_for_backward(z, indices, values, lambda_l)
+        d = lambda_l.shape[0]
+        blocks = _row_blocks(d)
+        if len(blocks) == 1:
+            return torch.nn.functional.linear(z, core(indices, values, lambda_l))
+        out = z.new_empty(*z.shape[:-1], d)
+        for lo, hi in blocks:
+            out[..., lo:hi] = torch.nn.functional.linear(z, core_rows(indices, values, lambda_l, lo, hi))
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        z, indices, values, lambda_l = ctx.saved_tensors
+        need_z, _, need_values, need_lambda = ctx.needs_input_grad
+        d = lambda_l.shape[0]
+        g2, z2 = g.reshape(-1, d), z.reshape(-1, d)
+        blocks = _row_blocks(d)
+        grad_z = None
+        if need_z and len(blocks) == 1:
+            grad_z = g2 @ core(indices, values, lambda_l)
+        elif need_z:
+            grad_z = torch.zeros_like(z2)
+        grad_values = torch.empty_like(values) if need_values else None
+        rows = indices[0]
+        for lo, hi in blocks:
+            if need_z and len(blocks) > 1:  # g M = sum over row blocks of g[:, block] M[block]
+                grad_z.addmm_(g2[:, lo:hi], core_rows(indices, values, lambda_l, lo, hi))
+            if need_values:  # (g^T z)[i, j] for the nnz entries, one row block of g^T z at a time
+                block = g2[:, lo:hi].t() @ z2
+                if lo == 0 and hi == d:
+                    grad_values = block[rows, indices[1]]
+                else:
+                    hit = (rows >= lo) & (rows < hi)
+                    grad_values[hit] = block[rows[hit] - lo, indices[1][hit]]
+        grad_lambda = torch.linalg.vecdot(g2, z2, dim=0) if need_lambda else None  # diag(g^T z)
+        return None if grad_z is None else grad_z.view_as(z), None, grad_values, grad_lambda

@@ -204,11 +204,14 @@ class FrodAdapter(Adapter):
     def _apply_frod(self, h: Tensor, bias: Tensor | None) -> Tensor:
         """``h W'^T + bias``: with more tokens than ``d_in + d_out``, ``W' = U (M V^T)`` is built once and applied
         in one GEMM (fewer flops and far faster than PEFT's ``h V``, sparse COO product, ``U^T`` chain; its
-        backward needs no per-token sparse work); with fewer, ``((h V) M^T) U^T`` (``M = S + L`` dense)."""
-        u, m, v = self._factors()
+        backward needs no per-token sparse work); with fewer, ``((h V) M^T) U^T`` (``M = S + L`` dense, rebuilt in
+        backward rather than kept: ``FF.CoreLinear``)."""
+        dt = self.frod_lambda_l.dtype
+        u, v = self.frod_U.to(dt), self._shared("frod_V").to(dt)
         if h.numel() // max(self.d_in, 1) > self.d_in + self.d_out:
-            return F.linear(h, FF.adapted_weight(u, m, v), bias)
-        return F.linear(F.linear(h @ v, m), u, bias)
+            return F.linear(h, FF.adapted_weight(u, self._core(), v), bias)
+        idx = self._shared("frod_s_indices").to(self.frod_lambda_l.device)
+        return F.linear(FF.CoreLinear.apply(h @ v, idx, self.frod_lambda_s_values, self.frod_lambda_l), u, bias)
 
     def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
         if self.dropout.training and isinstance(self.dropout, nn.Dropout):
