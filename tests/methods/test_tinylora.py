@@ -185,3 +185,23 @@ def test_unsupported_layer_is_refused_model_untouched():
     model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(4, 4, 1))
     with untouched(model), pytest.raises((TypeError, ValueError), match="'1' is a Conv2d; this method wraps Linear, Conv1D, Embedding"):
         peftkit.get_peft_model(model, TinyLoraConfig(u=2, target_modules=["0", "1"]))
+
+
+def test_backward_keeps_only_thin_products_of_the_input():
+    """A is frozen, so x A^T is computed first: autograd keeps (n, r) products, never the (n, d_in) input (folding
+    R into A first, (R A) x^T, would keep x for R's gradient)."""
+    model = peftkit.get_peft_model(torch.nn.Sequential(torch.nn.Linear(24, 20)),
+                                   TinyLoraConfig(r=2, u=4, target_modules=["0"])).train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()} | {
+        b.untyped_storage().data_ptr() for b in model.buffers()}
+    x = torch.randn(16, 24, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum().backward()
+    assert saved and all(shape[-1] <= 2 or shape[0] <= 2 for shape in saved), saved

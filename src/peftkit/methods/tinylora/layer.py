@@ -188,11 +188,10 @@ class TinyLoraAdapter(Adapter):
 
     def forward(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
         a, b, r_mat = self._frame()
-        ra = r_mat @ a  # (r, d_in): the core folded into the frame once per call
         if self.embedding:  # delta rows B[ids] R A, dropout on B[ids]
-            h, up = self.dropout(F.embedding(x, b)), ra
-        else:
-            h, up = F.linear(self.dropout(x.to(a.dtype)), ra), b.t()
+            h, up = self.dropout(F.embedding(x, b)), r_mat @ a
+        else:  # x A^T first (A frozen: autograd keeps only the (n, r) products, never x), then R, then B
+            h, up = F.linear(F.linear(self.dropout(x.to(a.dtype)), a), r_mat), b.t()
         if out.dtype == h.dtype and out.is_contiguous():
             out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up)  # accumulate, no delta tensor
             return out
