@@ -49,3 +49,17 @@ def test_file_without_bases_rebuilds_them(tmp_path):
         model.save_pretrained(tmp_path)
         loaded = peftkit.PeftModel.from_pretrained(FAMILY["gpt2"].model(), tmp_path)
     torch.testing.assert_close(FAMILY["gpt2"].run(loaded), FAMILY["gpt2"].run(model), atol=0, rtol=0)
+
+
+def test_scaled_basis_gradients_are_exact_and_keep_no_full_size_intermediate():
+    from peftkit.methods.randlora import functional as RF
+
+    g = torch.Generator().manual_seed(0)
+    lam, a, gamma = (torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+                     for s in ((3, 4), (3, 5), (4, 5)))
+    assert torch.autograd.gradcheck(RF.ScaledBasis.apply, (lam, a, gamma))
+    torch.testing.assert_close(RF.ScaledBasis.apply(lam, a, gamma), lam[:, :, None] * a[:, None, :] * gamma[None])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        RF.ScaledBasis.apply(lam, a, gamma)
+    assert sorted(saved) == [(3, 4), (3, 5), (4, 5)]  # lam, A, gamma: no (r, N, m) product
