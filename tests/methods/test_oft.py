@@ -111,6 +111,18 @@ def test_exact_cayley_is_orthogonal_and_neumann_approaches_it():
     assert OF.orthogonality_defect(exact) < 1e-12 < OF.orthogonality_defect(OF.cayley(q, 3))
 
 
+@pytest.mark.parametrize("terms", [4, 5, 8])
+def test_neumann_series_keeps_q_and_one_product_per_level(terms):
+    """Autograd keeps Q and the t - 2 Horner products (t = max(3, terms - 1)); no (2I + Q) tensor."""
+    vec = torch.randn(3, 28, dtype=torch.float64, requires_grad=True)
+    q = OF.skew_symmetric(vec, 8)
+    kept = set()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.add(t.untyped_storage().data_ptr()) or t,
+                                                  lambda t: t):
+        OF.cayley(q, terms)
+    assert len(kept) == 1 + max(3, terms - 1) - 2
+
+
 def test_coft_projection_matches_peft():
     ref = reference_module(4, 5, coft=True)
     vec = torch.randn(5, 6) * torch.tensor([1e-6, 1e-3, 1e-1, 1.0, 0.0])[:, None]

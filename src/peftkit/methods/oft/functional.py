@@ -79,10 +79,11 @@ def cayley(q: Tensor, neumann_terms: int | None = None) -> Tensor:
         return torch.linalg.solve(eye + q, eye - q, left=False)
     if neumann_terms <= 2:
         return eye + 2 * q if neumann_terms == 2 else eye.clone()
-    # Horner: I + Q (2I + Q (2I + ... Q (2I + Q))), t - 1 batched products
+    # Horner: I + Q (2I + Q (2I + ... Q (2I + Q))), t - 1 batched products; the innermost two levels as
+    # 2I + 2Q + Q Q, so no (2I + Q) tensor is kept for backward (autograd keeps Q and one product per level)
     two_eye = (2 * eye[0]).expand(d, b, b)  # one b x b constant, broadcast
-    acc = q + two_eye
-    for _ in range(max(3, neumann_terms - 1) - 2):
+    acc = torch.baddbmm(two_eye + 2 * q, q, q)
+    for _ in range(max(3, neumann_terms - 1) - 3):
         acc = torch.baddbmm(two_eye, q, acc)
     return torch.baddbmm(eye, q, acc)
 
