@@ -7,6 +7,8 @@ import torch
 
 from peftkit.methods.lora import functional as LF
 
+from ..saved import saved_tensors
+
 
 def test_lowrank_dora_norm_equals_the_direct_norm():
     g = torch.Generator().manual_seed(0)
@@ -188,16 +190,7 @@ def test_lora_with_dropout_on_a_frozen_base_keeps_the_dropped_input_not_x():
 
     model = peftkit.get_peft_model(torch.nn.Sequential(torch.nn.Linear(12, 10)),
                                    peftkit.LoraConfig(r=3, lora_dropout=0.5, target_modules=["0"])).train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     x = torch.randn(8, 12, requires_grad=True)
-    saved = []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            saved.append((tuple(t.shape), t.dtype, t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x).sum().backward()
-    assert not any(is_x for _, _, is_x in saved)
-    assert sorted(shape for shape, _, _ in saved) == [(8, 3), (8, 12), (8, 12)]  # h, the dropout mask, xd
+    kept = saved_tensors(lambda: model(x).sum().backward(), model)
+    assert not any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in kept)
+    assert sorted(tuple(t.shape) for t in kept) == [(8, 3), (8, 12), (8, 12)]  # h, the dropout mask, xd

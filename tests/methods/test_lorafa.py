@@ -17,6 +17,7 @@ from peftkit.methods.lorafa import functional as FA
 
 from ..families import FAMILY, untouched
 from ..parity import field_defaults, perturb
+from ..saved import saved_shapes
 
 SHARED = ("r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias",
           "use_rslora", "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern")
@@ -87,31 +88,16 @@ def test_dropout_applies_to_the_branch_only():
     torch.testing.assert_close(x.grad, expected, atol=1e-5, rtol=1e-5)
 
 
-def _saved(fn, modules) -> list[tuple[int, ...]]:
-    """Shapes of the tensors autograd saves in ``fn()`` that are not (views of) the modules' parameters."""
-    params = {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
-    shapes = []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            shapes.append(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return shapes
-
-
 @pytest.mark.parametrize("fused", [True, False])
 def test_layer_keeps_only_the_projected_input(fused):
     """What backward keeps of the data: ``A x`` (n, r) only, never ``x`` (n, d_in); LoRA keeps ``x`` as well."""
     base, adapter = _layer()
     x = torch.randn(8, 12, requires_grad=True)
     run = (lambda: adapter.fused_forward(base, x)) if fused else (lambda: adapter(base, x, base(x)))
-    assert _saved(run, [base, adapter]) == [(8, 3)]
+    assert saved_shapes(run, base, adapter) == [(8, 3)]
     lora = peftkit.get_peft_model(nn.Sequential(base), peftkit.LoraConfig(r=3, target_modules=["0"]))
     layer = lora.base_model.model[0]
-    assert sorted(_saved(lambda: layer(x), [layer])) == [(8, 3), (8, 12)]  # LoRA: h and x
+    assert sorted(saved_shapes(lambda: layer(x), layer)) == [(8, 3), (8, 12)]  # LoRA: h and x
 
 
 def test_model_saves_the_input_size_less_than_lora():

@@ -21,6 +21,7 @@ from peftkit.methods.tinylora import functional as TF
 
 from ..parity import TwoProjections
 from ..parity import field_defaults
+from ..saved import saved_shapes
 from tests.families import untouched
 
 
@@ -192,16 +193,6 @@ def test_backward_keeps_only_thin_products_of_the_input():
     R into A first, (R A) x^T, would keep x for R's gradient)."""
     model = peftkit.get_peft_model(torch.nn.Sequential(torch.nn.Linear(24, 20)),
                                    TinyLoraConfig(r=2, u=4, target_modules=["0"])).train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()} | {
-        b.untyped_storage().data_ptr() for b in model.buffers()}
     x = torch.randn(16, 24, requires_grad=True)
-    saved = []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            saved.append(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x).sum().backward()
+    saved = saved_shapes(lambda: model(x).sum().backward(), model, buffers=True)
     assert saved and all(shape[-1] <= 2 or shape[0] <= 2 for shape in saved), saved
