@@ -391,3 +391,16 @@ def test_adaption_prompt_follows_the_models_attention_function(family):
     assert [a.shape for a in out["eager"].attentions] == [(2, heads, 5, 5)] * config.num_hidden_layers
     torch.testing.assert_close(out["eager"].logits, out["sdpa"].logits, atol=1e-5, rtol=0)
     assert not torch.allclose(out["eager"].logits, base, atol=1e-3)
+
+
+def test_the_layer_list_prefix_calls_read_follows_a_replaced_layer():
+    """``model_layers`` is kept per model between calls and recomputed once a submodule is registered anywhere."""
+    from peftkit.methods.prompt import cache
+
+    model = FAMILY["llama"].model()
+    first = cache.model_layers(model)
+    assert first == list(model.model.layers) and cache.model_layers(model) is first  # kept, not walked again
+    fresh = type(model.model.layers[1])(model.config, layer_idx=1)
+    model.model.layers[1] = fresh  # a registration: the kept list is stale
+    again = cache.model_layers(model)
+    assert again == [model.model.layers[0], fresh] and again is not first
