@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-import weakref
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ...module_index import modules_where
 from .inputs import CACHE_KEYS, batch_size, cache_length, is_encoder_decoder, pop_cache, prepend_ones
 
 
@@ -33,33 +33,10 @@ def prefix_cache(model: nn.Module, cache: Any, layers: list[tuple[Tensor, Tensor
     return cache
 
 
-class _Registrations:
-    """How many submodules have been registered anywhere in the process (torch's global registration hook)."""
-
-    count = 0
-
-
-def _count_registration(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
-    _Registrations.count += 1
-
-
-torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
-_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def model_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's transformer layers that ``transformers`` may checkpoint (its ``GradientCheckpointingLayer`` s).
-
-    Every call of a prefix method asks (the walk over ``model.modules()`` cost ~70 us a call on a 2-layer Llama, a
-    fifth of the prefix's whole per-call cost), so the list is kept per model until a submodule is registered
-    anywhere (a layer added or replaced). A layer deleted without a registration stays listed: it is then handed
-    the call's cache, or counted as checkpointing, without effect on the model's outputs."""
-    hit = _LAYERS.get(model)
-    if hit is not None and hit[0] == _Registrations.count:
-        return hit[1]
-    layers = [m for m in model.modules() if hasattr(type(m), "_can_checkpoint_with_cache")]
-    _LAYERS[model] = (_Registrations.count, layers)
-    return layers
+    """The model's transformer layers that ``transformers`` may checkpoint (its ``GradientCheckpointingLayer`` s);
+    asked on every call of a prefix method, so kept between calls (``module_index``)."""
+    return modules_where(model, "checkpointable", lambda m: hasattr(type(m), "_can_checkpoint_with_cache"))
 
 
 def checkpointing_layers(model: nn.Module) -> list[nn.Module]:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...module_index import modules_where
 from ..prompt.inputs import bind_inputs
 from . import functional as SF
 from .cache import ShadowCache
@@ -31,7 +32,7 @@ _KEY = "_peftkit_shadow_hooks"
 def shadow_layers(model: nn.Module) -> list[ShadowLayer]:
     """The wrapped blocks of ``model``, in module order (peft's): those of every stack the targets name (Flux.1's
     double- and single-stream blocks), not only the default one."""
-    return [m for m in model.modules() if isinstance(m, ShadowLayer)]
+    return modules_where(model, "shadow", lambda m: isinstance(m, ShadowLayer))  # kept between calls
 
 
 def active(model: nn.Module) -> tuple[str, Any, ShadowLayer] | None:
