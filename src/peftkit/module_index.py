@@ -22,6 +22,8 @@ class _Registrations:
 
 
 def _count_registration(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    if torch.compiler.is_compiling():  # traced code: no guard on the count (any registration would recompile)
+        return
     _Registrations.count += 1
 
 
@@ -30,7 +32,11 @@ _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key:
 
 
 def modules_where(model: nn.Module, key: str, keep: Callable[[nn.Module], bool]) -> list[nn.Module]:
-    """``[m for m in model.modules() if keep(m)]``, kept per (model, ``key``) until a submodule is registered."""
+    """``[m for m in model.modules() if keep(m)]``, kept per (model, ``key``) until a submodule is registered.
+    Under ``torch.compile`` the walk is traced instead (a guard on the registration count would recompile the
+    graph whenever any module anywhere is registered)."""
+    if torch.compiler.is_compiling():
+        return [m for m in model.modules() if keep(m)]
     kept = _KEPT.get(model)
     if kept is None:
         kept = _KEPT[model] = {}
