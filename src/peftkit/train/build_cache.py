@@ -10,7 +10,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 PRETRAIN_RECORD = "peftkit_pretrain.json"  # what a build was made from, beside its weights
 
@@ -23,6 +23,17 @@ def settings_key(version: int, settings: Any) -> str:
     """A hash of everything a build's weights depend on: its settings (a dataclass) and the procedure's version."""
     blob = json.dumps({"version": version, **dataclasses.asdict(settings)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+class BuildSettings:
+    """Base of a cached build's settings (a frozen dataclass): ``key()`` hashes its fields with the procedure's
+    ``VERSION`` (a class attribute, so not a field), which names the build's cache folder."""
+
+    VERSION: ClassVar[int] = 1
+
+    def key(self) -> str:
+        """A hash of everything the weights depend on (the settings and the procedure's version)."""
+        return settings_key(self.VERSION, self)
 
 
 def publish(folder: Path, write: Callable[[Path], None], record: dict[str, Any],

@@ -8,14 +8,14 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .build_cache import PRETRAIN_RECORD, cache_root, publish, settings_key
+from .build_cache import PRETRAIN_RECORD, BuildSettings, cache_root, publish
 from .data import DataError
 from .images import DIGIT_LABELS, DIGITS_TEST, digits
 from .packages import minilm_dir
@@ -56,7 +56,7 @@ def clip_pixels(images: Tensor, size: int) -> Tensor:
 
 # ------------------------------------------------------------------------------------ pre-trained tiny CLIP
 @dataclasses.dataclass(frozen=True)
-class DigitsPretraining:
+class DigitsPretraining(BuildSettings):
     """How ``clip-tiny-digits`` is pre-trained: CLIP's contrastive loss on digit images and captions.
 
     Data: scikit-learn's digits train split (1,437; the 360 test images are never touched) is halved by a
@@ -84,9 +84,7 @@ class DigitsPretraining:
     warmup_ratio: float = 0.1
     seed: int = 0
 
-    def key(self) -> str:
-        """A hash of everything the weights depend on (the settings and the procedure's version)."""
-        return settings_key(PRETRAIN_VERSION, self)
+    VERSION: ClassVar[int] = PRETRAIN_VERSION
 
 
 DIGITS_PRETRAINING = DigitsPretraining()

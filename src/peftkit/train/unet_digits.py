@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .build_cache import PRETRAIN_RECORD, cache_root, publish, settings_key
+from .build_cache import PRETRAIN_RECORD, BuildSettings, cache_root, publish
 from .diffusion_eval import digit_classifier
 from .diffusion_models import SCHEDULER, PromptEncoder, prompt_for, sample_images, unet_tiny
 from .images import DIGIT_LABELS, digits, to_model_input
@@ -29,7 +29,7 @@ PRETRAIN_VERSION = 1  # bump when the pre-training procedure changes: the cache 
 
 
 @dataclasses.dataclass(frozen=True)
-class UNetDigitsPretraining:
+class UNetDigitsPretraining(BuildSettings):
     """How ``unet-tiny-digits`` is pre-trained: DDPM noise prediction (``SCHEDULER``: 1,000 steps, cosine) of all
     of ``unet-tiny``'s parameters (seed-0 start) on the digits train split's images of ``classes`` (the 360 test
     images are never touched), at ``image_size`` px in [-1, 1].
@@ -59,9 +59,7 @@ class UNetDigitsPretraining:
     check_samples: int = 40
     check_steps: int = 20
 
-    def key(self) -> str:
-        """A hash of everything the weights depend on (the settings and the procedure's version)."""
-        return settings_key(PRETRAIN_VERSION, self)
+    VERSION: ClassVar[int] = PRETRAIN_VERSION
 
 
 UNET_DIGITS_PRETRAINING = UNetDigitsPretraining()
